@@ -1,0 +1,136 @@
+//! The pipeline lock file, `pipelines/NAME.lock`: what goes into git.
+//!
+//! Per stage it records the stage key and everything that went into it (params, seed,
+//! dependency and upstream digests) plus the output digests, in TOML with sorted keys, so
+//! `git diff` of a lock shows what changed in a run. It is rewritten (atomically) after
+//! each stage that succeeds, so an interrupted run keeps what finished.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::key::{CacheKey, KEY_FORMAT};
+use crate::digest::Digest;
+
+const HEADER: &str = "# Written by kiln after every stage that succeeds. Commit it with the manifest; do not edit.\n\n";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockFile {
+    pub format: u32,
+    #[serde(default)]
+    pub stages: BTreeMap<String, LockedStage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockedStage {
+    pub kind: String,
+    pub implementation: u32,
+    pub key: Digest,
+    pub seed: u64,
+    /// Digest of everything the stage produced.
+    pub artifact: Digest,
+    #[serde(default, skip_serializing_if = "is_empty_object")]
+    pub params: serde_json::Value,
+    /// `[params]` entries the stage referenced.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub uses: BTreeMap<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub deps: BTreeMap<String, Digest>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub upstream: BTreeMap<String, Digest>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outs: BTreeMap<String, Digest>,
+}
+
+fn is_empty_object(v: &serde_json::Value) -> bool {
+    v.as_object().is_some_and(|o| o.is_empty()) || v.is_null()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockFileError {
+    #[error("cannot {action} lock file `{path}`: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("cannot parse lock file `{path}`: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+impl LockedStage {
+    pub fn new(key: &CacheKey, artifact: Digest, outs: BTreeMap<String, Digest>) -> Self {
+        LockedStage {
+            kind: key.kind.clone(),
+            implementation: key.implementation,
+            key: key.digest(),
+            seed: key.seed,
+            artifact,
+            params: key.params.clone(),
+            uses: key.uses.clone(),
+            deps: key.deps.clone(),
+            upstream: key.upstream.clone(),
+            outs,
+        }
+    }
+}
+
+impl LockFile {
+    pub fn empty() -> Self {
+        LockFile { format: KEY_FORMAT, stages: BTreeMap::new() }
+    }
+
+    /// Reads a lock file; a missing one is empty.
+    pub fn read(path: &Path) -> Result<LockFile, LockFileError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(LockFile::empty()),
+            Err(source) => return Err(LockFileError::Io { action: "read", path: path.to_path_buf(), source }),
+        };
+        toml::from_str(&text).map_err(|e| LockFileError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().to_string(),
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        let body = toml::to_string(self).expect("lock files serialise to TOML");
+        format!("{HEADER}{body}")
+    }
+
+    /// Writes via a temporary file and a rename, so readers never see half a lock file.
+    pub fn write(&self, path: &Path) -> Result<(), LockFileError> {
+        let io = |action, source| LockFileError::Io { action, path: path.to_path_buf(), source };
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        std::fs::write(&tmp, self.to_toml()).map_err(|e| io("write", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io("replace", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trip_is_stable() {
+        let key = CacheKey {
+            format: KEY_FORMAT,
+            kind: "command".into(),
+            implementation: 1,
+            params: serde_json::json!({"cmd": "echo", "nested": {"lr": 0.5, "layers": [1, 2]}}),
+            uses: BTreeMap::from([("lr".into(), serde_json::json!(0.5))]),
+            seed: 3,
+            deps: BTreeMap::from([("data".into(), Digest::of_bytes(b"d"))]),
+            upstream: BTreeMap::new(),
+            outs: vec!["out".into()],
+        };
+        let mut lock = LockFile::empty();
+        lock.stages.insert("b".into(), LockedStage::new(&key, Digest::of_bytes(b"a"), BTreeMap::from([("out".into(), Digest::of_bytes(b"o"))])));
+        lock.stages.insert("a".into(), LockedStage::new(&key, Digest::of_bytes(b"a"), BTreeMap::new()));
+        let text = lock.to_toml();
+        assert!(text.find("[stages.a]").unwrap() < text.find("[stages.b]").unwrap());
+        let back: LockFile = toml::from_str(&text).unwrap();
+        assert_eq!(back, lock);
+        assert_eq!(back.to_toml(), text, "writing is deterministic");
+    }
+}

@@ -1,0 +1,374 @@
+//! The content-addressed cache.
+//!
+//! ```text
+//! cache/
+//!   blobs/ab/cdef…        file contents by blake3 digest, shared by every artifact (read-only)
+//!   trees/ab/cdef…        tree listings (see [`tree`]): dependency snapshots and artifacts
+//!   stages/<key>.json     one [`StageEntry`] per stage key: the key and its output digests
+//!   state.redb            file-state index and item memo store ([`state`])
+//!   tmp/                  staging area; anything here is unfinished work
+//!   run.lock              held by the one `kiln run` using this cache ([`guard`])
+//! ```
+//!
+//! **Commit order** makes a crash at any point harmless: blobs are written to `tmp/` and
+//! renamed into place, then the tree, then the stage entry, each by atomic rename. An entry
+//! therefore exists only once everything it refers to does; a crash leaves at most
+//! orphaned blobs (removed by `kiln gc`) and files in `tmp/` (removed by the next run).
+
+pub mod gc;
+pub mod guard;
+pub mod key;
+pub mod lockfile;
+pub mod state;
+pub mod tree;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+pub use key::{CacheKey, KEY_FORMAT};
+pub use state::{MemoStore, StateDb, StateError};
+pub use tree::{Tree, TreeDiff, TreeEntry};
+
+use crate::digest::Digest;
+use crate::stats::WorkStats;
+
+/// What the cache remembers of one successful stage execution.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageEntry {
+    pub key: CacheKey,
+    /// Tree digest of everything the stage produced.
+    pub artifact: Digest,
+    /// For stages with declared workspace outputs: each output path's digest.
+    #[serde(default)]
+    pub outs: BTreeMap<String, Digest>,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cannot {action} `{path}`: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("corrupt cache object `{path}`: {why}")]
+    Corrupt { path: PathBuf, why: String },
+    #[error("blob {digest} is missing from the cache")]
+    MissingBlob { digest: Digest },
+    #[error("tree {digest} is missing from the cache")]
+    MissingTree { digest: Digest },
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl CacheError {
+    pub fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CacheError {
+        let path = path.to_path_buf();
+        move |source| CacheError::Io { action, path, source }
+    }
+}
+
+/// How a file gets into the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingest {
+    /// The file stays where it is (a workspace output): copy it, by reflink when possible.
+    Copy,
+    /// The file was staged by kiln inside the cache: move it.
+    Move,
+}
+
+pub struct Cache {
+    dir: PathBuf,
+    state: StateDb,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Cache {
+    /// Opens (creating if needed) the cache at `dir`. Callers that write must hold the
+    /// run guard ([`guard::RunGuard`]).
+    pub fn open(dir: &Path, stats: Arc<WorkStats>) -> Result<Cache, CacheError> {
+        for sub in ["blobs", "trees", "stages", "tmp"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(CacheError::io("create cache directory", &dir.join(sub)))?;
+        }
+        let state = StateDb::open(&dir.join("state.redb"), stats)?;
+        Ok(Cache { dir: dir.to_path_buf(), state })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn state(&self) -> &StateDb {
+        &self.state
+    }
+
+    /// Removes leftovers of interrupted runs. Only call while holding the run guard.
+    pub fn clean_tmp(&self) -> Result<usize, CacheError> {
+        let tmp = self.dir.join("tmp");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&tmp).map_err(CacheError::io("list", &tmp))? {
+            let entry = entry.map_err(CacheError::io("list", &tmp))?;
+            let path = entry.path();
+            let r = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                make_writable(&path);
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            r.map_err(CacheError::io("remove", &path))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// A fresh, empty directory under `tmp/` for a stage to write into.
+    pub fn staging_dir(&self, label: &str) -> Result<PathBuf, CacheError> {
+        let path = self.dir.join("tmp").join(format!("{label}-{}", unique_suffix()));
+        std::fs::create_dir_all(&path).map_err(CacheError::io("create staging directory", &path))?;
+        Ok(path)
+    }
+
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.to_hex();
+        self.dir.join("blobs").join(&hex[..2]).join(&hex[2..])
+    }
+
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    fn tree_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.to_hex();
+        self.dir.join("trees").join(&hex[..2]).join(&hex[2..])
+    }
+
+    pub fn entry_path(&self, key: &Digest) -> PathBuf {
+        self.dir.join("stages").join(format!("{}.json", key.to_hex()))
+    }
+
+    /// Stores every file of `tree` (found under `base`) as blobs, then the tree itself.
+    pub fn ingest(&self, base: &Path, tree: &Tree, how: Ingest) -> Result<Digest, CacheError> {
+        tree.entries().par_iter().try_for_each(|e| {
+            let src = if e.path.is_empty() { base.to_path_buf() } else { base.join(tree::unescape_os(&e.path)) };
+            self.put_blob(&src, &e.digest, how)
+        })?;
+        self.put_tree(tree)
+    }
+
+    fn put_blob(&self, src: &Path, digest: &Digest, how: Ingest) -> Result<(), CacheError> {
+        let dest = self.blob_path(digest);
+        if dest.is_file() {
+            return Ok(());
+        }
+        let parent = dest.parent().expect("blob paths have a parent");
+        std::fs::create_dir_all(parent).map_err(CacheError::io("create", parent))?;
+        let staged = self.dir.join("tmp").join(format!("blob-{}", unique_suffix()));
+        match how {
+            Ingest::Move => std::fs::rename(src, &staged).map_err(CacheError::io("move into cache", src))?,
+            Ingest::Copy => {
+                reflink_copy::reflink_or_copy(src, &staged).map_err(CacheError::io("copy into cache", src))?;
+            }
+        }
+        let _ = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o444));
+        std::fs::rename(&staged, &dest).map_err(CacheError::io("commit blob", &dest))
+    }
+
+    pub fn put_tree(&self, tree: &Tree) -> Result<Digest, CacheError> {
+        let digest = tree.digest();
+        let path = self.tree_path(&digest);
+        if !path.is_file() {
+            write_atomic(&self.dir, &path, &tree.encode())?;
+        }
+        Ok(digest)
+    }
+
+    pub fn get_tree(&self, digest: &Digest) -> Result<Option<Tree>, CacheError> {
+        let path = self.tree_path(digest);
+        match std::fs::read(&path) {
+            Ok(bytes) => Tree::decode(&bytes)
+                .map(Some)
+                .map_err(|e| CacheError::Corrupt { path, why: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CacheError::io("read", &path)(e)),
+        }
+    }
+
+    pub fn get_entry(&self, key: &Digest) -> Result<Option<StageEntry>, CacheError> {
+        let path = self.entry_path(key);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| CacheError::Corrupt { path, why: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CacheError::io("read", &path)(e)),
+        }
+    }
+
+    /// Commits a stage result. Its blobs and trees must already be stored.
+    pub fn put_entry(&self, entry: &StageEntry) -> Result<Digest, CacheError> {
+        let key = entry.key.digest();
+        let bytes = serde_json::to_vec_pretty(entry).expect("entries serialise");
+        write_atomic(&self.dir, &self.entry_path(&key), &bytes)?;
+        Ok(key)
+    }
+
+    pub fn remove_entry(&self, key: &Digest) -> Result<(), CacheError> {
+        let path = self.entry_path(key);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CacheError::io("remove", &path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the entry's artifact tree and all of its blobs are present.
+    pub fn entry_is_complete(&self, entry: &StageEntry) -> Result<bool, CacheError> {
+        Ok(match self.get_tree(&entry.artifact)? {
+            Some(tree) => tree.entries().iter().all(|e| self.has_blob(&e.digest)),
+            None => false,
+        })
+    }
+
+    /// Writes the files of `tree` at `dest` as independent, writable files (reflink when
+    /// the file system can, else a copy), replacing what is there, and records them in the
+    /// file-state index so they are not hashed again.
+    pub fn restore(&self, tree: &Tree, dest: &Path) -> Result<(), CacheError> {
+        let written: Vec<(PathBuf, Digest)> = tree
+            .entries()
+            .par_iter()
+            .map(|e| {
+                let target = if e.path.is_empty() { dest.to_path_buf() } else { dest.join(tree::unescape_os(&e.path)) };
+                let blob = self.blob_path(&e.digest);
+                if !blob.is_file() {
+                    return Err(CacheError::MissingBlob { digest: e.digest });
+                }
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).map_err(CacheError::io("create", parent))?;
+                }
+                remove_path(&target)?;
+                reflink_copy::reflink_or_copy(&blob, &target).map_err(CacheError::io("restore", &target))?;
+                let mode = if e.executable { 0o755 } else { 0o644 };
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).map_err(CacheError::io("set permissions on", &target))?;
+                Ok((std::path::absolute(&target).unwrap_or(target), e.digest))
+            })
+            .collect::<Result<_, _>>()?;
+        self.state.remember(&written)?;
+        Ok(())
+    }
+
+    /// Builds `dest` as a read-only view of `tree`: hard links into the cache where
+    /// possible (no copy, no extra space), copies otherwise. `dest` is replaced whole.
+    pub fn link_view(&self, tree: &Tree, dest: &Path) -> Result<(), CacheError> {
+        let parent = dest.parent().expect("view directories have a parent");
+        std::fs::create_dir_all(parent).map_err(CacheError::io("create", parent))?;
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let building = parent.join(format!(".{name}.kiln-new-{}", unique_suffix()));
+        std::fs::create_dir_all(&building).map_err(CacheError::io("create", &building))?;
+        tree.entries().par_iter().try_for_each(|e| {
+            let target = building.join(tree::unescape_os(&e.path));
+            if let Some(p) = target.parent() {
+                std::fs::create_dir_all(p).map_err(CacheError::io("create", p))?;
+            }
+            let blob = self.blob_path(&e.digest);
+            if std::fs::hard_link(&blob, &target).is_err() {
+                std::fs::copy(&blob, &target).map_err(CacheError::io("copy", &target))?;
+            }
+            Ok::<_, CacheError>(())
+        })?;
+        let old = parent.join(format!(".{name}.kiln-old-{}", unique_suffix()));
+        if dest.exists() {
+            std::fs::rename(dest, &old).map_err(CacheError::io("replace", dest))?;
+        }
+        std::fs::rename(&building, dest).map_err(CacheError::io("replace", dest))?;
+        if old.exists() {
+            make_writable(&old);
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        Ok(())
+    }
+
+    /// All stage entries, for gc and verify.
+    pub fn entries(&self) -> Result<Vec<(Digest, PathBuf)>, CacheError> {
+        let dir = self.dir.join("stages");
+        let mut out = Vec::new();
+        for item in std::fs::read_dir(&dir).map_err(CacheError::io("list", &dir))? {
+            let item = item.map_err(CacheError::io("list", &dir))?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            if let Some(Ok(d)) = name.strip_suffix(".json").map(str::parse::<Digest>) {
+                out.push((d, item.path()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Writes `bytes` to `dest` through a temporary file in the cache and an atomic rename.
+pub fn write_atomic(cache_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<(), CacheError> {
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent).map_err(CacheError::io("create", parent))?;
+    }
+    let tmp = cache_dir.join("tmp").join(format!("obj-{}", unique_suffix()));
+    std::fs::write(&tmp, bytes).map_err(CacheError::io("write", &tmp))?;
+    std::fs::rename(&tmp, dest).map_err(CacheError::io("commit", dest))
+}
+
+/// Removes a file or directory tree if it exists.
+pub fn remove_path(path: &Path) -> Result<(), CacheError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            make_writable(path);
+            std::fs::remove_dir_all(path).map_err(CacheError::io("remove", path))
+        }
+        Ok(_) => std::fs::remove_file(path).map_err(CacheError::io("remove", path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CacheError::io("inspect", path)(e)),
+    }
+}
+
+/// Directories made read-only by a stage would stop their own removal.
+fn make_writable(dir: &Path) {
+    for entry in walkdir::WalkDir::new(dir).into_iter().flatten() {
+        if entry.file_type().is_dir() {
+            let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o755));
+        }
+    }
+}
+
+fn unique_suffix() -> String {
+    format!("{}-{}", std::process::id(), TMP_COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::NullReporter;
+
+    #[test]
+    fn ingest_restore_round_trip_shares_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&dir.path().join("cache"), Default::default()).unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("a")).unwrap();
+        std::fs::write(src.join("a/one"), "same").unwrap();
+        std::fs::write(src.join("two"), "same").unwrap();
+        let tree = cache.state().hash_tree(&src, &NullReporter).unwrap();
+        let digest = cache.ingest(&src, &tree, Ingest::Copy).unwrap();
+        assert_eq!(digest, tree.digest());
+        let blobs = walkdir::WalkDir::new(dir.path().join("cache/blobs")).into_iter().flatten().filter(|e| e.file_type().is_file()).count();
+        assert_eq!(blobs, 1, "identical contents are stored once");
+
+        let out = dir.path().join("restored");
+        cache.restore(&cache.get_tree(&digest).unwrap().unwrap(), &out).unwrap();
+        assert_eq!(std::fs::read_to_string(out.join("a/one")).unwrap(), "same");
+        std::fs::write(out.join("two"), "edited").unwrap();
+        assert_eq!(std::fs::read_to_string(cache.blob_path(&tree.entries()[0].digest)).unwrap(), "same", "editing a restored file leaves the cache alone");
+
+        let view = dir.path().join("view/stage");
+        cache.link_view(&tree, &view).unwrap();
+        cache.link_view(&tree, &view).unwrap();
+        assert_eq!(std::fs::read_to_string(view.join("a/one")).unwrap(), "same");
+    }
+}

@@ -1,0 +1,473 @@
+//! `cache/state.redb`: the file-state index and the item memo store.
+//!
+//! **File-state index** — (absolute path) → (size, mtime, inode, digest), like git's index
+//! and DVC's state db: checking an unchanged tree stats its files and reads no contents.
+//! An entry is only trusted when the file's mtime is older than [`RACY_WINDOW`] at the
+//! moment it was stat'ed, because file systems stamp mtimes with a coarse clock: a file
+//! rewritten within the same tick with the same size would otherwise look unchanged
+//! (git's "racily clean" problem).
+//!
+//! **Memo store** — (item digest, op digest) → bytes, for per-item work such as decoding
+//! or resizing one image. Later stages call [`MemoStore::map`]; adding 10 items to 10 000
+//! then computes 10.
+//!
+//! Both are caches: losing recent writes costs recomputation, never correctness, so writes
+//! are committed without fsync and made durable once per command by [`StateDb::flush`].
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rayon::prelude::*;
+use redb::{Database, Durability, ReadableDatabase, ReadableTableMetadata, TableDefinition};
+
+use super::tree::{Tree, TreeEntry, escape_os};
+use crate::digest::Digest;
+use crate::report::Reporter;
+use crate::stats::WorkStats;
+
+const FILE_STATE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_state");
+const MEMO: TableDefinition<&[u8], &[u8]> = TableDefinition::new("memo");
+
+/// Entries whose mtime is this close to "now" are hashed but not remembered.
+pub const RACY_WINDOW: Duration = Duration::from_millis(50);
+
+/// How many memo results are computed before they are written in one transaction, to
+/// bound memory on large datasets.
+const MEMO_CHUNK: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot open state database `{path}`: {source}")]
+    Open { path: PathBuf, source: redb::DatabaseError },
+    #[error("state database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("dependency `{path}` does not exist")]
+    Missing { path: PathBuf },
+    #[error("cannot read `{path}`: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(impl From<$t> for StateError { fn from(e: $t) -> Self { StateError::Db(e.into()) } })*};
+}
+db_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError, redb::SetDurabilityError);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileState {
+    size: u64,
+    mtime_ns: i64,
+    inode: u64,
+    digest: Digest,
+}
+
+impl FileState {
+    fn encode(&self) -> [u8; 56] {
+        let mut out = [0u8; 56];
+        out[..8].copy_from_slice(&self.size.to_le_bytes());
+        out[8..16].copy_from_slice(&self.mtime_ns.to_le_bytes());
+        out[16..24].copy_from_slice(&self.inode.to_le_bytes());
+        out[24..].copy_from_slice(&self.digest.0);
+        out
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() != 56 {
+            return None;
+        }
+        Some(FileState {
+            size: u64::from_le_bytes(b[..8].try_into().ok()?),
+            mtime_ns: i64::from_le_bytes(b[8..16].try_into().ok()?),
+            inode: u64::from_le_bytes(b[16..24].try_into().ok()?),
+            digest: Digest(b[24..].try_into().ok()?),
+        })
+    }
+
+    fn same_file(&self, other: &FileState) -> bool {
+        self.size == other.size && self.mtime_ns == other.mtime_ns && self.inode == other.inode
+    }
+}
+
+/// A file found while walking a tree, with what `stat` said of it.
+struct Found {
+    rel: String,
+    abs: PathBuf,
+    stat: FileState,
+    executable: bool,
+}
+
+pub struct StateDb {
+    db: Database,
+    stats: Arc<WorkStats>,
+}
+
+impl StateDb {
+    pub fn open(path: &Path, stats: Arc<WorkStats>) -> Result<Self, StateError> {
+        let db = Database::create(path).map_err(|source| StateError::Open { path: path.to_path_buf(), source })?;
+        let tx = db.begin_write()?;
+        tx.open_table(FILE_STATE)?;
+        tx.open_table(MEMO)?;
+        tx.commit()?;
+        Ok(StateDb { db, stats })
+    }
+
+    pub fn stats(&self) -> &Arc<WorkStats> {
+        &self.stats
+    }
+
+    /// Makes every earlier non-durable commit durable.
+    pub fn flush(&self) -> Result<(), StateError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Hashes a file or directory into a [`Tree`], reading only files the index does not
+    /// vouch for. Symlinks are followed; empty directories do not count (as in git).
+    pub fn hash_tree(&self, path: &Path, reporter: &dyn Reporter) -> Result<Tree, StateError> {
+        self.hash_tree_with(path, reporter, true)
+    }
+
+    /// Hashes a tree that is about to move (a stage's staging directory): reads every
+    /// file and leaves the index alone, since the paths will not exist tomorrow.
+    pub fn hash_tree_transient(&self, path: &Path, reporter: &dyn Reporter) -> Result<Tree, StateError> {
+        self.hash_tree_with(path, reporter, false)
+    }
+
+    fn hash_tree_with(&self, path: &Path, reporter: &dyn Reporter, use_index: bool) -> Result<Tree, StateError> {
+        let found = walk(path)?;
+        let now_ns = now_ns();
+        let mut known = Vec::with_capacity(found.len());
+        let mut unknown = Vec::new();
+        if !use_index {
+            unknown = found;
+        } else {
+            let tx = self.db.begin_read()?;
+            let table = tx.open_table(FILE_STATE)?;
+            for f in found {
+                let key = path_key(&f.abs);
+                let hit = table
+                    .get(key.as_slice())?
+                    .and_then(|v| FileState::decode(v.value()))
+                    .filter(|old| old.same_file(&f.stat));
+                match hit {
+                    Some(old) => known.push((f, old.digest)),
+                    None => unknown.push(f),
+                }
+            }
+        }
+        WorkStats::add(&self.stats.files_from_index, known.len() as u64);
+
+        if !unknown.is_empty() {
+            let bytes: u64 = unknown.iter().map(|f| f.stat.size).sum();
+            let label = format!("hashing {}", path.display());
+            let progress = reporter.progress(&label, bytes, "bytes");
+            let hashed: Vec<(Found, Result<(Digest, u64), std::io::Error>)> = unknown
+                .into_par_iter()
+                .map(|f| {
+                    let r = Digest::of_file(&f.abs);
+                    progress.inc(f.stat.size);
+                    (f, r)
+                })
+                .collect();
+            progress.finish();
+            let tx = self.begin_cache_write()?;
+            {
+                let mut table = tx.open_table(FILE_STATE)?;
+                for (f, result) in hashed {
+                    let (digest, read) = result.map_err(|source| StateError::Io { path: f.abs.clone(), source })?;
+                    WorkStats::add(&self.stats.files_hashed, 1);
+                    WorkStats::add(&self.stats.bytes_hashed, read);
+                    let racy = f.stat.mtime_ns > now_ns - RACY_WINDOW.as_nanos() as i64;
+                    // A size mismatch means the file changed while we read it: do not vouch.
+                    if use_index && !racy && read == f.stat.size {
+                        let state = FileState { digest, ..f.stat };
+                        table.insert(path_key(&f.abs).as_slice(), state.encode().as_slice())?;
+                    }
+                    known.push((f, digest));
+                }
+            }
+            tx.commit()?;
+        }
+
+        let entries = known
+            .into_iter()
+            .map(|(f, digest)| TreeEntry { path: f.rel, digest, size: f.stat.size, executable: f.executable })
+            .collect();
+        Ok(Tree::new(entries))
+    }
+
+    /// Records the state of files kiln itself just wrote with known content (restored
+    /// outputs), so the next check does not read them back.
+    pub fn remember(&self, files: &[(PathBuf, Digest)]) -> Result<(), StateError> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let now_ns = now_ns();
+        let tx = self.begin_cache_write()?;
+        {
+            let mut table = tx.open_table(FILE_STATE)?;
+            for (path, digest) in files {
+                let meta = std::fs::metadata(path).map_err(|source| StateError::Io { path: path.clone(), source })?;
+                let stat = stat_of(&meta, *digest);
+                if stat.mtime_ns <= now_ns - RACY_WINDOW.as_nanos() as i64 {
+                    table.insert(path_key(path).as_slice(), stat.encode().as_slice())?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn memo(&self) -> MemoStore<'_> {
+        MemoStore { db: self }
+    }
+
+    fn begin_cache_write(&self) -> Result<redb::WriteTransaction, StateError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::None)?;
+        Ok(tx)
+    }
+}
+
+/// Per-item results keyed by (item digest, operation digest).
+pub struct MemoStore<'a> {
+    db: &'a StateDb,
+}
+
+impl MemoStore<'_> {
+    pub fn get(&self, item: &Digest, op: &Digest) -> Result<Option<Vec<u8>>, StateError> {
+        let tx = self.db.db.begin_read()?;
+        let table = tx.open_table(MEMO)?;
+        Ok(table.get(memo_key(item, op).as_slice())?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn put(&self, item: &Digest, op: &Digest, value: &[u8]) -> Result<(), StateError> {
+        let tx = self.db.begin_cache_write()?;
+        tx.open_table(MEMO)?.insert(memo_key(item, op).as_slice(), value)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// For every item, the memoised result of `op`, computing the misses in parallel with
+    /// `compute(index)`. Failed computations are returned, not memoised.
+    pub fn map<E, F>(&self, items: &[Digest], op: &Digest, compute: F) -> Result<Vec<Result<Vec<u8>, E>>, StateError>
+    where
+        E: Send,
+        F: Fn(usize) -> Result<Vec<u8>, E> + Sync,
+    {
+        let stats = &self.db.stats;
+        let mut out: Vec<Option<Result<Vec<u8>, E>>> = Vec::with_capacity(items.len());
+        for chunk_start in (0..items.len()).step_by(MEMO_CHUNK) {
+            let chunk = &items[chunk_start..(chunk_start + MEMO_CHUNK).min(items.len())];
+            let mut misses = Vec::new();
+            {
+                let tx = self.db.db.begin_read()?;
+                let table = tx.open_table(MEMO)?;
+                for (i, item) in chunk.iter().enumerate() {
+                    match table.get(memo_key(item, op).as_slice())? {
+                        Some(v) => out.push(Some(Ok(v.value().to_vec()))),
+                        None => {
+                            out.push(None);
+                            misses.push(chunk_start + i);
+                        }
+                    }
+                }
+            }
+            WorkStats::add(&stats.memo_hits, (chunk.len() - misses.len()) as u64);
+            WorkStats::add(&stats.memo_misses, misses.len() as u64);
+            let computed: Vec<(usize, Result<Vec<u8>, E>)> = misses.into_par_iter().map(|i| (i, compute(i))).collect();
+            let tx = self.db.begin_cache_write()?;
+            {
+                let mut table = tx.open_table(MEMO)?;
+                for (i, result) in &computed {
+                    if let Ok(bytes) = result {
+                        table.insert(memo_key(&items[*i], op).as_slice(), bytes.as_slice())?;
+                    }
+                }
+            }
+            tx.commit()?;
+            for (i, result) in computed {
+                out[i] = Some(result);
+            }
+        }
+        Ok(out.into_iter().map(|r| r.expect("every item is either a hit or computed")).collect())
+    }
+
+    /// Drops every memo entry (`kiln gc --memo`). Returns how many were removed.
+    pub fn clear(&self) -> Result<u64, StateError> {
+        let tx = self.db.begin_cache_write()?;
+        let n;
+        {
+            let mut table = tx.open_table(MEMO)?;
+            n = table.len()?;
+            table.retain(|_, _| false)?;
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+}
+
+fn memo_key(item: &Digest, op: &Digest) -> [u8; 64] {
+    let mut k = [0u8; 64];
+    k[..32].copy_from_slice(&item.0);
+    k[32..].copy_from_slice(&op.0);
+    k
+}
+
+fn path_key(path: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str().as_bytes().to_vec()
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+fn stat_of(meta: &std::fs::Metadata, digest: Digest) -> FileState {
+    FileState {
+        size: meta.len(),
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        inode: meta.ino(),
+        digest,
+    }
+}
+
+fn walk(root: &Path) -> Result<Vec<Found>, StateError> {
+    let io = |path: &Path, source| StateError::Io { path: path.to_path_buf(), source };
+    let meta = match std::fs::metadata(root) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StateError::Missing { path: root.to_path_buf() }),
+        Err(e) => return Err(io(root, e)),
+    };
+    let abs = std::path::absolute(root).map_err(|e| io(root, e))?;
+    if meta.is_file() {
+        return Ok(vec![Found {
+            rel: String::new(),
+            executable: meta.mode() & 0o111 != 0,
+            stat: stat_of(&meta, Digest([0; 32])),
+            abs,
+        }]);
+    }
+    let mut found = Vec::new();
+    for entry in walkdir::WalkDir::new(&abs).follow_links(true) {
+        let entry = entry.map_err(|e| {
+            let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| abs.clone());
+            let source = e.into_io_error().unwrap_or_else(|| std::io::Error::other("symlink loop"));
+            StateError::Io { path, source }
+        })?;
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let meta = entry.metadata().map_err(|e| {
+            let source = e.into_io_error().unwrap_or_else(|| std::io::Error::other("cannot stat"));
+            io(entry.path(), source)
+        })?;
+        let rel = entry
+            .path()
+            .strip_prefix(&abs)
+            .unwrap_or(entry.path())
+            .iter()
+            .map(escape_os)
+            .collect::<Vec<_>>()
+            .join("/");
+        found.push(Found {
+            rel,
+            executable: meta.mode() & 0o111 != 0,
+            stat: stat_of(&meta, Digest([0; 32])),
+            abs: entry.into_path(),
+        });
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::NullReporter;
+    use std::sync::atomic::Ordering;
+
+    fn backdate(path: &Path) {
+        let old = SystemTime::now() - Duration::from_secs(10);
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(old).unwrap();
+    }
+
+    #[test]
+    fn unchanged_files_are_not_reread_and_changed_ones_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("sub")).unwrap();
+        for i in 0..20 {
+            let p = data.join(if i % 2 == 0 { format!("f{i}") } else { format!("sub/f{i}") });
+            std::fs::write(&p, format!("content {i}")).unwrap();
+            backdate(&p);
+        }
+        let stats = Arc::new(WorkStats::default());
+        let db = StateDb::open(&dir.path().join("state.redb"), stats.clone()).unwrap();
+        let first = db.hash_tree(&data, &NullReporter).unwrap();
+        assert_eq!(stats.files_hashed.load(Ordering::Relaxed), 20);
+        let second = db.hash_tree(&data, &NullReporter).unwrap();
+        assert_eq!(first.digest(), second.digest());
+        assert_eq!(stats.files_hashed.load(Ordering::Relaxed), 20, "second pass reads nothing");
+
+        std::fs::write(data.join("sub/f1"), "changed!!").unwrap();
+        backdate(&data.join("sub/f1"));
+        let third = db.hash_tree(&data, &NullReporter).unwrap();
+        assert_eq!(stats.files_hashed.load(Ordering::Relaxed), 21, "only the changed file is read");
+        assert_eq!(Tree::diff(&first, &third).modified, ["sub/f1"]);
+    }
+
+    #[test]
+    fn racy_entries_are_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("fresh");
+        std::fs::write(&f, "a").unwrap();
+        let stats = Arc::new(WorkStats::default());
+        let db = StateDb::open(&dir.path().join("state.redb"), stats.clone()).unwrap();
+        db.hash_tree(&f, &NullReporter).unwrap();
+        db.hash_tree(&f, &NullReporter).unwrap();
+        assert_eq!(stats.files_hashed.load(Ordering::Relaxed), 2, "a just-written file is rehashed");
+    }
+
+    #[test]
+    fn missing_dependency_is_a_typed_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("state.redb"), Default::default()).unwrap();
+        assert!(matches!(db.hash_tree(&dir.path().join("nope"), &NullReporter), Err(StateError::Missing { .. })));
+    }
+
+    #[test]
+    fn memo_computes_only_new_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(WorkStats::default());
+        let db = StateDb::open(&dir.path().join("state.redb"), stats.clone()).unwrap();
+        let memo = db.memo();
+        let op = Digest::of_bytes(b"uppercase v1");
+        let contents: Vec<String> = (0..100).map(|i| format!("item {i}")).collect();
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let upper = |c: &[String], i: usize| -> Result<Vec<u8>, ()> {
+            calls.fetch_add(1, Ordering::Relaxed);
+            Ok(c[i].to_uppercase().into_bytes())
+        };
+        let items: Vec<Digest> = contents.iter().map(|c| Digest::of_bytes(c.as_bytes())).collect();
+        let first = memo.map(&items, &op, |i| upper(&contents, i)).unwrap();
+        assert_eq!(calls.load(Ordering::Relaxed), 100);
+        assert_eq!(first[7].as_ref().unwrap(), b"ITEM 7");
+
+        let mut more = contents.clone();
+        more.extend((100..110).map(|i| format!("item {i}")));
+        let items: Vec<Digest> = more.iter().map(|c| Digest::of_bytes(c.as_bytes())).collect();
+        let second = memo.map(&items, &op, |i| upper(&more, i)).unwrap();
+        assert_eq!(calls.load(Ordering::Relaxed), 110, "adding 10 items costs 10 computations");
+        assert_eq!(second[105].as_ref().unwrap(), b"ITEM 105");
+        assert_eq!(stats.memo_hits.load(Ordering::Relaxed), 100);
+
+        let other_op = Digest::of_bytes(b"uppercase v2");
+        memo.map(&items[..5], &other_op, |i| upper(&more, i)).unwrap();
+        assert_eq!(calls.load(Ordering::Relaxed), 115, "a new op digest is a new memo key");
+        assert_eq!(memo.clear().unwrap(), 115);
+    }
+}

@@ -1,0 +1,428 @@
+//! Running a pipeline: decide, per stage, cached or run; run the ready ones in parallel;
+//! commit each result atomically; record it in the lock file.
+//!
+//! The scheduler keeps a ready set (stages whose selected upstream stages have all
+//! finished) and hands up to `--jobs` of them to worker threads. A worker hashes the
+//! stage's dependencies, builds its [`CacheKey`](crate::cache::CacheKey), and either takes
+//! the result from the cache (restoring workspace outputs if they were changed) or runs
+//! the stage and commits its outputs: blobs, then tree, then stage entry. The main thread
+//! alone writes the lock file, after each success, so an interrupted run keeps what
+//! finished. A failed stage skips its dependents; independent branches go on unless
+//! `--fail-fast`.
+
+pub mod inputs;
+pub mod status;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use crate::Error;
+use crate::cache::guard::RunGuard;
+use crate::cache::lockfile::{LockFile, LockedStage};
+use crate::cache::{Cache, CacheError, Ingest, StageEntry, StateError, Tree, remove_path};
+use crate::digest::Digest;
+use crate::graph::Graph;
+use crate::manifest::Manifest;
+use crate::report::{Reporter, StageOutcome};
+use crate::stages::{Artifact, StageContext, StageError};
+use crate::stats::WorkStats;
+use inputs::{dep_path, hash_deps, make_key, tree_path};
+use status::{Current, DirtyReason, StageStatus};
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Stage names to run (with what they need); empty runs everything.
+    pub targets: Vec<String>,
+    /// Also run what depends on the targets.
+    pub downstream: bool,
+    /// Run the selected stages even when cached.
+    pub force: bool,
+    pub jobs: usize,
+    /// Stop starting stages after the first failure.
+    pub fail_fast: bool,
+    /// Wait for another process holding the cache instead of failing.
+    pub wait: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            targets: Vec::new(),
+            downstream: false,
+            force: false,
+            jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            fail_fast: false,
+            wait: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSummary {
+    /// Every selected stage in run order.
+    pub stages: Vec<(String, StageOutcome)>,
+}
+
+impl RunSummary {
+    pub fn failed(&self) -> usize {
+        self.stages.iter().filter(|(_, o)| matches!(o, StageOutcome::Failed { .. })).count()
+    }
+}
+
+/// What a worker hands back for a stage that succeeded.
+struct Done {
+    outcome: StageOutcome,
+    artifact: Digest,
+    locked: LockedStage,
+}
+
+struct Shared<'a> {
+    manifest: &'a Manifest,
+    cache: &'a Cache,
+    previous: &'a LockFile,
+    reporter: &'a dyn Reporter,
+    force: bool,
+}
+
+/// The stage indices named by `targets`, or an error naming the unknown one.
+pub fn resolve_targets(manifest: &Manifest, targets: &[String]) -> Result<Vec<usize>, Error> {
+    targets
+        .iter()
+        .map(|t| {
+            manifest.stages.binary_search_by(|s| s.name.as_str().cmp(t)).map_err(|_| Error::UnknownStage {
+                stage: t.clone(),
+                manifest: manifest.path.clone(),
+                known: manifest.stages.iter().map(|s| s.name.clone()).collect::<Vec<_>>().join(", "),
+            })
+        })
+        .collect()
+}
+
+/// Opens the cache for a command that may write to it, holding the run guard.
+pub fn open_cache(manifest: &Manifest, wait: bool, reporter: &dyn Reporter, stats: std::sync::Arc<WorkStats>) -> Result<(RunGuard, Cache), Error> {
+    let guard = RunGuard::acquire(&manifest.cache_dir, wait, |msg| reporter.warn(msg))?;
+    let cache = Cache::open(&manifest.cache_dir, stats)?;
+    let cleaned = cache.clean_tmp()?;
+    if cleaned > 0 {
+        tracing::info!("removed {cleaned} leftover(s) of an interrupted run from the cache");
+    }
+    Ok((guard, cache))
+}
+
+/// `kiln status`.
+pub fn status(manifest: &Manifest, targets: &[String], downstream: bool, wait: bool, reporter: &dyn Reporter, stats: std::sync::Arc<WorkStats>) -> Result<Vec<StageStatus>, Error> {
+    let graph = Graph::build(manifest).map_err(|issues| manifest_error(manifest, issues))?;
+    let selected = graph.select(&resolve_targets(manifest, targets)?, downstream);
+    let (_guard, cache) = open_cache(manifest, wait, reporter, stats)?;
+    let lock = LockFile::read(&manifest.lock_path())?;
+    let result = status::compute(manifest, &graph, &selected, &cache, &lock, reporter)?;
+    cache.state().flush()?;
+    Ok(result)
+}
+
+pub(crate) fn manifest_error(manifest: &Manifest, issues: Vec<crate::manifest::Issue>) -> Error {
+    Error::Manifest(Box::new(crate::manifest::ManifestError::new(&manifest.path, &manifest.source, issues)))
+}
+
+/// `kiln run`.
+pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stats: std::sync::Arc<WorkStats>) -> Result<RunSummary, Error> {
+    let graph = Graph::build(manifest).map_err(|issues| manifest_error(manifest, issues))?;
+    let selected = graph.select(&resolve_targets(manifest, &opts.targets)?, opts.downstream);
+    let (_guard, cache) = open_cache(manifest, opts.wait, reporter, stats.clone())?;
+    let lock_path = manifest.lock_path();
+    let previous = LockFile::read(&lock_path)?;
+    let mut lock = previous.clone();
+    lock.stages.retain(|name, _| manifest.stage(name).is_some());
+
+    let n = manifest.stages.len();
+    let position: Vec<usize> = {
+        let mut p = vec![0; n];
+        for (pos, &i) in graph.order().iter().enumerate() {
+            p[i] = pos;
+        }
+        p
+    };
+    let mut outcome: Vec<Option<StageOutcome>> = vec![None; n];
+    let mut artifact: Vec<Option<Digest>> = vec![None; n];
+    let mut waiting: Vec<usize> = (0..n).map(|i| graph.upstream(i).iter().filter(|&&j| selected[j]).count()).collect();
+    let mut ready: BinaryHeap<Reverse<(usize, usize)>> = (0..n).filter(|&i| selected[i] && waiting[i] == 0).map(|i| Reverse((position[i], i))).collect();
+    let shared = Shared { manifest, cache: &cache, previous: &previous, reporter, force: opts.force };
+    let mut fatal: Option<Error> = None;
+
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::channel::<(usize, Result<Done, StageError>)>();
+        let mut running = 0usize;
+        let mut stop = false;
+        loop {
+            while !stop && running < opts.jobs.max(1) {
+                let Some(Reverse((_, i))) = ready.pop() else { break };
+                let decl = &manifest.stages[i];
+                if let Some(&bad) = graph.upstream(i).iter().find(|&&j| !outcome[j].as_ref().is_some_and(StageOutcome::is_success)) {
+                    let o = StageOutcome::Skipped { upstream: manifest.stages[bad].name.clone() };
+                    reporter.stage_finished(&decl.name, &o);
+                    outcome[i] = Some(o);
+                    release(i, &graph, &selected, &mut waiting, &mut ready, &position);
+                    continue;
+                }
+                let upstream: BTreeMap<String, Digest> = decl
+                    .inputs
+                    .iter()
+                    .map(|name| {
+                        let j = manifest.stages.binary_search_by(|s| s.name.as_str().cmp(name.get_ref())).expect("inputs were validated");
+                        (name.get_ref().clone(), artifact[j].expect("upstream finished"))
+                    })
+                    .collect();
+                reporter.stage_started(&decl.name);
+                running += 1;
+                let tx = tx.clone();
+                let shared = &shared;
+                scope.spawn(move || {
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| execute(shared, i, upstream)))
+                        .unwrap_or_else(|panic| Err(StageError::Failed(format!("kiln bug: the stage panicked: {}", panic_message(&panic)))));
+                    let _ = tx.send((i, result));
+                });
+            }
+            if running == 0 {
+                break;
+            }
+            let (i, result) = rx.recv().expect("a worker always reports");
+            running -= 1;
+            let name = &manifest.stages[i].name;
+            let o = match result {
+                Ok(done) => {
+                    artifact[i] = Some(done.artifact);
+                    lock.stages.insert(name.clone(), done.locked);
+                    if let Err(e) = lock.write(&lock_path) {
+                        fatal.get_or_insert(e.into());
+                        stop = true;
+                    }
+                    done.outcome
+                }
+                Err(e) => {
+                    stop |= opts.fail_fast;
+                    StageOutcome::Failed { reason: e.to_string() }
+                }
+            };
+            match &o {
+                StageOutcome::Ran { .. } => WorkStats::add(&stats.stages_run, 1),
+                StageOutcome::Cached { .. } => WorkStats::add(&stats.stages_cached, 1),
+                _ => {}
+            }
+            reporter.stage_finished(name, &o);
+            outcome[i] = Some(o);
+            release(i, &graph, &selected, &mut waiting, &mut ready, &position);
+        }
+    });
+    if let Some(e) = fatal {
+        return Err(e);
+    }
+
+    let mut stages = Vec::new();
+    for &i in graph.order() {
+        if selected[i] {
+            let o = outcome[i].clone().unwrap_or(StageOutcome::Cancelled);
+            if outcome[i].is_none() {
+                reporter.stage_finished(&manifest.stages[i].name, &o);
+            }
+            stages.push((manifest.stages[i].name.clone(), o));
+        }
+    }
+    // A run that covered the whole pipeline also drops lock entries of deleted stages.
+    if lock != previous {
+        lock.write(&lock_path)?;
+    }
+    show_outputs(manifest, &cache, &artifact)?;
+    cache.state().flush()?;
+    Ok(RunSummary { stages })
+}
+
+fn release(i: usize, graph: &Graph, selected: &[bool], waiting: &mut [usize], ready: &mut BinaryHeap<Reverse<(usize, usize)>>, position: &[usize]) {
+    for &d in graph.downstream(i) {
+        if selected[d] {
+            waiting[d] -= 1;
+            if waiting[d] == 0 {
+                ready.push(Reverse((position[d], d)));
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// One stage, on a worker thread: cached or run, then committed.
+fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Result<Done, StageError> {
+    let manifest = cx.manifest;
+    let decl = &manifest.stages[i];
+    let cache = cx.cache;
+    let dep_trees = hash_deps(manifest, decl, cache, cx.reporter).map_err(CacheError::from)?;
+    let mut deps = BTreeMap::new();
+    for (path, tree) in &dep_trees {
+        let tree = tree.as_ref().ok_or_else(|| StageError::MissingDep(path.clone()))?;
+        // Kept so that `status` can later say which files of this dependency changed.
+        deps.insert(path.clone(), cache.put_tree(tree)?);
+    }
+    let key = make_key(manifest, decl, deps, upstream.clone());
+    let digest = key.digest();
+
+    if !cx.force
+        && let Some(entry) = cache.get_entry(&digest)?
+        && cache.entry_is_complete(&entry)?
+    {
+        let restored = restore_outputs(manifest, cache, &entry, cx.reporter)?;
+        return Ok(Done {
+            outcome: StageOutcome::Cached { restored },
+            artifact: entry.artifact,
+            locked: LockedStage::new(&key, entry.artifact, entry.outs),
+        });
+    }
+
+    if tracing::enabled!(tracing::Level::INFO) {
+        let reasons = if cx.force {
+            vec![DirtyReason::Forced]
+        } else {
+            let upstream_now = upstream.iter().map(|(k, v)| (k.clone(), Some(*v))).collect();
+            let now = Current {
+                kind: &decl.kind,
+                implementation: decl.kind_version,
+                params: &key.params,
+                uses: &key.uses,
+                seed: key.seed,
+                deps: &dep_trees,
+                upstream: &upstream_now,
+                outs: key.outs.clone(),
+            };
+            status::explain(cx.previous.stages.get(&decl.name), &now, cache)
+        };
+        for r in &reasons {
+            tracing::info!(stage = %decl.name, "running: {r}");
+        }
+    }
+
+    let inputs: BTreeMap<String, Artifact> = upstream
+        .iter()
+        .map(|(name, d)| {
+            let tree = cache.get_tree(d)?.ok_or(CacheError::MissingTree { digest: *d })?;
+            Ok((name.clone(), Artifact { digest: *d, tree }))
+        })
+        .collect::<Result<_, CacheError>>()?;
+
+    let started = Instant::now();
+    let staging = cache.staging_dir(&decl.name)?;
+    let workspace_outs: Vec<String> = decl.stage.outs().iter().map(|o| o.path.clone()).collect();
+    // Stale outputs must not leak into a new result.
+    for out in &workspace_outs {
+        let abs = manifest.root.join(out);
+        remove_path(&abs)?;
+        if let Some(parent) = abs.parent() {
+            std::fs::create_dir_all(parent).map_err(CacheError::io("create", parent))?;
+        }
+    }
+    let stage_cx = StageContext {
+        stage: &decl.name,
+        pipeline: &manifest.name,
+        root: &manifest.root,
+        seed: manifest.seed,
+        out_dir: &staging,
+        inputs: &inputs,
+        cache,
+        reporter: cx.reporter,
+    };
+    let result = decl.stage.run(&stage_cx);
+    let committed = result.and_then(|()| {
+        if decl.stage.writes_workspace() {
+            commit_workspace_outs(manifest, cache, &workspace_outs, cx.reporter)
+        } else {
+            commit_artifact(cache, &staging, cx.reporter)
+        }
+    });
+    let _ = remove_path(&staging);
+    let (artifact, outs) = committed?;
+    let entry = StageEntry { key: key.clone(), artifact, outs: outs.clone(), duration_ms: started.elapsed().as_millis() as u64 };
+    cache.put_entry(&entry)?;
+    Ok(Done { outcome: StageOutcome::ran(started.elapsed()), artifact, locked: LockedStage::new(&key, artifact, outs) })
+}
+
+fn commit_artifact(cache: &Cache, staging: &std::path::Path, reporter: &dyn Reporter) -> Result<(Digest, BTreeMap<String, Digest>), StageError> {
+    let tree = cache.state().hash_tree_transient(staging, reporter).map_err(CacheError::from)?;
+    let digest = cache.ingest(staging, &tree, Ingest::Move)?;
+    Ok((digest, BTreeMap::new()))
+}
+
+fn commit_workspace_outs(manifest: &Manifest, cache: &Cache, outs: &[String], reporter: &dyn Reporter) -> Result<(Digest, BTreeMap<String, Digest>), StageError> {
+    let mut entries = Vec::new();
+    let mut digests = BTreeMap::new();
+    for out in outs {
+        let abs = manifest.root.join(out);
+        let tree = match cache.state().hash_tree(&abs, reporter) {
+            Ok(t) => t,
+            Err(StateError::Missing { .. }) => return Err(StageError::MissingOutput(out.clone())),
+            Err(e) => return Err(CacheError::from(e).into()),
+        };
+        cache.ingest(&abs, &tree, Ingest::Copy)?;
+        digests.insert(out.clone(), tree.digest());
+        entries.extend(tree.prefixed(&tree_path(out)));
+    }
+    let artifact = cache.put_tree(&Tree::new(entries))?;
+    Ok((artifact, digests))
+}
+
+/// Puts back workspace outputs of a cached stage that are missing or were changed.
+fn restore_outputs(manifest: &Manifest, cache: &Cache, entry: &StageEntry, reporter: &dyn Reporter) -> Result<usize, StageError> {
+    if entry.outs.is_empty() {
+        return Ok(0);
+    }
+    let tree = cache.get_tree(&entry.artifact)?.ok_or(CacheError::MissingTree { digest: entry.artifact })?;
+    let mut restored = 0;
+    for (out, want) in &entry.outs {
+        let abs = dep_path(&manifest.root, out);
+        let intact = match cache.state().hash_tree(&abs, reporter) {
+            Ok(t) => t.digest() == *want,
+            Err(StateError::Missing { .. }) => false,
+            Err(e) => return Err(CacheError::from(e).into()),
+        };
+        if !intact {
+            remove_path(&abs)?;
+            cache.restore(&tree.subtree(&tree_path(out)), &abs)?;
+            restored += 1;
+        }
+    }
+    Ok(restored)
+}
+
+/// Rebuilds `outputs/<pipeline>/<stage>/` for every artifact stage with a known result,
+/// and drops views of stages the manifest no longer has.
+fn show_outputs(manifest: &Manifest, cache: &Cache, artifact: &[Option<Digest>]) -> Result<(), Error> {
+    let dir = manifest.outputs_dir();
+    let artifact_stages: Vec<usize> = (0..manifest.stages.len()).filter(|&i| !manifest.stages[i].stage.writes_workspace()).collect();
+    if artifact_stages.is_empty() && !dir.exists() {
+        return Ok(());
+    }
+    for &i in &artifact_stages {
+        if let Some(d) = artifact[i] {
+            let tree = cache.get_tree(&d)?.ok_or(CacheError::MissingTree { digest: d })?;
+            cache.link_view(&tree, &dir.join(&manifest.stages[i].name))?;
+        }
+    }
+    if let Ok(items) = std::fs::read_dir(&dir) {
+        for item in items.flatten() {
+            let name = item.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') && !artifact_stages.iter().any(|&i| manifest.stages[i].name == name) {
+                remove_path(&item.path())?;
+            }
+        }
+    }
+    let root_ignore = manifest.root.join("outputs").join(".gitignore");
+    if !root_ignore.exists() {
+        let _ = std::fs::write(&root_ignore, "# kiln's views of cached artifacts; rebuilt by every run\n*\n");
+    }
+    Ok(())
+}

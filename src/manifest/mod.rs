@@ -1,0 +1,378 @@
+//! The pipeline manifest: TOML text → validated [`Manifest`].
+//!
+//! Loading runs in named passes over toml's spanned document tree, so every problem can
+//! point at the text that caused it:
+//!
+//! 1. **parse** the document (`toml::de::DeTable`, spans on every key and value);
+//! 2. **top level**: only `[pipeline]`, `[params]` and `[stages.*]` are allowed;
+//! 3. **interpolate** `${params.NAME}` in every stage value (a whole-string reference keeps
+//!    the parameter's type, an embedded one is formatted into the string);
+//! 4. **per stage**: `kind`, `inputs` and `deps` are read by kiln, everything else is parsed
+//!    by the stage kind's own `deny_unknown_fields` type;
+//! 5. **cross-stage**: unknown inputs, overlapping outputs and cycles ([`crate::graph`]).
+//!
+//! Each pass collects all of its issues; the load fails with one [`ManifestError`] that
+//! lists every problem with file:line:column.
+
+pub mod diagnostic;
+mod interpolate;
+mod paths;
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+pub use diagnostic::{Issue, ManifestError};
+pub use paths::{contains as path_contains, normalize_dep, normalize_out, overlaps as paths_overlap};
+
+use crate::stages::{ParseContext, Stage, StageRegistry};
+
+/// A validated pipeline manifest.
+#[derive(Debug)]
+pub struct Manifest {
+    /// The manifest file as given on the command line.
+    pub path: PathBuf,
+    pub source: Arc<str>,
+    /// The workspace root: commands run here and relative paths resolve against it.
+    pub root: PathBuf,
+    pub name: String,
+    pub seed: u64,
+    pub cache_dir: PathBuf,
+    /// The `[params]` table, for reference and display.
+    pub params: serde_json::Value,
+    /// Stages, sorted by name.
+    pub stages: Vec<StageDecl>,
+}
+
+/// One `[stages.NAME]` table after validation.
+#[derive(Debug, Clone)]
+pub struct StageDecl {
+    pub name: String,
+    /// The span of the stage's name in its table header, for later diagnostics.
+    pub span: Range<usize>,
+    pub kind: String,
+    pub kind_version: u32,
+    /// Upstream stages named in `inputs`.
+    pub inputs: Vec<Spanned<String>>,
+    /// Workspace paths this stage reads: `deps`, path entries of `inputs`, and paths the
+    /// stage kind itself declares.
+    pub deps: Vec<Spanned<String>>,
+    /// `[params]` entries referenced through `${params.NAME}`, with their values.
+    pub uses: std::collections::BTreeMap<String, serde_json::Value>,
+    pub stage: Arc<dyn Stage>,
+}
+
+impl Manifest {
+    /// Reads, parses and validates a manifest, including its stage graph.
+    pub fn load(path: &Path, registry: &StageRegistry) -> Result<Manifest, crate::Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io {
+            action: "read manifest",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_str(path, text, registry)
+    }
+
+    pub fn from_str(path: &Path, text: String, registry: &StageRegistry) -> Result<Manifest, crate::Error> {
+        let source: Arc<str> = Arc::from(text);
+        let fail = |issues: Vec<Issue>| crate::Error::Manifest(Box::new(ManifestError::new(path, &source, issues)));
+        let manifest = parse(path, &source, registry).map_err(fail)?;
+        crate::graph::Graph::build(&manifest)
+            .map(|_| ())
+            .map_err(fail)?;
+        Ok(manifest)
+    }
+
+    /// `pipelines/NAME.toml` → `pipelines/NAME.lock`.
+    pub fn lock_path(&self) -> PathBuf {
+        self.path.with_extension("lock")
+    }
+
+    pub fn stage(&self, name: &str) -> Option<&StageDecl> {
+        self.stages
+            .binary_search_by(|s| s.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.stages[i])
+    }
+
+    /// Where the artifacts of built-in stages are shown to people.
+    pub fn outputs_dir(&self) -> PathBuf {
+        self.root.join("outputs").join(&self.name)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    name: Option<Spanned<String>>,
+    #[serde(default)]
+    seed: u64,
+    cache: Option<String>,
+    root: Option<String>,
+}
+
+fn parse(path: &Path, src: &str, registry: &StageRegistry) -> Result<Manifest, Vec<Issue>> {
+    let (doc, errors) = DeTable::parse_recoverable(src);
+    if !errors.is_empty() {
+        let whole = 0..src.len();
+        return Err(errors.iter().map(|e| Issue::from_toml(e, whole.clone())).collect());
+    }
+    let doc_span = doc.span();
+    let mut doc = doc.into_inner();
+    let mut issues = Vec::new();
+
+    for (key, _) in doc.iter() {
+        if !["pipeline", "params", "stages"].contains(&key.get_ref().as_ref()) {
+            issues.push(
+                Issue::new(key.span(), format!("unknown top-level key `{}`", key.get_ref()))
+                    .label("unknown key")
+                    .help("expected one of `pipeline`, `params`, `stages`"),
+            );
+        }
+    }
+
+    let raw_pipeline = match doc.remove("pipeline") {
+        Some(value) => {
+            let span = value.span();
+            RawPipeline::deserialize(ValueDeserializer::from(value)).unwrap_or_else(|e| {
+                issues.push(Issue::from_toml(&e, span));
+                RawPipeline::default()
+            })
+        }
+        None => RawPipeline::default(),
+    };
+
+    let params_de = doc.remove("params");
+    let params_json = match &params_de {
+        Some(value) if !value.get_ref().is_table() => {
+            issues.push(Issue::new(value.span(), "`params` must be a table").help("write `[params]` followed by `name = value` lines"));
+            serde_json::Value::Object(Default::default())
+        }
+        Some(value) => serde_json::Value::deserialize(ValueDeserializer::from(value.clone()))
+            .unwrap_or_else(|e| {
+                issues.push(Issue::from_toml(&e, value.span()));
+                serde_json::Value::Object(Default::default())
+            }),
+        None => serde_json::Value::Object(Default::default()),
+    };
+
+    let manifest_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let manifest_dir = if manifest_dir.as_os_str().is_empty() { PathBuf::from(".") } else { manifest_dir };
+    let root = match &raw_pipeline.root {
+        Some(r) => manifest_dir.join(r),
+        None => find_root(&manifest_dir),
+    };
+    let name = match &raw_pipeline.name {
+        Some(n) => {
+            if !valid_name(n.get_ref()) {
+                issues.push(Issue::new(n.span(), format!("invalid pipeline name `{}`", n.get_ref())).help("use letters, digits, `_` and `-`"));
+            }
+            n.get_ref().clone()
+        }
+        None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into()),
+    };
+    let cache_dir = root.join(raw_pipeline.cache.as_deref().unwrap_or("cache"));
+
+    let cx = ParseContext { params: &params_json };
+    let mut stages = Vec::new();
+    match doc.remove("stages") {
+        None => issues.push(
+            Issue::new(doc_span.start..doc_span.start, "the manifest declares no stages")
+                .help("add a stage, e.g. `[stages.hello]` with `kind = \"command\"` and `cmd = \"echo hello\"`"),
+        ),
+        Some(value) => {
+            let span = value.span();
+            match value.into_inner() {
+                DeValue::Table(table) => {
+                    for (key, value) in table {
+                        if let Some(decl) = parse_stage(key, value, params_de.as_ref(), registry, &cx, &mut issues) {
+                            stages.push(decl);
+                        }
+                    }
+                }
+                _ => issues.push(Issue::new(span, "`stages` must be a table of stage tables").help("write `[stages.NAME]` headers")),
+            }
+        }
+    }
+    stages.sort_by(|a, b| a.name.cmp(&b.name));
+    check_inputs(&mut stages, &mut issues);
+
+    if issues.is_empty() {
+        Ok(Manifest {
+            path: path.to_path_buf(),
+            source: Arc::from(src),
+            root,
+            name,
+            seed: raw_pipeline.seed,
+            cache_dir,
+            params: params_json,
+            stages,
+        })
+    } else {
+        Err(issues)
+    }
+}
+
+/// The nearest ancestor holding `.git`, else the manifest's own directory.
+fn find_root(manifest_dir: &Path) -> PathBuf {
+    let abs = std::path::absolute(manifest_dir).unwrap_or_else(|_| manifest_dir.to_path_buf());
+    abs.ancestors()
+        .find(|dir| dir.join(".git").exists())
+        .map(Path::to_path_buf)
+        .unwrap_or(abs)
+}
+
+pub(crate) fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn parse_stage<'i>(
+    key: Spanned<std::borrow::Cow<'i, str>>,
+    value: Spanned<DeValue<'i>>,
+    params: Option<&Spanned<DeValue<'i>>>,
+    registry: &StageRegistry,
+    cx: &ParseContext<'_>,
+    issues: &mut Vec<Issue>,
+) -> Option<StageDecl> {
+    let name = key.get_ref().to_string();
+    let name_span = key.span();
+    if !valid_name(&name) {
+        issues.push(Issue::new(name_span.clone(), format!("invalid stage name `{name}`")).help("use letters, digits, `_` and `-`"));
+    }
+    let value_span = value.span();
+    let mut table = match value.into_inner() {
+        DeValue::Table(t) => t,
+        _ => {
+            issues.push(Issue::new(value_span, format!("stage `{name}` must be a table")).help(format!("write `[stages.{name}]` followed by its keys")));
+            return None;
+        }
+    };
+    let before = issues.len();
+    let mut resolver = interpolate::Resolver::new(params);
+    resolver.resolve_table(&mut table);
+    issues.append(&mut resolver.issues);
+    let uses = resolver.used;
+
+    let kind = match table.remove("kind") {
+        Some(k) => match k.get_ref().as_str() {
+            Some(s) => Spanned::new(k.span(), s.to_string()),
+            None => {
+                issues.push(Issue::new(k.span(), format!("invalid type: {}, expected a string", k.get_ref().type_str())).help("e.g. `kind = \"command\"`"));
+                return None;
+            }
+        },
+        None => {
+            issues.push(
+                Issue::new(name_span, format!("stage `{name}` has no `kind`"))
+                    .label("this stage")
+                    .help(format!("add `kind = \"...\"`, one of {}", registry.names_list())),
+            );
+            return None;
+        }
+    };
+    let inputs = take_string_list(&mut table, "inputs", issues);
+    let mut deps = take_string_list(&mut table, "deps", issues);
+
+    let Some(stage_kind) = registry.get(kind.get_ref()) else {
+        let mut issue = Issue::new(kind.span(), format!("unknown stage kind `{}`", kind.get_ref())).label("unknown kind");
+        issue = match diagnostic::did_you_mean(kind.get_ref(), registry.names()) {
+            Some(near) => issue.help(format!("did you mean `{near}`? known kinds: {}", registry.names_list())),
+            None => issue.help(format!("known kinds: {}", registry.names_list())),
+        };
+        issues.push(issue);
+        return None;
+    };
+
+    let mut stage_inputs = Vec::new();
+    for input in inputs {
+        // A stage is named by a bare word; anything path-like is a workspace path.
+        if looks_like_path(input.get_ref()) {
+            deps.push(input);
+        } else {
+            stage_inputs.push(input);
+        }
+    }
+    let mut normalized = Vec::new();
+    for dep in deps {
+        match normalize_dep(dep.get_ref()) {
+            Ok(p) => normalized.push(Spanned::new(dep.span(), p)),
+            Err(why) => issues.push(Issue::new(dep.span(), format!("invalid dependency path `{}`: {why}", dep.get_ref()))),
+        }
+    }
+
+    let table_value = Spanned::new(value_span.clone(), DeValue::Table(table));
+    let stage = match stage_kind.parse(table_value, cx) {
+        Ok(stage) => stage,
+        Err(mut errs) => {
+            issues.append(&mut errs);
+            return None;
+        }
+    };
+    for dep in stage.path_deps() {
+        normalized.push(dep);
+    }
+    if issues.len() > before {
+        return None;
+    }
+    Some(StageDecl {
+        name,
+        span: name_span,
+        kind: kind.into_inner(),
+        kind_version: stage_kind.version(),
+        inputs: stage_inputs,
+        deps: normalized,
+        uses,
+        stage,
+    })
+}
+
+fn looks_like_path(s: &str) -> bool {
+    s.contains('/') || s.starts_with('.') || s.contains('.')
+}
+
+fn take_string_list(table: &mut DeTable<'_>, key: &str, issues: &mut Vec<Issue>) -> Vec<Spanned<String>> {
+    let Some(value) = table.remove(key) else { return Vec::new() };
+    let span = value.span();
+    match value.into_inner() {
+        DeValue::Array(items) => items
+            .iter()
+            .filter_map(|item| match item.get_ref().as_str() {
+                Some(s) => Some(Spanned::new(item.span(), s.to_string())),
+                None => {
+                    issues.push(Issue::new(item.span(), format!("invalid type: {}, expected a string", item.get_ref().type_str())));
+                    None
+                }
+            })
+            .collect(),
+        DeValue::String(s) => vec![Spanned::new(span, s.into_owned())],
+        other => {
+            issues.push(Issue::new(span, format!("invalid type: {}, expected an array of strings", other.type_str())).help(format!("e.g. `{key} = [\"...\"]`")));
+            Vec::new()
+        }
+    }
+}
+
+/// Every stage input must name a stage.
+fn check_inputs(stages: &mut [StageDecl], issues: &mut Vec<Issue>) {
+    let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
+    for stage in stages.iter() {
+        for input in &stage.inputs {
+            let wanted = input.get_ref();
+            if names.binary_search(wanted).is_err() {
+                let mut issue = Issue::new(input.span(), format!("stage `{}` names unknown input stage `{wanted}`", stage.name)).label("no stage of this name");
+                issue = match diagnostic::did_you_mean(wanted, names.iter().map(String::as_str)) {
+                    Some(near) => issue.help(format!("did you mean `{near}`? for a path in the workspace write `./{wanted}`")),
+                    None => issue.help(format!("declare `[stages.{wanted}]`, or write `./{wanted}` for a path in the workspace")),
+                };
+                issues.push(issue);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

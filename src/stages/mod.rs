@@ -1,0 +1,169 @@
+//! Stage kinds: what a `[stages.NAME]` table can be.
+//!
+//! A [`StageKind`] parses its part of a stage table (every key but `kind`, `inputs` and
+//! `deps`, with `deny_unknown_fields`) into a [`Stage`]. A stage exposes its resolved
+//! parameters (they go into the cache key) and runs in one of two ways:
+//!
+//! - **workspace outputs** ([`Stage::outs`] non-empty, the `command` kind): it writes the
+//!   declared paths in the workspace, DVC-style; kiln deletes them before the run, hashes
+//!   them after, and restores them from the cache when the stage is cached;
+//! - **artifact** (built-in kinds): it writes into [`StageContext::out_dir`], a fresh
+//!   directory inside the cache; kiln moves the files into the content-addressed store
+//!   and shows them to people at `outputs/<pipeline>/<stage>/`.
+
+pub mod command;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use toml::Spanned;
+use toml::de::DeValue;
+
+use crate::cache::{Cache, CacheError, Tree};
+use crate::digest::Digest;
+use crate::manifest::Issue;
+use crate::report::Reporter;
+
+/// What a stage kind may consult while parsing.
+pub struct ParseContext<'a> {
+    /// The manifest's `[params]` table.
+    pub params: &'a serde_json::Value,
+}
+
+impl ParseContext<'_> {
+    /// Looks up a dotted parameter name, with or without a leading `params.`.
+    pub fn param(&self, name: &str) -> Option<&serde_json::Value> {
+        let path = name.strip_prefix("params.").unwrap_or(name);
+        path.split('.').try_fold(self.params, |v, part| v.get(part))
+    }
+}
+
+pub trait StageKind: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Bump when a change to the implementation can change results: it is in every key.
+    fn version(&self) -> u32;
+    fn parse(&self, table: Spanned<DeValue<'_>>, cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>>;
+}
+
+/// A workspace path a stage writes.
+#[derive(Debug, Clone)]
+pub struct Out {
+    pub path: String,
+    pub span: Range<usize>,
+}
+
+pub trait Stage: Send + Sync + fmt::Debug {
+    /// The resolved parameters, canonical JSON: they go into the cache key and lock file.
+    fn params(&self) -> serde_json::Value;
+
+    /// Workspace outputs; empty for artifact stages.
+    fn outs(&self) -> &[Out] {
+        &[]
+    }
+
+    /// Whether results live in the workspace (declared `outs`, even none) rather than in
+    /// an artifact shown at `outputs/<pipeline>/<stage>/`.
+    fn writes_workspace(&self) -> bool {
+        !self.outs().is_empty()
+    }
+
+    /// Workspace paths the stage reads because of its own parameters.
+    fn path_deps(&self) -> Vec<Spanned<String>> {
+        Vec::new()
+    }
+
+    fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError>;
+}
+
+/// An upstream stage's output, readable in place from the cache.
+#[derive(Debug, Clone)]
+pub struct Artifact {
+    pub digest: Digest,
+    pub tree: Tree,
+}
+
+/// Everything a running stage may use.
+pub struct StageContext<'a> {
+    pub stage: &'a str,
+    pub pipeline: &'a str,
+    pub root: &'a Path,
+    pub seed: u64,
+    /// Where an artifact stage writes its output; empty when the stage starts.
+    pub out_dir: &'a Path,
+    /// Upstream artifacts, by stage name.
+    pub inputs: &'a BTreeMap<String, Artifact>,
+    pub cache: &'a Cache,
+    pub reporter: &'a dyn Reporter,
+}
+
+impl StageContext<'_> {
+    /// The cache file holding one file of an upstream artifact.
+    pub fn input_file(&self, artifact: &Artifact, path: &str) -> Option<PathBuf> {
+        artifact
+            .tree
+            .entries()
+            .iter()
+            .find(|e| e.path == path)
+            .map(|e| self.cache.blob_path(&e.digest))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("cannot start `{program}`: {source}")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("command {0}")]
+    Exit(String),
+    #[error("declared output `{0}` was not produced")]
+    MissingOutput(String),
+    #[error("dependency `{0}` does not exist")]
+    MissingDep(String),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The stage kinds a manifest may use.
+pub struct StageRegistry {
+    kinds: BTreeMap<&'static str, Arc<dyn StageKind>>,
+}
+
+impl StageRegistry {
+    pub fn empty() -> Self {
+        StageRegistry { kinds: BTreeMap::new() }
+    }
+
+    /// Every kind kiln ships.
+    pub fn builtin() -> Self {
+        let mut r = Self::empty();
+        r.register(Arc::new(command::CommandKind));
+        r
+    }
+
+    /// Adds a kind (library users can bring their own).
+    pub fn register(&mut self, kind: Arc<dyn StageKind>) {
+        self.kinds.insert(kind.name(), kind);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn StageKind>> {
+        self.kinds.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.kinds.keys().copied()
+    }
+
+    pub fn names_list(&self) -> String {
+        self.names().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    }
+}
+
+impl Default for StageRegistry {
+    fn default() -> Self {
+        Self::builtin()
+    }
+}
