@@ -88,7 +88,6 @@ impl ManifestDiagnostic {
 /// All problems of one manifest. Exit code 2.
 #[derive(Debug, thiserror::Error, Diagnostic)]
 #[error("invalid manifest `{}`: {} problem{}", path.display(), problems.len(), if problems.len() == 1 { "" } else { "s" })]
-#[diagnostic(code(kiln::manifest))]
 pub struct ManifestError {
     pub path: PathBuf,
     #[related]

@@ -80,11 +80,17 @@ impl Manifest {
     pub fn from_str(path: &Path, text: String, registry: &StageRegistry) -> Result<Manifest, crate::Error> {
         let source: Arc<str> = Arc::from(text);
         let fail = |issues: Vec<Issue>| crate::Error::Manifest(Box::new(ManifestError::new(path, &source, issues)));
-        let manifest = parse(path, &source, registry).map_err(fail)?;
-        crate::graph::Graph::build(&manifest)
-            .map(|_| ())
-            .map_err(fail)?;
-        Ok(manifest)
+        let (manifest, mut issues) = parse(path, &source, registry);
+        // The graph checks run on every stage that parsed, even when others did not.
+        if let Some(m) = &manifest
+            && let Err(mut graph_issues) = crate::graph::Graph::build(m)
+        {
+            issues.append(&mut graph_issues);
+        }
+        match manifest {
+            Some(m) if issues.is_empty() => Ok(m),
+            _ => Err(fail(issues)),
+        }
     }
 
     /// `pipelines/NAME.toml` → `pipelines/NAME.lock`.
@@ -115,11 +121,13 @@ struct RawPipeline {
     root: Option<String>,
 }
 
-fn parse(path: &Path, src: &str, registry: &StageRegistry) -> Result<Manifest, Vec<Issue>> {
+/// The manifest built from everything that parsed (`None` when the TOML itself is
+/// broken), and every problem found.
+fn parse(path: &Path, src: &str, registry: &StageRegistry) -> (Option<Manifest>, Vec<Issue>) {
     let (doc, errors) = DeTable::parse_recoverable(src);
     if !errors.is_empty() {
         let whole = 0..src.len();
-        return Err(errors.iter().map(|e| Issue::from_toml(e, whole.clone())).collect());
+        return (None, errors.iter().map(|e| Issue::from_toml(e, whole.clone())).collect());
     }
     let doc_span = doc.span();
     let mut doc = doc.into_inner();
@@ -179,6 +187,9 @@ fn parse(path: &Path, src: &str, registry: &StageRegistry) -> Result<Manifest, V
 
     let cx = ParseContext { params: &params_json };
     let mut stages = Vec::new();
+    // Every stage table's name and inputs, parsed successfully or not, so that a stage with
+    // one problem still gets its inputs checked and is not reported as missing itself.
+    let mut declared: Vec<(String, Vec<Spanned<String>>)> = Vec::new();
     match doc.remove("stages") {
         None => issues.push(
             Issue::new(doc_span.start..doc_span.start, "the manifest declares no stages")
@@ -189,7 +200,7 @@ fn parse(path: &Path, src: &str, registry: &StageRegistry) -> Result<Manifest, V
             match value.into_inner() {
                 DeValue::Table(table) => {
                     for (key, value) in table {
-                        if let Some(decl) = parse_stage(key, value, params_de.as_ref(), registry, &cx, &mut issues) {
+                        if let Some(decl) = parse_stage(key, value, params_de.as_ref(), registry, &cx, &mut declared, &mut issues) {
                             stages.push(decl);
                         }
                     }
@@ -199,22 +210,19 @@ fn parse(path: &Path, src: &str, registry: &StageRegistry) -> Result<Manifest, V
         }
     }
     stages.sort_by(|a, b| a.name.cmp(&b.name));
-    check_inputs(&mut stages, &mut issues);
+    check_inputs(&declared, &mut issues);
 
-    if issues.is_empty() {
-        Ok(Manifest {
-            path: path.to_path_buf(),
-            source: Arc::from(src),
-            root,
-            name,
-            seed: raw_pipeline.seed,
-            cache_dir,
-            params: params_json,
-            stages,
-        })
-    } else {
-        Err(issues)
-    }
+    let manifest = Manifest {
+        path: path.to_path_buf(),
+        source: Arc::from(src),
+        root,
+        name,
+        seed: raw_pipeline.seed,
+        cache_dir,
+        params: params_json,
+        stages,
+    };
+    (Some(manifest), issues)
 }
 
 /// The nearest ancestor holding `.git`, else the manifest's own directory.
@@ -236,9 +244,11 @@ fn parse_stage<'i>(
     params: Option<&Spanned<DeValue<'i>>>,
     registry: &StageRegistry,
     cx: &ParseContext<'_>,
+    declared: &mut Vec<(String, Vec<Spanned<String>>)>,
     issues: &mut Vec<Issue>,
 ) -> Option<StageDecl> {
     let name = key.get_ref().to_string();
+    declared.push((name.clone(), Vec::new()));
     let name_span = key.span();
     if !valid_name(&name) {
         issues.push(Issue::new(name_span.clone(), format!("invalid stage name `{name}`")).help("use letters, digits, `_` and `-`"));
@@ -257,6 +267,11 @@ fn parse_stage<'i>(
     issues.append(&mut resolver.issues);
     let uses = resolver.used;
 
+    let inputs = take_string_list(&mut table, "inputs", issues);
+    let mut deps = take_string_list(&mut table, "deps", issues);
+    if let Some(last) = declared.last_mut() {
+        last.1 = inputs.iter().filter(|i| !looks_like_path(i.get_ref())).cloned().collect();
+    }
     let kind = match table.remove("kind") {
         Some(k) => match k.get_ref().as_str() {
             Some(s) => Spanned::new(k.span(), s.to_string()),
@@ -274,8 +289,6 @@ fn parse_stage<'i>(
             return None;
         }
     };
-    let inputs = take_string_list(&mut table, "inputs", issues);
-    let mut deps = take_string_list(&mut table, "deps", issues);
 
     let Some(stage_kind) = registry.get(kind.get_ref()) else {
         let mut issue = Issue::new(kind.span(), format!("unknown stage kind `{}`", kind.get_ref())).label("unknown kind");
@@ -356,15 +369,16 @@ fn take_string_list(table: &mut DeTable<'_>, key: &str, issues: &mut Vec<Issue>)
     }
 }
 
-/// Every stage input must name a stage.
-fn check_inputs(stages: &mut [StageDecl], issues: &mut Vec<Issue>) {
-    let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
-    for stage in stages.iter() {
-        for input in &stage.inputs {
+/// Every stage input must name a declared stage.
+fn check_inputs(declared: &[(String, Vec<Spanned<String>>)], issues: &mut Vec<Issue>) {
+    let mut names: Vec<&str> = declared.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    for (stage, inputs) in declared {
+        for input in inputs {
             let wanted = input.get_ref();
-            if names.binary_search(wanted).is_err() {
-                let mut issue = Issue::new(input.span(), format!("stage `{}` names unknown input stage `{wanted}`", stage.name)).label("no stage of this name");
-                issue = match diagnostic::did_you_mean(wanted, names.iter().map(String::as_str)) {
+            if names.binary_search(&wanted.as_str()).is_err() {
+                let mut issue = Issue::new(input.span(), format!("stage `{stage}` names unknown input stage `{wanted}`")).label("no stage of this name");
+                issue = match diagnostic::did_you_mean(wanted, names.iter().copied()) {
                     Some(near) => issue.help(format!("did you mean `{near}`? for a path in the workspace write `./{wanted}`")),
                     None => issue.help(format!("declare `[stages.{wanted}]`, or write `./{wanted}` for a path in the workspace")),
                 };
