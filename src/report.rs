@@ -16,18 +16,28 @@ pub trait Progress: Send + Sync {
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum StageOutcome {
     /// Taken from the cache; `restored` counts workspace outputs that had to be put back.
-    Cached { restored: usize },
-    Ran { seconds_millis: u64 },
-    Failed { reason: String },
+    Cached {
+        restored: usize,
+    },
+    Ran {
+        seconds_millis: u64,
+    },
+    Failed {
+        reason: String,
+    },
     /// Not run because an upstream stage failed.
-    Skipped { upstream: String },
+    Skipped {
+        upstream: String,
+    },
     /// Not started: `--fail-fast` stopped the run.
     Cancelled,
 }
 
 impl StageOutcome {
     pub fn ran(elapsed: Duration) -> Self {
-        StageOutcome::Ran { seconds_millis: elapsed.as_millis() as u64 }
+        StageOutcome::Ran {
+            seconds_millis: elapsed.as_millis() as u64,
+        }
     }
 
     pub fn is_success(&self) -> bool {

@@ -73,11 +73,13 @@ mod tests {
         }
     }
 
+    type Change = Box<dyn Fn(&mut CacheKey)>;
+
     /// One case per field: changing any input of a stage must change its key.
     #[test]
     fn every_field_changes_the_key() {
         let k = base().digest();
-        let cases: Vec<(&str, Box<dyn Fn(&mut CacheKey)>)> = vec![
+        let cases: Vec<(&str, Change)> = vec![
             ("format", Box::new(|c| c.format += 1)),
             ("kind", Box::new(|c| c.kind = "collect".into())),
             ("implementation", Box::new(|c| c.implementation += 1)),
@@ -85,10 +87,22 @@ mod tests {
             ("params added", Box::new(|c| c.params["epochs"] = json!(3))),
             ("uses", Box::new(|c| c.uses = BTreeMap::from([("lr".into(), json!(0.01))]))),
             ("seed", Box::new(|c| c.seed += 1)),
-            ("deps digest", Box::new(|c| *c.deps.get_mut("data/raw").unwrap() = Digest::of_bytes(b"other"))),
-            ("deps path", Box::new(|c| c.deps = BTreeMap::from([("data/other".into(), Digest::of_bytes(b"tree"))]))),
-            ("upstream digest", Box::new(|c| *c.upstream.get_mut("prep").unwrap() = Digest::of_bytes(b"x"))),
-            ("upstream name", Box::new(|c| c.upstream = BTreeMap::from([("other".into(), Digest::of_bytes(b"artifact"))]))),
+            (
+                "deps digest",
+                Box::new(|c| *c.deps.get_mut("data/raw").unwrap() = Digest::of_bytes(b"other")),
+            ),
+            (
+                "deps path",
+                Box::new(|c| c.deps = BTreeMap::from([("data/other".into(), Digest::of_bytes(b"tree"))])),
+            ),
+            (
+                "upstream digest",
+                Box::new(|c| *c.upstream.get_mut("prep").unwrap() = Digest::of_bytes(b"x")),
+            ),
+            (
+                "upstream name",
+                Box::new(|c| c.upstream = BTreeMap::from([("other".into(), Digest::of_bytes(b"artifact"))])),
+            ),
             ("outs", Box::new(|c| c.outs = vec!["elsewhere".into()])),
         ];
         for (field, change) in cases {

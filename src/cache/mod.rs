@@ -53,7 +53,11 @@ pub struct StageEntry {
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("cannot {action} `{path}`: {source}")]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("corrupt cache object `{path}`: {why}")]
     Corrupt { path: PathBuf, why: String },
     #[error("blob {digest} is missing from the cache")]
@@ -95,7 +99,10 @@ impl Cache {
             std::fs::create_dir_all(dir.join(sub)).map_err(CacheError::io("create cache directory", &dir.join(sub)))?;
         }
         let state = StateDb::open(&dir.join("state.redb"), stats)?;
-        Ok(Cache { dir: dir.to_path_buf(), state })
+        Ok(Cache {
+            dir: dir.to_path_buf(),
+            state,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -153,7 +160,11 @@ impl Cache {
     /// Stores every file of `tree` (found under `base`) as blobs, then the tree itself.
     pub fn ingest(&self, base: &Path, tree: &Tree, how: Ingest) -> Result<Digest, CacheError> {
         tree.entries().par_iter().try_for_each(|e| {
-            let src = if e.path.is_empty() { base.to_path_buf() } else { base.join(tree::unescape_os(&e.path)) };
+            let src = if e.path.is_empty() {
+                base.to_path_buf()
+            } else {
+                base.join(tree::unescape_os(&e.path))
+            };
             self.put_blob(&src, &e.digest, how)
         })?;
         self.put_tree(tree)
@@ -240,7 +251,11 @@ impl Cache {
             .entries()
             .par_iter()
             .map(|e| {
-                let target = if e.path.is_empty() { dest.to_path_buf() } else { dest.join(tree::unescape_os(&e.path)) };
+                let target = if e.path.is_empty() {
+                    dest.to_path_buf()
+                } else {
+                    dest.join(tree::unescape_os(&e.path))
+                };
                 let blob = self.blob_path(&e.digest);
                 if !blob.is_file() {
                     return Err(CacheError::MissingBlob { digest: e.digest });
@@ -251,7 +266,8 @@ impl Cache {
                 remove_path(&target)?;
                 reflink_copy::reflink_or_copy(&blob, &target).map_err(CacheError::io("restore", &target))?;
                 let mode = if e.executable { 0o755 } else { 0o644 };
-                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).map_err(CacheError::io("set permissions on", &target))?;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
+                    .map_err(CacheError::io("set permissions on", &target))?;
                 Ok((std::path::absolute(&target).unwrap_or(target), e.digest))
             })
             .collect::<Result<_, _>>()?;
@@ -357,14 +373,22 @@ mod tests {
         let tree = cache.state().hash_tree(&src, &NullReporter).unwrap();
         let digest = cache.ingest(&src, &tree, Ingest::Copy).unwrap();
         assert_eq!(digest, tree.digest());
-        let blobs = walkdir::WalkDir::new(dir.path().join("cache/blobs")).into_iter().flatten().filter(|e| e.file_type().is_file()).count();
+        let blobs = walkdir::WalkDir::new(dir.path().join("cache/blobs"))
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .count();
         assert_eq!(blobs, 1, "identical contents are stored once");
 
         let out = dir.path().join("restored");
         cache.restore(&cache.get_tree(&digest).unwrap().unwrap(), &out).unwrap();
         assert_eq!(std::fs::read_to_string(out.join("a/one")).unwrap(), "same");
         std::fs::write(out.join("two"), "edited").unwrap();
-        assert_eq!(std::fs::read_to_string(cache.blob_path(&tree.entries()[0].digest)).unwrap(), "same", "editing a restored file leaves the cache alone");
+        assert_eq!(
+            std::fs::read_to_string(cache.blob_path(&tree.entries()[0].digest)).unwrap(),
+            "same",
+            "editing a restored file leaves the cache alone"
+        );
 
         let view = dir.path().join("view/stage");
         cache.link_view(&tree, &view).unwrap();

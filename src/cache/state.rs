@@ -52,7 +52,13 @@ pub enum StateError {
 macro_rules! db_err {
     ($($t:ty),*) => {$(impl From<$t> for StateError { fn from(e: $t) -> Self { StateError::Db(e.into()) } })*};
 }
-db_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError, redb::SetDurabilityError);
+db_err!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileState {
@@ -89,6 +95,8 @@ impl FileState {
     }
 }
 
+type HashResult = Result<(Digest, u64), std::io::Error>;
+
 /// A file found while walking a tree, with what `stat` said of it.
 struct Found {
     rel: String,
@@ -104,7 +112,10 @@ pub struct StateDb {
 
 impl StateDb {
     pub fn open(path: &Path, stats: Arc<WorkStats>) -> Result<Self, StateError> {
-        let db = Database::create(path).map_err(|source| StateError::Open { path: path.to_path_buf(), source })?;
+        let db = Database::create(path).map_err(|source| StateError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let tx = db.begin_write()?;
         tx.open_table(FILE_STATE)?;
         tx.open_table(MEMO)?;
@@ -164,7 +175,7 @@ impl StateDb {
             let bytes: u64 = unknown.iter().map(|f| f.stat.size).sum();
             let label = format!("hashing {}", path.display());
             let progress = reporter.progress(&label, bytes, "bytes");
-            let hashed: Vec<(Found, Result<(Digest, u64), std::io::Error>)> = unknown
+            let hashed: Vec<(Found, HashResult)> = unknown
                 .into_par_iter()
                 .map(|f| {
                     let r = Digest::of_file(&f.abs);
@@ -177,7 +188,10 @@ impl StateDb {
             {
                 let mut table = tx.open_table(FILE_STATE)?;
                 for (f, result) in hashed {
-                    let (digest, read) = result.map_err(|source| StateError::Io { path: f.abs.clone(), source })?;
+                    let (digest, read) = result.map_err(|source| StateError::Io {
+                        path: f.abs.clone(),
+                        source,
+                    })?;
                     WorkStats::add(&self.stats.files_hashed, 1);
                     WorkStats::add(&self.stats.bytes_hashed, read);
                     let racy = f.stat.mtime_ns > now_ns - RACY_WINDOW.as_nanos() as i64;
@@ -194,7 +208,12 @@ impl StateDb {
 
         let entries = known
             .into_iter()
-            .map(|(f, digest)| TreeEntry { path: f.rel, digest, size: f.stat.size, executable: f.executable })
+            .map(|(f, digest)| TreeEntry {
+                path: f.rel,
+                digest,
+                size: f.stat.size,
+                executable: f.executable,
+            })
             .collect();
         Ok(Tree::new(entries))
     }
@@ -210,7 +229,10 @@ impl StateDb {
         {
             let mut table = tx.open_table(FILE_STATE)?;
             for (path, digest) in files {
-                let meta = std::fs::metadata(path).map_err(|source| StateError::Io { path: path.clone(), source })?;
+                let meta = std::fs::metadata(path).map_err(|source| StateError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
                 let stat = stat_of(&meta, *digest);
                 if stat.mtime_ns <= now_ns - RACY_WINDOW.as_nanos() as i64 {
                     table.insert(path_key(path).as_slice(), stat.encode().as_slice())?;
@@ -293,7 +315,10 @@ impl MemoStore<'_> {
                 out[i] = Some(result);
             }
         }
-        Ok(out.into_iter().map(|r| r.expect("every item is either a hit or computed")).collect())
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every item is either a hit or computed"))
+            .collect())
     }
 
     /// Drops every memo entry (`kiln gc --memo`). Returns how many were removed.
@@ -336,7 +361,10 @@ fn stat_of(meta: &std::fs::Metadata, digest: Digest) -> FileState {
 }
 
 fn walk(root: &Path) -> Result<Vec<Found>, StateError> {
-    let io = |path: &Path, source| StateError::Io { path: path.to_path_buf(), source };
+    let io = |path: &Path, source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let meta = match std::fs::metadata(root) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StateError::Missing { path: root.to_path_buf() }),
@@ -436,7 +464,10 @@ mod tests {
     fn missing_dependency_is_a_typed_error() {
         let dir = tempfile::tempdir().unwrap();
         let db = StateDb::open(&dir.path().join("state.redb"), Default::default()).unwrap();
-        assert!(matches!(db.hash_tree(&dir.path().join("nope"), &NullReporter), Err(StateError::Missing { .. })));
+        assert!(matches!(
+            db.hash_tree(&dir.path().join("nope"), &NullReporter),
+            Err(StateError::Missing { .. })
+        ));
     }
 
     #[test]

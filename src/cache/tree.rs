@@ -89,12 +89,18 @@ impl Tree {
             .iter()
             .filter_map(|e| {
                 if e.path == prefix {
-                    Some(TreeEntry { path: String::new(), ..e.clone() })
+                    Some(TreeEntry {
+                        path: String::new(),
+                        ..e.clone()
+                    })
                 } else {
                     e.path
                         .strip_prefix(prefix)
                         .and_then(|rest| rest.strip_prefix('/'))
-                        .map(|rest| TreeEntry { path: rest.to_string(), ..e.clone() })
+                        .map(|rest| TreeEntry {
+                            path: rest.to_string(),
+                            ..e.clone()
+                        })
                 }
             })
             .collect();
@@ -106,7 +112,11 @@ impl Tree {
         self.entries
             .iter()
             .map(|e| TreeEntry {
-                path: if e.path.is_empty() { prefix.to_string() } else { format!("{prefix}/{}", e.path) },
+                path: if e.path.is_empty() {
+                    prefix.to_string()
+                } else {
+                    format!("{prefix}/{}", e.path)
+                },
                 ..e.clone()
             })
             .collect()
@@ -168,7 +178,10 @@ impl Tree {
         let text = std::str::from_utf8(bytes).map_err(|_| TreeParseError { line: 0, why: "not UTF-8" })?;
         let mut lines = text.lines();
         if lines.next() != Some(MAGIC) {
-            return Err(TreeParseError { line: 1, why: "missing header" });
+            return Err(TreeParseError {
+                line: 1,
+                why: "missing header",
+            });
         }
         let mut entries = Vec::new();
         for (n, line) in lines.enumerate() {
@@ -182,7 +195,12 @@ impl Tree {
                 _ => return Err(err("bad file kind")),
             };
             let path = parts.next().ok_or_else(|| err("missing path"))?.to_string();
-            entries.push(TreeEntry { path, digest, size, executable });
+            entries.push(TreeEntry {
+                path,
+                digest,
+                size,
+                executable,
+            });
         }
         Ok(Tree { entries })
     }

@@ -39,7 +39,11 @@ impl Progress for Nothing {
 impl CliReporter {
     pub fn new(progress: bool, quiet: bool) -> Self {
         let multi = progress.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-        CliReporter { multi, quiet, spinners: Mutex::new(HashMap::new()) }
+        CliReporter {
+            multi,
+            quiet,
+            spinners: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Prints a line of results to stdout without tearing the bars.
@@ -80,7 +84,11 @@ impl Reporter for CliReporter {
         } else {
             "{msg:.dim} [{bar:30}] {pos}/{len} {per_sec} eta {eta}"
         };
-        bar.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
+        bar.set_style(
+            ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
         bar.set_message(label.to_string());
         Box::new(Bar(bar))
     }
@@ -88,8 +96,9 @@ impl Reporter for CliReporter {
     fn stage_started(&self, stage: &str) {
         if let Some(multi) = &self.multi {
             let spinner = multi.add(ProgressBar::new_spinner());
-            spinner.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
-            spinner.set_message(format!("{stage}"));
+            spinner
+                .set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            spinner.set_message(stage.to_string());
             spinner.enable_steady_tick(Duration::from_millis(120));
             self.spinners.lock().expect("spinner map").insert(stage.to_string(), spinner);
         }

@@ -62,7 +62,14 @@ pub fn run(args: RunArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Resu
         }
         return Ok(());
     }
-    let mut opts = RunOptions { targets, downstream: args.downstream, force: args.force, fail_fast: args.fail_fast, wait: !args.no_wait, ..RunOptions::default() };
+    let mut opts = RunOptions {
+        targets,
+        downstream: args.downstream,
+        force: args.force,
+        fail_fast: args.fail_fast,
+        wait: !args.no_wait,
+        ..RunOptions::default()
+    };
     if let Some(j) = args.jobs {
         opts.jobs = j.max(1);
     }
@@ -72,6 +79,9 @@ pub fn run(args: RunArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Resu
     let cached = count(|o| matches!(o, StageOutcome::Cached { .. }));
     let failed = summary.failed();
     let skipped = summary.stages.len() - ran - cached - failed;
-    reporter.note(&format!("{} stages: {ran} ran, {cached} cached, {failed} failed, {skipped} skipped", summary.stages.len()));
+    reporter.note(&format!(
+        "{} stages: {ran} ran, {cached} cached, {failed} failed, {skipped} skipped",
+        summary.stages.len()
+    ));
     if failed > 0 { Err(Error::StagesFailed { failed }) } else { Ok(()) }
 }

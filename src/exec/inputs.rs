@@ -14,7 +14,12 @@ pub fn dep_path(root: &Path, dep: &str) -> PathBuf {
 }
 
 /// The tree of every dependency path; `None` for a path that does not exist.
-pub fn hash_deps(manifest: &Manifest, decl: &StageDecl, cache: &Cache, reporter: &dyn Reporter) -> Result<BTreeMap<String, Option<Tree>>, StateError> {
+pub fn hash_deps(
+    manifest: &Manifest,
+    decl: &StageDecl,
+    cache: &Cache,
+    reporter: &dyn Reporter,
+) -> Result<BTreeMap<String, Option<Tree>>, StateError> {
     let mut trees = BTreeMap::new();
     for dep in &decl.deps {
         let path = dep_path(&manifest.root, dep.get_ref());
@@ -44,5 +49,8 @@ pub fn make_key(manifest: &Manifest, decl: &StageDecl, deps: BTreeMap<String, Di
 
 /// `a/b` as it appears inside a tree (each component escaped like file names on disk).
 pub fn tree_path(path: &str) -> String {
-    path.split('/').map(|c| crate::cache::tree::escape_os(std::ffi::OsStr::new(c))).collect::<Vec<_>>().join("/")
+    path.split('/')
+        .map(|c| crate::cache::tree::escape_os(std::ffi::OsStr::new(c)))
+        .collect::<Vec<_>>()
+        .join("/")
 }

@@ -92,17 +92,25 @@ pub fn resolve_targets(manifest: &Manifest, targets: &[String]) -> Result<Vec<us
     targets
         .iter()
         .map(|t| {
-            manifest.stages.binary_search_by(|s| s.name.as_str().cmp(t)).map_err(|_| Error::UnknownStage {
-                stage: t.clone(),
-                manifest: manifest.path.clone(),
-                known: manifest.stages.iter().map(|s| s.name.clone()).collect::<Vec<_>>().join(", "),
-            })
+            manifest
+                .stages
+                .binary_search_by(|s| s.name.as_str().cmp(t))
+                .map_err(|_| Error::UnknownStage {
+                    stage: t.clone(),
+                    manifest: manifest.path.clone(),
+                    known: manifest.stages.iter().map(|s| s.name.clone()).collect::<Vec<_>>().join(", "),
+                })
         })
         .collect()
 }
 
 /// Opens the cache for a command that may write to it, holding the run guard.
-pub fn open_cache(manifest: &Manifest, wait: bool, reporter: &dyn Reporter, stats: std::sync::Arc<WorkStats>) -> Result<(RunGuard, Cache), Error> {
+pub fn open_cache(
+    manifest: &Manifest,
+    wait: bool,
+    reporter: &dyn Reporter,
+    stats: std::sync::Arc<WorkStats>,
+) -> Result<(RunGuard, Cache), Error> {
     let guard = RunGuard::acquire(&manifest.cache_dir, wait, |msg| reporter.warn(msg))?;
     let cache = Cache::open(&manifest.cache_dir, stats)?;
     let cleaned = cache.clean_tmp()?;
@@ -113,7 +121,14 @@ pub fn open_cache(manifest: &Manifest, wait: bool, reporter: &dyn Reporter, stat
 }
 
 /// `kiln status`.
-pub fn status(manifest: &Manifest, targets: &[String], downstream: bool, wait: bool, reporter: &dyn Reporter, stats: std::sync::Arc<WorkStats>) -> Result<Vec<StageStatus>, Error> {
+pub fn status(
+    manifest: &Manifest,
+    targets: &[String],
+    downstream: bool,
+    wait: bool,
+    reporter: &dyn Reporter,
+    stats: std::sync::Arc<WorkStats>,
+) -> Result<Vec<StageStatus>, Error> {
     let graph = Graph::build(manifest).map_err(|issues| manifest_error(manifest, issues))?;
     let selected = graph.select(&resolve_targets(manifest, targets)?, downstream);
     let (_guard, cache) = open_cache(manifest, wait, reporter, stats)?;
@@ -124,7 +139,11 @@ pub fn status(manifest: &Manifest, targets: &[String], downstream: bool, wait: b
 }
 
 pub(crate) fn manifest_error(manifest: &Manifest, issues: Vec<crate::manifest::Issue>) -> Error {
-    Error::Manifest(Box::new(crate::manifest::ManifestError::new(&manifest.path, &manifest.source, issues)))
+    Error::Manifest(Box::new(crate::manifest::ManifestError::new(
+        &manifest.path,
+        &manifest.source,
+        issues,
+    )))
 }
 
 /// `kiln run`.
@@ -148,8 +167,17 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
     let mut outcome: Vec<Option<StageOutcome>> = vec![None; n];
     let mut artifact: Vec<Option<Digest>> = vec![None; n];
     let mut waiting: Vec<usize> = (0..n).map(|i| graph.upstream(i).iter().filter(|&&j| selected[j]).count()).collect();
-    let mut ready: BinaryHeap<Reverse<(usize, usize)>> = (0..n).filter(|&i| selected[i] && waiting[i] == 0).map(|i| Reverse((position[i], i))).collect();
-    let shared = Shared { manifest, cache: &cache, previous: &previous, reporter, force: opts.force };
+    let mut ready: BinaryHeap<Reverse<(usize, usize)>> = (0..n)
+        .filter(|&i| selected[i] && waiting[i] == 0)
+        .map(|i| Reverse((position[i], i)))
+        .collect();
+    let shared = Shared {
+        manifest,
+        cache: &cache,
+        previous: &previous,
+        reporter,
+        force: opts.force,
+    };
     let mut fatal: Option<Error> = None;
 
     std::thread::scope(|scope| {
@@ -160,8 +188,14 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
             while !stop && running < opts.jobs.max(1) {
                 let Some(Reverse((_, i))) = ready.pop() else { break };
                 let decl = &manifest.stages[i];
-                if let Some(&bad) = graph.upstream(i).iter().find(|&&j| !outcome[j].as_ref().is_some_and(StageOutcome::is_success)) {
-                    let o = StageOutcome::Skipped { upstream: manifest.stages[bad].name.clone() };
+                if let Some(&bad) = graph
+                    .upstream(i)
+                    .iter()
+                    .find(|&&j| !outcome[j].as_ref().is_some_and(StageOutcome::is_success))
+                {
+                    let o = StageOutcome::Skipped {
+                        upstream: manifest.stages[bad].name.clone(),
+                    };
                     reporter.stage_finished(&decl.name, &o);
                     outcome[i] = Some(o);
                     release(i, &graph, &selected, &mut waiting, &mut ready, &position);
@@ -171,7 +205,10 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
                     .inputs
                     .iter()
                     .map(|name| {
-                        let j = manifest.stages.binary_search_by(|s| s.name.as_str().cmp(name.get_ref())).expect("inputs were validated");
+                        let j = manifest
+                            .stages
+                            .binary_search_by(|s| s.name.as_str().cmp(name.get_ref()))
+                            .expect("inputs were validated");
                         (name.get_ref().clone(), artifact[j].expect("upstream finished"))
                     })
                     .collect();
@@ -180,8 +217,12 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
                 let tx = tx.clone();
                 let shared = &shared;
                 scope.spawn(move || {
-                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| execute(shared, i, upstream)))
-                        .unwrap_or_else(|panic| Err(StageError::Failed(format!("kiln bug: the stage panicked: {}", panic_message(&panic)))));
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| execute(shared, i, upstream))).unwrap_or_else(|panic| {
+                        Err(StageError::Failed(format!(
+                            "kiln bug: the stage panicked: {}",
+                            panic_message(&panic)
+                        )))
+                    });
                     let _ = tx.send((i, result));
                 });
             }
@@ -239,7 +280,14 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
     Ok(RunSummary { stages })
 }
 
-fn release(i: usize, graph: &Graph, selected: &[bool], waiting: &mut [usize], ready: &mut BinaryHeap<Reverse<(usize, usize)>>, position: &[usize]) {
+fn release(
+    i: usize,
+    graph: &Graph,
+    selected: &[bool],
+    waiting: &mut [usize],
+    ready: &mut BinaryHeap<Reverse<(usize, usize)>>,
+    position: &[usize],
+) {
     for &d in graph.downstream(i) {
         if selected[d] {
             waiting[d] -= 1;
@@ -346,18 +394,36 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
     });
     let _ = remove_path(&staging);
     let (artifact, outs) = committed?;
-    let entry = StageEntry { key: key.clone(), artifact, outs: outs.clone(), duration_ms: started.elapsed().as_millis() as u64 };
+    let entry = StageEntry {
+        key: key.clone(),
+        artifact,
+        outs: outs.clone(),
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
     cache.put_entry(&entry)?;
-    Ok(Done { outcome: StageOutcome::ran(started.elapsed()), artifact, locked: LockedStage::new(&key, artifact, outs) })
+    Ok(Done {
+        outcome: StageOutcome::ran(started.elapsed()),
+        artifact,
+        locked: LockedStage::new(&key, artifact, outs),
+    })
 }
 
-fn commit_artifact(cache: &Cache, staging: &std::path::Path, reporter: &dyn Reporter) -> Result<(Digest, BTreeMap<String, Digest>), StageError> {
+fn commit_artifact(
+    cache: &Cache,
+    staging: &std::path::Path,
+    reporter: &dyn Reporter,
+) -> Result<(Digest, BTreeMap<String, Digest>), StageError> {
     let tree = cache.state().hash_tree_transient(staging, reporter).map_err(CacheError::from)?;
     let digest = cache.ingest(staging, &tree, Ingest::Move)?;
     Ok((digest, BTreeMap::new()))
 }
 
-fn commit_workspace_outs(manifest: &Manifest, cache: &Cache, outs: &[String], reporter: &dyn Reporter) -> Result<(Digest, BTreeMap<String, Digest>), StageError> {
+fn commit_workspace_outs(
+    manifest: &Manifest,
+    cache: &Cache,
+    outs: &[String],
+    reporter: &dyn Reporter,
+) -> Result<(Digest, BTreeMap<String, Digest>), StageError> {
     let mut entries = Vec::new();
     let mut digests = BTreeMap::new();
     for out in outs {
@@ -380,7 +446,9 @@ fn restore_outputs(manifest: &Manifest, cache: &Cache, entry: &StageEntry, repor
     if entry.outs.is_empty() {
         return Ok(0);
     }
-    let tree = cache.get_tree(&entry.artifact)?.ok_or(CacheError::MissingTree { digest: entry.artifact })?;
+    let tree = cache
+        .get_tree(&entry.artifact)?
+        .ok_or(CacheError::MissingTree { digest: entry.artifact })?;
     let mut restored = 0;
     for (out, want) in &entry.outs {
         let abs = dep_path(&manifest.root, out);
@@ -402,7 +470,9 @@ fn restore_outputs(manifest: &Manifest, cache: &Cache, entry: &StageEntry, repor
 /// and drops views of stages the manifest no longer has.
 fn show_outputs(manifest: &Manifest, cache: &Cache, artifact: &[Option<Digest>]) -> Result<(), Error> {
     let dir = manifest.outputs_dir();
-    let artifact_stages: Vec<usize> = (0..manifest.stages.len()).filter(|&i| !manifest.stages[i].stage.writes_workspace()).collect();
+    let artifact_stages: Vec<usize> = (0..manifest.stages.len())
+        .filter(|&i| !manifest.stages[i].stage.writes_workspace())
+        .collect();
     if artifact_stages.is_empty() && !dir.exists() {
         return Ok(());
     }

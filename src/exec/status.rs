@@ -25,23 +25,60 @@ const NAMES_SHOWN: usize = 5;
 pub enum DirtyReason {
     NeverRun,
     NotInLock,
-    KindChanged { old: String, new: String },
-    ImplementationChanged { old: u32, new: u32 },
-    ParamChanged { name: String, old: Option<serde_json::Value>, new: Option<serde_json::Value> },
-    SeedChanged { old: u64, new: u64 },
-    DepAdded { path: String },
-    DepRemoved { path: String },
-    DepMissing { path: String },
+    KindChanged {
+        old: String,
+        new: String,
+    },
+    ImplementationChanged {
+        old: u32,
+        new: u32,
+    },
+    ParamChanged {
+        name: String,
+        old: Option<serde_json::Value>,
+        new: Option<serde_json::Value>,
+    },
+    SeedChanged {
+        old: u64,
+        new: u64,
+    },
+    DepAdded {
+        path: String,
+    },
+    DepRemoved {
+        path: String,
+    },
+    DepMissing {
+        path: String,
+    },
     /// `diff` is `None` when the old snapshot is no longer in the cache.
-    DepChanged { path: String, diff: Option<TreeDiff> },
-    InputAdded { stage: String },
-    InputRemoved { stage: String },
-    UpstreamChanged { stage: String },
-    UpstreamStale { stage: String },
-    OutsChanged { old: Vec<String>, new: Vec<String> },
+    DepChanged {
+        path: String,
+        diff: Option<TreeDiff>,
+    },
+    InputAdded {
+        stage: String,
+    },
+    InputRemoved {
+        stage: String,
+    },
+    UpstreamChanged {
+        stage: String,
+    },
+    UpstreamStale {
+        stage: String,
+    },
+    OutsChanged {
+        old: Vec<String>,
+        new: Vec<String>,
+    },
     NotInCache,
-    OutputMissing { path: String },
-    OutputModified { path: String },
+    OutputMissing {
+        path: String,
+    },
+    OutputModified {
+        path: String,
+    },
     KeyChanged,
     Forced,
 }
@@ -49,7 +86,10 @@ pub enum DirtyReason {
 impl DirtyReason {
     /// Reasons that a cached result repairs without running anything.
     pub fn is_restorable(&self) -> bool {
-        matches!(self, DirtyReason::OutputMissing { .. } | DirtyReason::OutputModified { .. } | DirtyReason::NotInLock)
+        matches!(
+            self,
+            DirtyReason::OutputMissing { .. } | DirtyReason::OutputModified { .. } | DirtyReason::NotInLock
+        )
     }
 }
 
@@ -70,13 +110,32 @@ impl fmt::Display for DirtyReason {
             DepRemoved { path } => write!(f, "dependency `{path}` removed"),
             DepMissing { path } => write!(f, "dependency `{path}` does not exist"),
             DepChanged { path, diff: None } => write!(f, "dependency `{path}` changed"),
-            DepChanged { path, diff: Some(d) } if d.modified.len() == 1 && d.modified[0].is_empty() => write!(f, "file `{path}` was modified"),
+            DepChanged { path, diff: Some(d) } if d.modified.len() == 1 && d.modified[0].is_empty() => {
+                write!(f, "file `{path}` was modified")
+            }
             DepChanged { path, diff: Some(d) } => {
-                write!(f, "dependency `{path}` changed: {} added, {} modified, {} removed", d.added.len(), d.modified.len(), d.removed.len())?;
-                let names: Vec<String> = d.added.iter().map(|p| format!("+{}", join(path, p))).chain(d.modified.iter().map(|p| format!("~{}", join(path, p)))).chain(d.removed.iter().map(|p| format!("-{}", join(path, p)))).collect();
+                write!(
+                    f,
+                    "dependency `{path}` changed: {} added, {} modified, {} removed",
+                    d.added.len(),
+                    d.modified.len(),
+                    d.removed.len()
+                )?;
+                let names: Vec<String> = d
+                    .added
+                    .iter()
+                    .map(|p| format!("+{}", join(path, p)))
+                    .chain(d.modified.iter().map(|p| format!("~{}", join(path, p))))
+                    .chain(d.removed.iter().map(|p| format!("-{}", join(path, p))))
+                    .collect();
                 if !names.is_empty() {
                     let more = names.len().saturating_sub(NAMES_SHOWN);
-                    write!(f, " ({}{})", names[..names.len().min(NAMES_SHOWN)].join(", "), if more > 0 { format!(", and {more} more") } else { String::new() })?;
+                    write!(
+                        f,
+                        " ({}{})",
+                        names[..names.len().min(NAMES_SHOWN)].join(", "),
+                        if more > 0 { format!(", and {more} more") } else { String::new() }
+                    )?;
                 }
                 Ok(())
             }
@@ -95,7 +154,11 @@ impl fmt::Display for DirtyReason {
 }
 
 fn join(dep: &str, inner: &str) -> String {
-    if inner.is_empty() { dep.to_string() } else { format!("{dep}/{inner}") }
+    if inner.is_empty() {
+        dep.to_string()
+    } else {
+        format!("{dep}/{inner}")
+    }
 }
 
 /// Longer values than this are shown around their first difference.
@@ -113,7 +176,11 @@ fn show_change(old: &Option<serde_json::Value>, new: &Option<serde_json::Value>)
     let window = |cs: &[char]| {
         let end = (start + VALUE_SHOWN).min(cs.len());
         let body: String = cs[start.min(cs.len())..end].iter().collect();
-        format!("{}{body}{}", if start > 0 { "…" } else { "" }, if end < cs.len() { "…" } else { "" })
+        format!(
+            "{}{body}{}",
+            if start > 0 { "…" } else { "" },
+            if end < cs.len() { "…" } else { "" }
+        )
     };
     (window(&ac), window(&bc))
 }
@@ -150,10 +217,16 @@ pub fn explain(locked: Option<&LockedStage>, now: &Current<'_>, cache: &Cache) -
         return reasons;
     };
     if old.kind != now.kind {
-        reasons.push(KindChanged { old: old.kind.clone(), new: now.kind.to_string() });
+        reasons.push(KindChanged {
+            old: old.kind.clone(),
+            new: now.kind.to_string(),
+        });
     }
     if old.implementation != now.implementation {
-        reasons.push(ImplementationChanged { old: old.implementation, new: now.implementation });
+        reasons.push(ImplementationChanged {
+            old: old.implementation,
+            new: now.implementation,
+        });
     }
     // Referenced `[params]` entries and the stage's own params, by dotted name; a command's
     // `params = [...]` list lands on the same `params.NAME` and is reported once.
@@ -171,11 +244,18 @@ pub fn explain(locked: Option<&LockedStage>, now: &Current<'_>, cache: &Cache) -
     for (_, name) in names {
         let (x, y) = (a.get(name), b.get(name));
         if x != y {
-            reasons.push(ParamChanged { name: name.clone(), old: x.cloned(), new: y.cloned() });
+            reasons.push(ParamChanged {
+                name: name.clone(),
+                old: x.cloned(),
+                new: y.cloned(),
+            });
         }
     }
     if old.seed != now.seed {
-        reasons.push(SeedChanged { old: old.seed, new: now.seed });
+        reasons.push(SeedChanged {
+            old: old.seed,
+            new: now.seed,
+        });
     }
     for path in old.deps.keys() {
         if !now.deps.contains_key(path) {
@@ -187,7 +267,11 @@ pub fn explain(locked: Option<&LockedStage>, now: &Current<'_>, cache: &Cache) -
         match old.deps.get(path) {
             None => reasons.push(DepAdded { path: path.clone() }),
             Some(old_digest) if *old_digest != tree.digest() => {
-                let diff = cache.get_tree(old_digest).ok().flatten().map(|old_tree| Tree::diff(&old_tree, tree));
+                let diff = cache
+                    .get_tree(old_digest)
+                    .ok()
+                    .flatten()
+                    .map(|old_tree| Tree::diff(&old_tree, tree));
                 reasons.push(DepChanged { path: path.clone(), diff });
             }
             Some(_) => {}
@@ -209,7 +293,10 @@ pub fn explain(locked: Option<&LockedStage>, now: &Current<'_>, cache: &Cache) -
     let mut new_outs = now.outs.clone();
     new_outs.sort();
     if old_outs != new_outs && !(old.outs.is_empty() && now.outs.is_empty()) {
-        reasons.push(OutsChanged { old: old_outs, new: new_outs });
+        reasons.push(OutsChanged {
+            old: old_outs,
+            new: new_outs,
+        });
     }
     reasons
 }
@@ -257,7 +344,14 @@ pub struct StageStatus {
 
 /// The status of every selected stage, in run order. Reads dependencies through the
 /// file-state index; runs nothing and writes no artifacts.
-pub fn compute(manifest: &Manifest, graph: &Graph, selected: &[bool], cache: &Cache, lock: &LockFile, reporter: &dyn Reporter) -> Result<Vec<StageStatus>, CacheError> {
+pub fn compute(
+    manifest: &Manifest,
+    graph: &Graph,
+    selected: &[bool],
+    cache: &Cache,
+    lock: &LockFile,
+    reporter: &dyn Reporter,
+) -> Result<Vec<StageStatus>, CacheError> {
     let mut artifact: Vec<Option<Digest>> = vec![None; manifest.stages.len()];
     let mut out = Vec::new();
     for &i in graph.order() {
@@ -271,7 +365,10 @@ pub fn compute(manifest: &Manifest, graph: &Graph, selected: &[bool], cache: &Ca
             .inputs
             .iter()
             .map(|name| {
-                let j = manifest.stages.binary_search_by(|s| s.name.as_str().cmp(name.get_ref())).expect("inputs were validated");
+                let j = manifest
+                    .stages
+                    .binary_search_by(|s| s.name.as_str().cmp(name.get_ref()))
+                    .expect("inputs were validated");
                 (name.get_ref().clone(), artifact[j])
             })
             .collect();
@@ -294,12 +391,16 @@ pub fn compute(manifest: &Manifest, graph: &Graph, selected: &[bool], cache: &Ca
                 reasons.push(DirtyReason::UpstreamStale { stage: name.clone() });
             }
         }
-        let all_known = deps.values().all(Option::is_some) && upstream.values().all(Option::is_some) && graph.upstream(i).iter().all(|&j| artifact[j].is_some());
+        let all_known = deps.values().all(Option::is_some)
+            && upstream.values().all(Option::is_some)
+            && graph.upstream(i).iter().all(|&j| artifact[j].is_some());
         if all_known {
             let key = make_key(
                 manifest,
                 decl,
-                deps.iter().map(|(p, t)| (p.clone(), t.as_ref().expect("all known").digest())).collect(),
+                deps.iter()
+                    .map(|(p, t)| (p.clone(), t.as_ref().expect("all known").digest()))
+                    .collect(),
                 upstream.iter().map(|(s, d)| (s.clone(), d.expect("all known"))).collect(),
             );
             let digest = key.digest();
@@ -320,7 +421,9 @@ pub fn compute(manifest: &Manifest, graph: &Graph, selected: &[bool], cache: &Ca
                         match cache.state().hash_tree(&abs, reporter) {
                             Ok(t) if t.digest() == *want => {}
                             Ok(_) => reasons.push(DirtyReason::OutputModified { path: path.clone() }),
-                            Err(crate::cache::StateError::Missing { .. }) => reasons.push(DirtyReason::OutputMissing { path: path.clone() }),
+                            Err(crate::cache::StateError::Missing { .. }) => {
+                                reasons.push(DirtyReason::OutputMissing { path: path.clone() })
+                            }
                             Err(e) => return Err(e.into()),
                         }
                     }
@@ -343,7 +446,11 @@ pub fn compute(manifest: &Manifest, graph: &Graph, selected: &[bool], cache: &Ca
         } else {
             StageState::Stale
         };
-        out.push(StageStatus { stage: decl.name.clone(), state, reasons });
+        out.push(StageStatus {
+            stage: decl.name.clone(),
+            state,
+            reasons,
+        });
     }
     Ok(out)
 }

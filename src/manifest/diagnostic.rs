@@ -57,11 +57,7 @@ fn expected_help(message: &str) -> Option<String> {
     message
         .split_once("expected one of ")
         .map(|(_, rest)| format!("expected one of {rest}"))
-        .or_else(|| {
-            message
-                .split_once("expected ")
-                .map(|(_, rest)| format!("expected {rest}"))
-        })
+        .or_else(|| message.split_once("expected ").map(|(_, rest)| format!("expected {rest}")))
 }
 
 /// A manifest problem located in the file: rendered with file:line:column and the span.
@@ -101,10 +97,7 @@ impl ManifestError {
         let problems = issues
             .into_iter()
             .map(|issue| {
-                let (line, col) = issue
-                    .span
-                    .as_ref()
-                    .map_or((1, 1), |s| line_col(source, s.start));
+                let (line, col) = issue.span.as_ref().map_or((1, 1), |s| line_col(source, s.start));
                 ManifestDiagnostic {
                     location: format!("{name}:{line}:{col}"),
                     message: issue.message,

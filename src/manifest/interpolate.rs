@@ -25,7 +25,11 @@ pub struct Resolver<'a, 'i> {
 
 impl<'a, 'i> Resolver<'a, 'i> {
     pub fn new(params: Option<&'a Spanned<DeValue<'i>>>) -> Self {
-        Resolver { params, issues: Vec::new(), used: BTreeMap::new() }
+        Resolver {
+            params,
+            issues: Vec::new(),
+            used: BTreeMap::new(),
+        }
     }
 
     pub fn resolve_table(&mut self, table: &mut DeTable<'i>) {
@@ -59,7 +63,9 @@ impl<'a, 'i> Resolver<'a, 'i> {
 
     fn lookup(&mut self, reference: &str, span: &Range<usize>) -> Option<&'a Spanned<DeValue<'i>>> {
         let Some(path) = reference.trim().strip_prefix("params.") else {
-            self.issues.push(Issue::new(span.clone(), format!("unknown reference `${{{reference}}}`")).help("references have the form `${params.NAME}`"));
+            self.issues.push(
+                Issue::new(span.clone(), format!("unknown reference `${{{reference}}}`")).help("references have the form `${params.NAME}`"),
+            );
             return None;
         };
         let mut cur = self.params;
@@ -87,7 +93,8 @@ impl<'a, 'i> Resolver<'a, 'i> {
             out.push_str(&rest[..start]);
             let after = &rest[start + 2..];
             let Some(end) = after.find('}') else {
-                self.issues.push(Issue::new(span.clone(), "unclosed `${` in string").help("close the reference with `}`"));
+                self.issues
+                    .push(Issue::new(span.clone(), "unclosed `${` in string").help("close the reference with `}`"));
                 return None;
             };
             let reference = &after[..end];
@@ -95,7 +102,14 @@ impl<'a, 'i> Resolver<'a, 'i> {
             match value.get_ref() {
                 DeValue::String(s) => out.push_str(s),
                 DeValue::Table(_) | DeValue::Array(_) => {
-                    self.issues.push(Issue::new(span.clone(), format!("parameter `{}` is a {} and cannot be embedded in a string", reference.trim(), value.get_ref().type_str())));
+                    self.issues.push(Issue::new(
+                        span.clone(),
+                        format!(
+                            "parameter `{}` is a {} and cannot be embedded in a string",
+                            reference.trim(),
+                            value.get_ref().type_str()
+                        ),
+                    ));
                     return None;
                 }
                 _ => {

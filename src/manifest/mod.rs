@@ -160,16 +160,19 @@ fn parse(path: &Path, src: &str, registry: &StageRegistry) -> (Option<Manifest>,
             issues.push(Issue::new(value.span(), "`params` must be a table").help("write `[params]` followed by `name = value` lines"));
             serde_json::Value::Object(Default::default())
         }
-        Some(value) => serde_json::Value::deserialize(ValueDeserializer::from(value.clone()))
-            .unwrap_or_else(|e| {
-                issues.push(Issue::from_toml(&e, value.span()));
-                serde_json::Value::Object(Default::default())
-            }),
+        Some(value) => serde_json::Value::deserialize(ValueDeserializer::from(value.clone())).unwrap_or_else(|e| {
+            issues.push(Issue::from_toml(&e, value.span()));
+            serde_json::Value::Object(Default::default())
+        }),
         None => serde_json::Value::Object(Default::default()),
     };
 
     let manifest_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let manifest_dir = if manifest_dir.as_os_str().is_empty() { PathBuf::from(".") } else { manifest_dir };
+    let manifest_dir = if manifest_dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        manifest_dir
+    };
     let root = match &raw_pipeline.root {
         Some(r) => manifest_dir.join(r),
         None => find_root(&manifest_dir),
@@ -177,11 +180,16 @@ fn parse(path: &Path, src: &str, registry: &StageRegistry) -> (Option<Manifest>,
     let name = match &raw_pipeline.name {
         Some(n) => {
             if !valid_name(n.get_ref()) {
-                issues.push(Issue::new(n.span(), format!("invalid pipeline name `{}`", n.get_ref())).help("use letters, digits, `_` and `-`"));
+                issues.push(
+                    Issue::new(n.span(), format!("invalid pipeline name `{}`", n.get_ref())).help("use letters, digits, `_` and `-`"),
+                );
             }
             n.get_ref().clone()
         }
-        None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into()),
+        None => path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pipeline".into()),
     };
     let cache_dir = root.join(raw_pipeline.cache.as_deref().unwrap_or("cache"));
 
@@ -257,7 +265,10 @@ fn parse_stage<'i>(
     let mut table = match value.into_inner() {
         DeValue::Table(t) => t,
         _ => {
-            issues.push(Issue::new(value_span, format!("stage `{name}` must be a table")).help(format!("write `[stages.{name}]` followed by its keys")));
+            issues.push(
+                Issue::new(value_span, format!("stage `{name}` must be a table"))
+                    .help(format!("write `[stages.{name}]` followed by its keys")),
+            );
             return None;
         }
     };
@@ -276,7 +287,10 @@ fn parse_stage<'i>(
         Some(k) => match k.get_ref().as_str() {
             Some(s) => Spanned::new(k.span(), s.to_string()),
             None => {
-                issues.push(Issue::new(k.span(), format!("invalid type: {}, expected a string", k.get_ref().type_str())).help("e.g. `kind = \"command\"`"));
+                issues.push(
+                    Issue::new(k.span(), format!("invalid type: {}, expected a string", k.get_ref().type_str()))
+                        .help("e.g. `kind = \"command\"`"),
+                );
                 return None;
             }
         },
@@ -313,7 +327,10 @@ fn parse_stage<'i>(
     for dep in deps {
         match normalize_dep(dep.get_ref()) {
             Ok(p) => normalized.push(Spanned::new(dep.span(), p)),
-            Err(why) => issues.push(Issue::new(dep.span(), format!("invalid dependency path `{}`: {why}", dep.get_ref()))),
+            Err(why) => issues.push(Issue::new(
+                dep.span(),
+                format!("invalid dependency path `{}`: {why}", dep.get_ref()),
+            )),
         }
     }
 
@@ -356,14 +373,20 @@ fn take_string_list(table: &mut DeTable<'_>, key: &str, issues: &mut Vec<Issue>)
             .filter_map(|item| match item.get_ref().as_str() {
                 Some(s) => Some(Spanned::new(item.span(), s.to_string())),
                 None => {
-                    issues.push(Issue::new(item.span(), format!("invalid type: {}, expected a string", item.get_ref().type_str())));
+                    issues.push(Issue::new(
+                        item.span(),
+                        format!("invalid type: {}, expected a string", item.get_ref().type_str()),
+                    ));
                     None
                 }
             })
             .collect(),
         DeValue::String(s) => vec![Spanned::new(span, s.into_owned())],
         other => {
-            issues.push(Issue::new(span, format!("invalid type: {}, expected an array of strings", other.type_str())).help(format!("e.g. `{key} = [\"...\"]`")));
+            issues.push(
+                Issue::new(span, format!("invalid type: {}, expected an array of strings", other.type_str()))
+                    .help(format!("e.g. `{key} = [\"...\"]`")),
+            );
             Vec::new()
         }
     }
@@ -377,10 +400,13 @@ fn check_inputs(declared: &[(String, Vec<Spanned<String>>)], issues: &mut Vec<Is
         for input in inputs {
             let wanted = input.get_ref();
             if names.binary_search(&wanted.as_str()).is_err() {
-                let mut issue = Issue::new(input.span(), format!("stage `{stage}` names unknown input stage `{wanted}`")).label("no stage of this name");
+                let mut issue = Issue::new(input.span(), format!("stage `{stage}` names unknown input stage `{wanted}`"))
+                    .label("no stage of this name");
                 issue = match diagnostic::did_you_mean(wanted, names.iter().copied()) {
                     Some(near) => issue.help(format!("did you mean `{near}`? for a path in the workspace write `./{wanted}`")),
-                    None => issue.help(format!("declare `[stages.{wanted}]`, or write `./{wanted}` for a path in the workspace")),
+                    None => issue.help(format!(
+                        "declare `[stages.{wanted}]`, or write `./{wanted}` for a path in the workspace"
+                    )),
                 };
                 issues.push(issue);
             }
