@@ -38,19 +38,13 @@ impl Graph {
             }
         }
 
-        let outs: Vec<(usize, &crate::stages::Out)> = stages
-            .iter()
-            .enumerate()
-            .flat_map(|(i, s)| s.stage.outs().iter().map(move |o| (i, o)))
-            .collect();
+        let outs: Vec<(usize, &crate::stages::Out)> =
+            stages.iter().enumerate().flat_map(|(i, s)| s.stage.outs().iter().map(move |o| (i, o))).collect();
         for (a, (i, out_a)) in outs.iter().enumerate() {
             for (j, out_b) in &outs[a + 1..] {
                 if i != j && paths_overlap(&out_a.path, &out_b.path) {
-                    let (first, second) = if out_a.span.start <= out_b.span.start {
-                        ((i, out_a), (j, out_b))
-                    } else {
-                        ((j, out_b), (i, out_a))
-                    };
+                    let (first, second) =
+                        if out_a.span.start <= out_b.span.start { ((i, out_a), (j, out_b)) } else { ((j, out_b), (i, out_a)) };
                     issues.push(
                         Issue::new(
                             second.1.span.clone(),
@@ -74,11 +68,8 @@ impl Graph {
                     }
                     if *owner == i {
                         issues.push(
-                            Issue::new(
-                                dep.span(),
-                                format!("stage `{}` depends on its own output `{}`", stage.name, out.path),
-                            )
-                            .help("a stage cannot read what it writes; split it into two stages"),
+                            Issue::new(dep.span(), format!("stage `{}` depends on its own output `{}`", stage.name, out.path))
+                                .help("a stage cannot read what it writes; split it into two stages"),
                         );
                     } else if path_contains(dep.get_ref(), &out.path) || path_contains(&out.path, dep.get_ref()) {
                         edges[i].insert(*owner);
@@ -101,18 +92,11 @@ impl Graph {
             let mut members: Vec<usize> = scc.iter().map(|n| graph[*n]).collect();
             members.sort_unstable();
             let names: Vec<String> = members.iter().map(|&i| format!("`{}`", stages[i].name)).collect();
-            let cycle = cycle_path(&members, &edges)
-                .into_iter()
-                .map(|i| stages[i].name.as_str())
-                .collect::<Vec<_>>()
-                .join(" → ");
+            let cycle = cycle_path(&members, &edges).into_iter().map(|i| stages[i].name.as_str()).collect::<Vec<_>>().join(" → ");
             issues.push(
-                Issue::new(
-                    stages[members[0]].span.clone(),
-                    format!("dependency cycle between stages {}", names.join(", ")),
-                )
-                .label("on a cycle")
-                .help(format!("the cycle is {cycle}; remove one of its inputs")),
+                Issue::new(stages[members[0]].span.clone(), format!("dependency cycle between stages {}", names.join(", ")))
+                    .label("on a cycle")
+                    .help(format!("the cycle is {cycle}; remove one of its inputs")),
             );
         }
         if !issues.is_empty() {
@@ -127,12 +111,7 @@ impl Graph {
             }
         }
         let order = topo_order(&upstream, &downstream);
-        Ok(Graph {
-            graph,
-            order,
-            upstream,
-            downstream,
-        })
+        Ok(Graph { graph, order, upstream, downstream })
     }
 
     /// All stages, upstream before downstream; ties broken by name.
@@ -208,10 +187,7 @@ fn cycle_path(members: &[usize], edges: &[BTreeSet<usize>]) -> Vec<usize> {
     let mut cur = start;
     // Walk backwards along "is input of" edges while staying inside the component.
     for _ in 0..members.len() {
-        let next = edges[cur]
-            .iter()
-            .copied()
-            .find(|n| members.contains(n) && (*n == start || !path.contains(n)));
+        let next = edges[cur].iter().copied().find(|n| members.contains(n) && (*n == start || !path.contains(n)));
         match next {
             Some(n) if n == start => {
                 path.push(start);

@@ -64,11 +64,7 @@ pub enum Error {
     Manifest(Box<manifest::ManifestError>),
 
     #[error("cannot {action} `{}`: {source}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
 
     #[error("no stage `{stage}` in `{}`", manifest.display())]
     #[diagnostic(help("stages are: {known}"))]

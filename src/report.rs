@@ -35,9 +35,7 @@ pub enum StageOutcome {
 
 impl StageOutcome {
     pub fn ran(elapsed: Duration) -> Self {
-        StageOutcome::Ran {
-            seconds_millis: elapsed.as_millis() as u64,
-        }
+        StageOutcome::Ran { seconds_millis: elapsed.as_millis() as u64 }
     }
 
     pub fn is_success(&self) -> bool {

@@ -12,9 +12,7 @@ struct Workspace {
 
 impl Workspace {
     fn new(manifest: &str) -> Self {
-        let ws = Workspace {
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let ws = Workspace { dir: tempfile::tempdir().unwrap() };
         ws.write("kiln.toml", manifest);
         ws
     }
@@ -35,10 +33,7 @@ impl Workspace {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-        c.args(args)
-            .current_dir(self.dir.path())
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1");
+        c.args(args).current_dir(self.dir.path()).env_remove("RUST_LOG").env("NO_COLOR", "1");
         c
     }
 
@@ -57,11 +52,7 @@ impl Workspace {
 
     /// Lines written by the test commands to `log/` (outside any declared output).
     fn commands_run(&self) -> Vec<String> {
-        let mut lines: Vec<String> = std::fs::read_to_string(self.path("log/ran"))
-            .unwrap_or_default()
-            .lines()
-            .map(String::from)
-            .collect();
+        let mut lines: Vec<String> = std::fs::read_to_string(self.path("log/ran")).unwrap_or_default().lines().map(String::from).collect();
         lines.sort();
         lines
     }
@@ -81,11 +72,7 @@ impl Workspace {
 }
 
 fn text(out: &Output) -> String {
-    format!(
-        "--- stdout\n{}--- stderr\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    format!("--- stdout\n{}--- stderr\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 fn outcomes(out: &Output) -> BTreeMap<String, String> {
@@ -152,23 +139,14 @@ outs = ["other.txt"]
 #[test]
 fn second_run_is_all_cached_and_runs_no_command() {
     let ws = Workspace::new(CHAIN);
-    assert_eq!(
-        ws.run_ok(&[]),
-        expect(&[("prep", "ran"), ("train", "ran"), ("eval", "ran"), ("other", "ran")])
-    );
+    assert_eq!(ws.run_ok(&[]), expect(&[("prep", "ran"), ("train", "ran"), ("eval", "ran"), ("other", "ran")]));
     assert_eq!(ws.commands_run(), ["eval", "other", "prep", "train"]);
     assert_eq!(ws.read("metrics.txt"), "0.15\nseed=1\n");
     ws.clear_log();
-    assert_eq!(
-        ws.run_ok(&[]),
-        expect(&[("prep", "cached"), ("train", "cached"), ("eval", "cached"), ("other", "cached")])
-    );
+    assert_eq!(ws.run_ok(&[]), expect(&[("prep", "cached"), ("train", "cached"), ("eval", "cached"), ("other", "cached")]));
     assert!(ws.commands_run().is_empty(), "a cached run executes no command");
     let status = ws.kiln(&["status"]);
-    assert_eq!(
-        outcomes(&status),
-        expect(&[("prep", "fresh"), ("train", "fresh"), ("eval", "fresh"), ("other", "fresh")])
-    );
+    assert_eq!(outcomes(&status), expect(&[("prep", "fresh"), ("train", "fresh"), ("eval", "fresh"), ("other", "fresh")]));
 }
 
 #[test]
@@ -178,18 +156,11 @@ fn changing_one_param_reruns_exactly_its_dependents_and_status_says_why() {
     ws.write("kiln.toml", &CHAIN.replace("lr = 0.01", "lr = 0.02"));
     let status = ws.kiln(&["status"]);
     let out = String::from_utf8_lossy(&status.stdout).to_string();
-    assert_eq!(
-        outcomes(&status),
-        expect(&[("prep", "fresh"), ("train", "stale"), ("eval", "stale"), ("other", "fresh")]),
-        "{out}"
-    );
+    assert_eq!(outcomes(&status), expect(&[("prep", "fresh"), ("train", "stale"), ("eval", "stale"), ("other", "fresh")]), "{out}");
     assert!(out.contains("param `params.lr` changed: 0.01 → 0.02"), "{out}");
     assert!(out.contains("upstream stage `train` is stale"), "{out}");
     ws.clear_log();
-    assert_eq!(
-        ws.run_ok(&[]),
-        expect(&[("prep", "cached"), ("train", "ran"), ("eval", "ran"), ("other", "cached")])
-    );
+    assert_eq!(ws.run_ok(&[]), expect(&[("prep", "cached"), ("train", "ran"), ("eval", "ran"), ("other", "cached")]));
     assert_eq!(ws.commands_run(), ["eval", "train"]);
     assert_eq!(ws.read("metrics.txt"), "0.3\nseed=1\n");
 }
@@ -269,10 +240,7 @@ deps = ["data"]
     let (out, stats) = ws.work_stats(&["status"]);
     let report = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(stats["files_hashed"], 2, "only the added and the modified file are read");
-    assert!(
-        report.contains("dependency `data` changed: 1 added, 1 modified, 1 removed"),
-        "{report}"
-    );
+    assert!(report.contains("dependency `data` changed: 1 added, 1 modified, 1 removed"), "{report}");
     assert!(report.contains("+data/d0/new.txt"), "{report}");
     assert!(report.contains("~data/d5/f5.txt"), "{report}");
     assert!(report.contains("-data/d7/f7.txt"), "{report}");
@@ -293,18 +261,8 @@ fn invalid_manifests_exit_2_with_line_and_column() {
             "kiln.toml:4:11",
             "unknown input stage `ghost`",
         ),
-        (
-            "unknown key",
-            "[stages.a]\nkind = \"command\"\ncmd = \"true\"\ncommand = \"x\"\n",
-            "kiln.toml:4:1",
-            "unknown field `command`",
-        ),
-        (
-            "wrong type",
-            "[stages.a]\nkind = \"command\"\ncmd = \"true\"\nouts = \"x\"\n",
-            "kiln.toml:4:8",
-            "invalid type",
-        ),
+        ("unknown key", "[stages.a]\nkind = \"command\"\ncmd = \"true\"\ncommand = \"x\"\n", "kiln.toml:4:1", "unknown field `command`"),
+        ("wrong type", "[stages.a]\nkind = \"command\"\ncmd = \"true\"\nouts = \"x\"\n", "kiln.toml:4:8", "invalid type"),
     ];
     for (what, manifest, location, message) in cases {
         let ws = Workspace::new(manifest);
@@ -346,10 +304,7 @@ outs = ["after_good.txt"]
     let ws = Workspace::new(manifest);
     let out = ws.kiln(&["run", "-j", "1"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert_eq!(
-        outcomes(&out),
-        expect(&[("bad", "failed"), ("after_bad", "skipped"), ("good", "ran"), ("after_good", "ran")])
-    );
+    assert_eq!(outcomes(&out), expect(&[("bad", "failed"), ("after_bad", "skipped"), ("good", "ran"), ("after_good", "ran")]));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("failed (command exited with code 3)"), "{stdout}");
     assert!(stdout.contains("skipped (upstream `bad` failed)"), "{stdout}");
@@ -359,15 +314,7 @@ outs = ["after_good.txt"]
 
     let out = ws.kiln(&["run", "-j", "1", "--fail-fast"]);
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        outcomes(&out),
-        expect(&[
-            ("bad", "failed"),
-            ("after_bad", "skipped"),
-            ("good", "skipped"),
-            ("after_good", "skipped")
-        ])
-    );
+    assert_eq!(outcomes(&out), expect(&[("bad", "failed"), ("after_bad", "skipped"), ("good", "skipped"), ("after_good", "skipped")]));
 }
 
 #[test]
@@ -375,11 +322,7 @@ fn missing_declared_output_fails_the_stage() {
     let ws = Workspace::new("[stages.a]\nkind = \"command\"\ncmd = \"true\"\nouts = [\"never.txt\"]\n");
     let out = ws.kiln(&["run"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("declared output `never.txt` was not produced"),
-        "{}",
-        text(&out)
-    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("declared output `never.txt` was not produced"), "{}", text(&out));
 }
 
 #[test]
@@ -404,10 +347,7 @@ fn deleted_or_edited_outputs_are_restored_from_the_cache() {
 fn stage_selection_and_downstream() {
     let ws = Workspace::new(CHAIN);
     assert_eq!(ws.run_ok(&["train"]), expect(&[("prep", "ran"), ("train", "ran")]));
-    assert_eq!(
-        ws.run_ok(&["kiln.toml", "train", "--downstream"]),
-        expect(&[("prep", "cached"), ("train", "cached"), ("eval", "ran")])
-    );
+    assert_eq!(ws.run_ok(&["kiln.toml", "train", "--downstream"]), expect(&[("prep", "cached"), ("train", "cached"), ("eval", "ran")]));
     let out = ws.kiln(&["run", "nosuch"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no stage `nosuch`"));
@@ -457,12 +397,7 @@ cmd = "echo slow >> log/ran && echo partial > slow.txt && touch started && while
 outs = ["slow.txt"]
 "#;
     let ws = Workspace::new(manifest);
-    let mut child: Child = ws
-        .command(&["run", "-j", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child: Child = ws.command(&["run", "-j", "1"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     wait_for("the slow stage to start", || ws.path("started").exists());
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -494,11 +429,7 @@ outs = ["hold.txt"]
 
     let refused = ws.kiln(&["run", "--no-wait"]);
     assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("is in use by another kiln process"),
-        "{}",
-        text(&refused)
-    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is in use by another kiln process"), "{}", text(&refused));
 
     let waiting = ws.command(&["run"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -507,11 +438,7 @@ outs = ["hold.txt"]
     let second = waiting.wait_with_output().unwrap();
     assert_eq!(outcomes(&first), expect(&[("hold", "ran")]), "{}", text(&first));
     assert_eq!(outcomes(&second), expect(&[("hold", "cached")]), "{}", text(&second));
-    assert!(
-        String::from_utf8_lossy(&second.stderr).contains("waiting for another kiln process"),
-        "{}",
-        text(&second)
-    );
+    assert!(String::from_utf8_lossy(&second.stderr).contains("waiting for another kiln process"), "{}", text(&second));
     assert!(ws.kiln(&["verify"]).status.success());
 }
 
@@ -548,17 +475,9 @@ fn gc_removes_what_no_lock_file_references() {
     let text_dry = String::from_utf8_lossy(&dry.stdout).to_string();
     assert!(text_dry.starts_with("would remove 2 stage entries"), "{text_dry}");
     let out = ws.kiln(&["gc"]);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).starts_with("removed 2 stage entries"),
-        "{}",
-        text(&out)
-    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("removed 2 stage entries"), "{}", text(&out));
     ws.clear_log();
-    assert_eq!(
-        ws.run_ok(&[]).values().filter(|v| *v == "cached").count(),
-        4,
-        "gc keeps everything the lock needs"
-    );
+    assert_eq!(ws.run_ok(&[]).values().filter(|v| *v == "cached").count(), 4, "gc keeps everything the lock needs");
     assert!(ws.kiln(&["verify"]).status.success());
 }
 
@@ -571,4 +490,17 @@ fn dag_formats() {
     assert!(dot.contains("\"train\" -> \"eval\""), "{dot}");
     let mermaid = String::from_utf8_lossy(&ws.kiln(&["dag", "--format", "mermaid"]).stdout).to_string();
     assert!(mermaid.contains("prep --> train"), "{mermaid}");
+}
+
+#[test]
+fn a_closed_stdout_does_not_stop_the_run() {
+    let ws = Workspace::new(CHAIN);
+    let mut child = ws.command(&["run"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take()); // the reader goes away, as with `kiln run | head -1`
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let lock = ws.read("kiln.lock");
+    for stage in ["prep", "train", "eval", "other"] {
+        assert!(lock.contains(&format!("[stages.{stage}]")), "{stage} finished: {lock}");
+    }
 }

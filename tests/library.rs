@@ -88,31 +88,19 @@ inputs = ["first"]
 "#;
     std::fs::write(&path, manifest).unwrap();
     let m = Manifest::load(&path, &registry()).unwrap();
-    let opts = RunOptions {
-        jobs: 2,
-        ..RunOptions::default()
-    };
+    let opts = RunOptions { jobs: 2, ..RunOptions::default() };
 
     let summary = exec::run(&m, &opts, &NullReporter, Default::default()).unwrap();
-    assert!(
-        summary.stages.iter().all(|(_, o)| matches!(o, StageOutcome::Ran { .. })),
-        "{summary:?}"
-    );
+    assert!(summary.stages.iter().all(|(_, o)| matches!(o, StageOutcome::Ran { .. })), "{summary:?}");
     assert_eq!(RUNS.load(Ordering::SeqCst), 2);
     let shown = dir.path().join("outputs/lib/second/nested/counts.txt");
     assert_eq!(std::fs::read_to_string(&shown).unwrap(), "second\nfirst/nested/counts.txt: 1\n");
     assert!(dir.path().join("outputs/lib/first/nested/counts.txt").is_file());
-    assert!(
-        std::fs::read_dir(dir.path().join("cache/tmp")).unwrap().next().is_none(),
-        "staging directories are gone"
-    );
+    assert!(std::fs::read_dir(dir.path().join("cache/tmp")).unwrap().next().is_none(), "staging directories are gone");
 
     std::fs::remove_dir_all(dir.path().join("outputs/lib")).unwrap();
     let summary = exec::run(&m, &opts, &NullReporter, Default::default()).unwrap();
-    assert!(
-        summary.stages.iter().all(|(_, o)| matches!(o, StageOutcome::Cached { .. })),
-        "{summary:?}"
-    );
+    assert!(summary.stages.iter().all(|(_, o)| matches!(o, StageOutcome::Cached { .. })), "{summary:?}");
     assert_eq!(RUNS.load(Ordering::SeqCst), 2, "nothing reran");
     assert!(shown.is_file(), "views are rebuilt on every run");
 

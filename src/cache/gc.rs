@@ -108,14 +108,9 @@ pub fn verify(cache: &Cache) -> Result<VerifyReport, CacheError> {
 
     for (digest, path) in objects(&cache.dir().join("trees"))? {
         report.trees_checked += 1;
-        let ok = std::fs::read(&path)
-            .ok()
-            .and_then(|b| Tree::decode(&b).ok())
-            .is_some_and(|t| t.digest() == digest);
+        let ok = std::fs::read(&path).ok().and_then(|b| Tree::decode(&b).ok()).is_some_and(|t| t.digest() == digest);
         if !ok {
-            report
-                .problems
-                .push(format!("tree {}: unreadable or wrong digest; removed", digest.short()));
+            report.problems.push(format!("tree {}: unreadable or wrong digest; removed", digest.short()));
             remove_file(&path)?;
         }
     }
@@ -135,9 +130,7 @@ pub fn verify(cache: &Cache) -> Result<VerifyReport, CacheError> {
             },
         };
         if let Some(why) = problem {
-            report
-                .problems
-                .push(format!("stage entry {}: {why}; removed, the stage will run again", key.short()));
+            report.problems.push(format!("stage entry {}: {why}; removed, the stage will run again", key.short()));
             cache.remove_entry(&key)?;
         }
     }

@@ -26,36 +26,18 @@ impl RunGuard {
     /// blocks until it is free; without, fails with [`GuardError::Busy`].
     pub fn acquire(cache_dir: &Path, wait: bool, on_wait: impl FnOnce(&str)) -> Result<RunGuard, GuardError> {
         let path = cache_dir.join("run.lock");
-        let io = |source| GuardError::Io {
-            path: path.clone(),
-            source,
-        };
+        let io = |source| GuardError::Io { path: path.clone(), source };
         std::fs::create_dir_all(cache_dir).map_err(io)?;
-        let mut file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io)?;
+        let mut file = File::options().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
-                let holder = std::fs::read_to_string(&path)
-                    .ok()
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty());
+                let holder = std::fs::read_to_string(&path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
                 if !wait {
-                    return Err(GuardError::Busy {
-                        path: cache_dir.to_path_buf(),
-                        holder,
-                    });
+                    return Err(GuardError::Busy { path: cache_dir.to_path_buf(), holder });
                 }
                 let who = holder.map(|p| format!(" (pid {p})")).unwrap_or_default();
-                on_wait(&format!(
-                    "waiting for another kiln process{who} to release cache `{}`",
-                    cache_dir.display()
-                ));
+                on_wait(&format!("waiting for another kiln process{who} to release cache `{}`", cache_dir.display()));
                 file.lock().map_err(io)?;
             }
             Err(TryLockError::Error(e)) => return Err(io(e)),

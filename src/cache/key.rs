@@ -87,22 +87,10 @@ mod tests {
             ("params added", Box::new(|c| c.params["epochs"] = json!(3))),
             ("uses", Box::new(|c| c.uses = BTreeMap::from([("lr".into(), json!(0.01))]))),
             ("seed", Box::new(|c| c.seed += 1)),
-            (
-                "deps digest",
-                Box::new(|c| *c.deps.get_mut("data/raw").unwrap() = Digest::of_bytes(b"other")),
-            ),
-            (
-                "deps path",
-                Box::new(|c| c.deps = BTreeMap::from([("data/other".into(), Digest::of_bytes(b"tree"))])),
-            ),
-            (
-                "upstream digest",
-                Box::new(|c| *c.upstream.get_mut("prep").unwrap() = Digest::of_bytes(b"x")),
-            ),
-            (
-                "upstream name",
-                Box::new(|c| c.upstream = BTreeMap::from([("other".into(), Digest::of_bytes(b"artifact"))])),
-            ),
+            ("deps digest", Box::new(|c| *c.deps.get_mut("data/raw").unwrap() = Digest::of_bytes(b"other"))),
+            ("deps path", Box::new(|c| c.deps = BTreeMap::from([("data/other".into(), Digest::of_bytes(b"tree"))]))),
+            ("upstream digest", Box::new(|c| *c.upstream.get_mut("prep").unwrap() = Digest::of_bytes(b"x"))),
+            ("upstream name", Box::new(|c| c.upstream = BTreeMap::from([("other".into(), Digest::of_bytes(b"artifact"))]))),
             ("outs", Box::new(|c| c.outs = vec!["elsewhere".into()])),
         ];
         for (field, change) in cases {

@@ -52,11 +52,7 @@ fn is_empty_object(v: &serde_json::Value) -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum LockFileError {
     #[error("cannot {action} lock file `{path}`: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("cannot parse lock file `{path}`: {message}")]
     Parse { path: PathBuf, message: String },
 }
@@ -80,10 +76,7 @@ impl LockedStage {
 
 impl LockFile {
     pub fn empty() -> Self {
-        LockFile {
-            format: KEY_FORMAT,
-            stages: BTreeMap::new(),
-        }
+        LockFile { format: KEY_FORMAT, stages: BTreeMap::new() }
     }
 
     /// Reads a lock file; a missing one is empty.
@@ -92,17 +85,10 @@ impl LockFile {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(LockFile::empty()),
             Err(source) => {
-                return Err(LockFileError::Io {
-                    action: "read",
-                    path: path.to_path_buf(),
-                    source,
-                });
+                return Err(LockFileError::Io { action: "read", path: path.to_path_buf(), source });
             }
         };
-        toml::from_str(&text).map_err(|e| LockFileError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim().to_string(),
-        })
+        toml::from_str(&text).map_err(|e| LockFileError::Parse { path: path.to_path_buf(), message: e.to_string().trim().to_string() })
     }
 
     pub fn to_toml(&self) -> String {
@@ -112,11 +98,7 @@ impl LockFile {
 
     /// Writes via a temporary file and a rename, so readers never see half a lock file.
     pub fn write(&self, path: &Path) -> Result<(), LockFileError> {
-        let io = |action, source| LockFileError::Io {
-            action,
-            path: path.to_path_buf(),
-            source,
-        };
+        let io = |action, source| LockFileError::Io { action, path: path.to_path_buf(), source };
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
         std::fs::write(&tmp, self.to_toml()).map_err(|e| io("write", e))?;
@@ -142,16 +124,9 @@ mod tests {
             outs: vec!["out".into()],
         };
         let mut lock = LockFile::empty();
-        lock.stages.insert(
-            "b".into(),
-            LockedStage::new(
-                &key,
-                Digest::of_bytes(b"a"),
-                BTreeMap::from([("out".into(), Digest::of_bytes(b"o"))]),
-            ),
-        );
         lock.stages
-            .insert("a".into(), LockedStage::new(&key, Digest::of_bytes(b"a"), BTreeMap::new()));
+            .insert("b".into(), LockedStage::new(&key, Digest::of_bytes(b"a"), BTreeMap::from([("out".into(), Digest::of_bytes(b"o"))])));
+        lock.stages.insert("a".into(), LockedStage::new(&key, Digest::of_bytes(b"a"), BTreeMap::new()));
         let text = lock.to_toml();
         assert!(text.find("[stages.a]").unwrap() < text.find("[stages.b]").unwrap());
         let back: LockFile = toml::from_str(&text).unwrap();

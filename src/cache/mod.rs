@@ -53,11 +53,7 @@ pub struct StageEntry {
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("cannot {action} `{path}`: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("corrupt cache object `{path}`: {why}")]
     Corrupt { path: PathBuf, why: String },
     #[error("blob {digest} is missing from the cache")]
@@ -99,10 +95,7 @@ impl Cache {
             std::fs::create_dir_all(dir.join(sub)).map_err(CacheError::io("create cache directory", &dir.join(sub)))?;
         }
         let state = StateDb::open(&dir.join("state.redb"), stats)?;
-        Ok(Cache {
-            dir: dir.to_path_buf(),
-            state,
-        })
+        Ok(Cache { dir: dir.to_path_buf(), state })
     }
 
     pub fn dir(&self) -> &Path {
@@ -160,11 +153,7 @@ impl Cache {
     /// Stores every file of `tree` (found under `base`) as blobs, then the tree itself.
     pub fn ingest(&self, base: &Path, tree: &Tree, how: Ingest) -> Result<Digest, CacheError> {
         tree.entries().par_iter().try_for_each(|e| {
-            let src = if e.path.is_empty() {
-                base.to_path_buf()
-            } else {
-                base.join(tree::unescape_os(&e.path))
-            };
+            let src = if e.path.is_empty() { base.to_path_buf() } else { base.join(tree::unescape_os(&e.path)) };
             self.put_blob(&src, &e.digest, how)
         })?;
         self.put_tree(tree)
@@ -200,9 +189,7 @@ impl Cache {
     pub fn get_tree(&self, digest: &Digest) -> Result<Option<Tree>, CacheError> {
         let path = self.tree_path(digest);
         match std::fs::read(&path) {
-            Ok(bytes) => Tree::decode(&bytes)
-                .map(Some)
-                .map_err(|e| CacheError::Corrupt { path, why: e.to_string() }),
+            Ok(bytes) => Tree::decode(&bytes).map(Some).map_err(|e| CacheError::Corrupt { path, why: e.to_string() }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(CacheError::io("read", &path)(e)),
         }
@@ -211,9 +198,7 @@ impl Cache {
     pub fn get_entry(&self, key: &Digest) -> Result<Option<StageEntry>, CacheError> {
         let path = self.entry_path(key);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| CacheError::Corrupt { path, why: e.to_string() }),
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| CacheError::Corrupt { path, why: e.to_string() }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(CacheError::io("read", &path)(e)),
         }
@@ -251,11 +236,7 @@ impl Cache {
             .entries()
             .par_iter()
             .map(|e| {
-                let target = if e.path.is_empty() {
-                    dest.to_path_buf()
-                } else {
-                    dest.join(tree::unescape_os(&e.path))
-                };
+                let target = if e.path.is_empty() { dest.to_path_buf() } else { dest.join(tree::unescape_os(&e.path)) };
                 let blob = self.blob_path(&e.digest);
                 if !blob.is_file() {
                     return Err(CacheError::MissingBlob { digest: e.digest });
@@ -373,11 +354,7 @@ mod tests {
         let tree = cache.state().hash_tree(&src, &NullReporter).unwrap();
         let digest = cache.ingest(&src, &tree, Ingest::Copy).unwrap();
         assert_eq!(digest, tree.digest());
-        let blobs = walkdir::WalkDir::new(dir.path().join("cache/blobs"))
-            .into_iter()
-            .flatten()
-            .filter(|e| e.file_type().is_file())
-            .count();
+        let blobs = walkdir::WalkDir::new(dir.path().join("cache/blobs")).into_iter().flatten().filter(|e| e.file_type().is_file()).count();
         assert_eq!(blobs, 1, "identical contents are stored once");
 
         let out = dir.path().join("restored");

@@ -27,10 +27,20 @@ pub struct TreeEntry {
     pub executable: bool,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Tree {
     entries: Vec<TreeEntry>,
+    /// The Merkle digest, computed once: status and run ask for it several times.
+    digest: std::sync::OnceLock<Digest>,
 }
+
+impl PartialEq for Tree {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl Eq for Tree {}
 
 /// What changed between two trees, by path.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -57,7 +67,7 @@ impl Tree {
     pub fn new(mut entries: Vec<TreeEntry>) -> Self {
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         entries.dedup_by(|a, b| a.path == b.path);
-        Tree { entries }
+        Tree { entries, digest: Default::default() }
     }
 
     pub fn entries(&self) -> &[TreeEntry] {
@@ -70,6 +80,10 @@ impl Tree {
 
     /// The Merkle digest. A single unnamed file is its content digest.
     pub fn digest(&self) -> Digest {
+        *self.digest.get_or_init(|| self.compute_digest())
+    }
+
+    fn compute_digest(&self) -> Digest {
         if let [only] = self.entries.as_slice()
             && only.path.is_empty()
         {
@@ -89,36 +103,23 @@ impl Tree {
             .iter()
             .filter_map(|e| {
                 if e.path == prefix {
-                    Some(TreeEntry {
-                        path: String::new(),
-                        ..e.clone()
-                    })
+                    Some(TreeEntry { path: String::new(), ..e.clone() })
                 } else {
                     e.path
                         .strip_prefix(prefix)
                         .and_then(|rest| rest.strip_prefix('/'))
-                        .map(|rest| TreeEntry {
-                            path: rest.to_string(),
-                            ..e.clone()
-                        })
+                        .map(|rest| TreeEntry { path: rest.to_string(), ..e.clone() })
                 }
             })
             .collect();
-        Tree { entries }
+        Tree { entries, digest: Default::default() }
     }
 
     /// This tree placed under `prefix` (the inverse of [`Tree::subtree`]).
     pub fn prefixed(&self, prefix: &str) -> Vec<TreeEntry> {
         self.entries
             .iter()
-            .map(|e| TreeEntry {
-                path: if e.path.is_empty() {
-                    prefix.to_string()
-                } else {
-                    format!("{prefix}/{}", e.path)
-                },
-                ..e.clone()
-            })
+            .map(|e| TreeEntry { path: if e.path.is_empty() { prefix.to_string() } else { format!("{prefix}/{}", e.path) }, ..e.clone() })
             .collect()
     }
 
@@ -178,10 +179,7 @@ impl Tree {
         let text = std::str::from_utf8(bytes).map_err(|_| TreeParseError { line: 0, why: "not UTF-8" })?;
         let mut lines = text.lines();
         if lines.next() != Some(MAGIC) {
-            return Err(TreeParseError {
-                line: 1,
-                why: "missing header",
-            });
+            return Err(TreeParseError { line: 1, why: "missing header" });
         }
         let mut entries = Vec::new();
         for (n, line) in lines.enumerate() {
@@ -195,14 +193,9 @@ impl Tree {
                 _ => return Err(err("bad file kind")),
             };
             let path = parts.next().ok_or_else(|| err("missing path"))?.to_string();
-            entries.push(TreeEntry {
-                path,
-                digest,
-                size,
-                executable,
-            });
+            entries.push(TreeEntry { path, digest, size, executable });
         }
-        Ok(Tree { entries })
+        Ok(Tree { entries, digest: Default::default() })
     }
 }
 
@@ -308,12 +301,7 @@ mod tests {
     use super::*;
 
     fn entry(path: &str, content: &[u8]) -> TreeEntry {
-        TreeEntry {
-            path: path.into(),
-            digest: Digest::of_bytes(content),
-            size: content.len() as u64,
-            executable: false,
-        }
+        TreeEntry { path: path.into(), digest: Digest::of_bytes(content), size: content.len() as u64, executable: false }
     }
 
     #[test]

@@ -34,21 +34,14 @@ pub fn dag(args: DagArgs) -> Result<(), Error> {
         Format::Text => {
             for &i in graph.order() {
                 let ups: Vec<&str> = graph.upstream(i).iter().map(|&j| stages[j].name.as_str()).collect();
-                let arrow = if ups.is_empty() {
-                    String::new()
-                } else {
-                    format!("  <- {}", ups.join(", "))
-                };
+                let arrow = if ups.is_empty() { String::new() } else { format!("  <- {}", ups.join(", ")) };
                 out.push_str(&format!("{} [{}]{arrow}\n", stages[i].name, stages[i].kind));
             }
         }
         Format::Dot => {
             out.push_str(&format!("digraph \"{}\" {{\n  rankdir=LR;\n", manifest.name));
             for &i in graph.order() {
-                out.push_str(&format!(
-                    "  \"{}\" [label=\"{}\\n({})\", shape=box];\n",
-                    stages[i].name, stages[i].name, stages[i].kind
-                ));
+                out.push_str(&format!("  \"{}\" [label=\"{}\\n({})\", shape=box];\n", stages[i].name, stages[i].name, stages[i].kind));
             }
             for (a, b) in edges() {
                 out.push_str(&format!("  \"{}\" -> \"{}\";\n", stages[a].name, stages[b].name));
@@ -65,6 +58,7 @@ pub fn dag(args: DagArgs) -> Result<(), Error> {
             }
         }
     }
-    print!("{out}");
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
     Ok(())
 }

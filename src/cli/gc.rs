@@ -61,11 +61,7 @@ pub fn gc(args: GcArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Result
 fn roots_beside(manifest: &Path) -> Result<Roots, Error> {
     let dir = manifest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut roots = Roots::default();
-    let items = std::fs::read_dir(dir).map_err(|source| Error::Io {
-        action: "list",
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    let items = std::fs::read_dir(dir).map_err(|source| Error::Io { action: "list", path: dir.to_path_buf(), source })?;
     for item in items.flatten() {
         let path = item.path();
         if path.extension().is_some_and(|e| e == "lock") {
@@ -92,17 +88,7 @@ pub fn verify(args: VerifyArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -
         report.blobs_checked,
         report.trees_checked,
         report.entries_checked,
-        if report.is_clean() {
-            "all good".to_string()
-        } else {
-            format!("{} problems", report.problems.len())
-        }
+        if report.is_clean() { "all good".to_string() } else { format!("{} problems", report.problems.len()) }
     ));
-    if report.is_clean() {
-        Ok(())
-    } else {
-        Err(Error::Corrupt {
-            problems: report.problems.len(),
-        })
-    }
+    if report.is_clean() { Ok(()) } else { Err(Error::Corrupt { problems: report.problems.len() }) }
 }

@@ -120,19 +120,11 @@ fn discover_manifest() -> Result<PathBuf, Error> {
     }
     let dir = PathBuf::from("pipelines");
     let found: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|items| {
-            items
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-                .collect()
-        })
+        .map(|items| items.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect())
         .unwrap_or_default();
     match found.as_slice() {
         [only] => Ok(only.clone()),
-        _ => Err(Error::NoManifest {
-            dir: std::env::current_dir().unwrap_or(dir),
-        }),
+        _ => Err(Error::NoManifest { dir: std::env::current_dir().unwrap_or(dir) }),
     }
 }
 

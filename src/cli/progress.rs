@@ -39,18 +39,19 @@ impl Progress for Nothing {
 impl CliReporter {
     pub fn new(progress: bool, quiet: bool) -> Self {
         let multi = progress.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-        CliReporter {
-            multi,
-            quiet,
-            spinners: Mutex::new(HashMap::new()),
-        }
+        CliReporter { multi, quiet, spinners: Mutex::new(HashMap::new()) }
     }
 
-    /// Prints a line of results to stdout without tearing the bars.
+    /// Prints a line of results to stdout without tearing the bars. If the reader has gone
+    /// away (`kiln run | head`), the work goes on and the output is dropped.
     pub fn line(&self, text: &str) {
+        let print = || {
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout().lock(), "{text}");
+        };
         match &self.multi {
-            Some(m) => m.suspend(|| println!("{text}")),
-            None => println!("{text}"),
+            Some(m) => m.suspend(print),
+            None => print(),
         }
     }
 
@@ -59,9 +60,13 @@ impl CliReporter {
         if self.quiet {
             return;
         }
+        let print = || {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr().lock(), "{text}");
+        };
         match &self.multi {
-            Some(m) => m.suspend(|| eprintln!("{text}")),
-            None => eprintln!("{text}"),
+            Some(m) => m.suspend(print),
+            None => print(),
         }
     }
 
@@ -84,11 +89,7 @@ impl Reporter for CliReporter {
         } else {
             "{msg:.dim} [{bar:30}] {pos}/{len} {per_sec} eta {eta}"
         };
-        bar.set_style(
-            ProgressStyle::with_template(template)
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
+        bar.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
         bar.set_message(label.to_string());
         Box::new(Bar(bar))
     }

@@ -79,9 +79,6 @@ pub fn run(args: RunArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Resu
     let cached = count(|o| matches!(o, StageOutcome::Cached { .. }));
     let failed = summary.failed();
     let skipped = summary.stages.len() - ran - cached - failed;
-    reporter.note(&format!(
-        "{} stages: {ran} ran, {cached} cached, {failed} failed, {skipped} skipped",
-        summary.stages.len()
-    ));
+    reporter.note(&format!("{} stages: {ran} ran, {cached} cached, {failed} failed, {skipped} skipped", summary.stages.len()));
     if failed > 0 { Err(Error::StagesFailed { failed }) } else { Ok(()) }
 }

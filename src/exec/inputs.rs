@@ -49,8 +49,5 @@ pub fn make_key(manifest: &Manifest, decl: &StageDecl, deps: BTreeMap<String, Di
 
 /// `a/b` as it appears inside a tree (each component escaped like file names on disk).
 pub fn tree_path(path: &str) -> String {
-    path.split('/')
-        .map(|c| crate::cache::tree::escape_os(std::ffi::OsStr::new(c)))
-        .collect::<Vec<_>>()
-        .join("/")
+    path.split('/').map(|c| crate::cache::tree::escape_os(std::ffi::OsStr::new(c))).collect::<Vec<_>>().join("/")
 }

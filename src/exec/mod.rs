@@ -17,7 +17,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::Error;
 use crate::cache::guard::RunGuard;
@@ -92,14 +92,11 @@ pub fn resolve_targets(manifest: &Manifest, targets: &[String]) -> Result<Vec<us
     targets
         .iter()
         .map(|t| {
-            manifest
-                .stages
-                .binary_search_by(|s| s.name.as_str().cmp(t))
-                .map_err(|_| Error::UnknownStage {
-                    stage: t.clone(),
-                    manifest: manifest.path.clone(),
-                    known: manifest.stages.iter().map(|s| s.name.clone()).collect::<Vec<_>>().join(", "),
-                })
+            manifest.stages.binary_search_by(|s| s.name.as_str().cmp(t)).map_err(|_| Error::UnknownStage {
+                stage: t.clone(),
+                manifest: manifest.path.clone(),
+                known: manifest.stages.iter().map(|s| s.name.clone()).collect::<Vec<_>>().join(", "),
+            })
         })
         .collect()
 }
@@ -139,11 +136,7 @@ pub fn status(
 }
 
 pub(crate) fn manifest_error(manifest: &Manifest, issues: Vec<crate::manifest::Issue>) -> Error {
-    Error::Manifest(Box::new(crate::manifest::ManifestError::new(
-        &manifest.path,
-        &manifest.source,
-        issues,
-    )))
+    Error::Manifest(Box::new(crate::manifest::ManifestError::new(&manifest.path, &manifest.source, issues)))
 }
 
 /// `kiln run`.
@@ -167,18 +160,11 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
     let mut outcome: Vec<Option<StageOutcome>> = vec![None; n];
     let mut artifact: Vec<Option<Digest>> = vec![None; n];
     let mut waiting: Vec<usize> = (0..n).map(|i| graph.upstream(i).iter().filter(|&&j| selected[j]).count()).collect();
-    let mut ready: BinaryHeap<Reverse<(usize, usize)>> = (0..n)
-        .filter(|&i| selected[i] && waiting[i] == 0)
-        .map(|i| Reverse((position[i], i)))
-        .collect();
-    let shared = Shared {
-        manifest,
-        cache: &cache,
-        previous: &previous,
-        reporter,
-        force: opts.force,
-    };
+    let mut ready: BinaryHeap<Reverse<(usize, usize)>> =
+        (0..n).filter(|&i| selected[i] && waiting[i] == 0).map(|i| Reverse((position[i], i))).collect();
+    let shared = Shared { manifest, cache: &cache, previous: &previous, reporter, force: opts.force };
     let mut fatal: Option<Error> = None;
+    let mut lock_writer = LockWriter { path: &lock_path, last: None, pending: false };
 
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<(usize, Result<Done, StageError>)>();
@@ -188,14 +174,8 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
             while !stop && running < opts.jobs.max(1) {
                 let Some(Reverse((_, i))) = ready.pop() else { break };
                 let decl = &manifest.stages[i];
-                if let Some(&bad) = graph
-                    .upstream(i)
-                    .iter()
-                    .find(|&&j| !outcome[j].as_ref().is_some_and(StageOutcome::is_success))
-                {
-                    let o = StageOutcome::Skipped {
-                        upstream: manifest.stages[bad].name.clone(),
-                    };
+                if let Some(&bad) = graph.upstream(i).iter().find(|&&j| !outcome[j].as_ref().is_some_and(StageOutcome::is_success)) {
+                    let o = StageOutcome::Skipped { upstream: manifest.stages[bad].name.clone() };
                     reporter.stage_finished(&decl.name, &o);
                     outcome[i] = Some(o);
                     release(i, &graph, &selected, &mut waiting, &mut ready, &position);
@@ -205,10 +185,7 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
                     .inputs
                     .iter()
                     .map(|name| {
-                        let j = manifest
-                            .stages
-                            .binary_search_by(|s| s.name.as_str().cmp(name.get_ref()))
-                            .expect("inputs were validated");
+                        let j = manifest.stages.binary_search_by(|s| s.name.as_str().cmp(name.get_ref())).expect("inputs were validated");
                         (name.get_ref().clone(), artifact[j].expect("upstream finished"))
                     })
                     .collect();
@@ -218,10 +195,7 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
                 let shared = &shared;
                 scope.spawn(move || {
                     let result = std::panic::catch_unwind(AssertUnwindSafe(|| execute(shared, i, upstream))).unwrap_or_else(|panic| {
-                        Err(StageError::Failed(format!(
-                            "kiln bug: the stage panicked: {}",
-                            panic_message(&panic)
-                        )))
+                        Err(StageError::Failed(format!("kiln bug: the stage panicked: {}", panic_message(&panic))))
                     });
                     let _ = tx.send((i, result));
                 });
@@ -229,16 +203,32 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
             if running == 0 {
                 break;
             }
-            let (i, result) = rx.recv().expect("a worker always reports");
+            let received = match lock_writer.due_in() {
+                Some(wait) => rx.recv_timeout(wait),
+                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            };
+            let (i, result) = match received {
+                Ok(r) => r,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = lock_writer.flush(&lock) {
+                        fatal.get_or_insert(e);
+                        stop = true;
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("the scheduler holds a sender"),
+            };
             running -= 1;
             let name = &manifest.stages[i].name;
             let o = match result {
                 Ok(done) => {
                     artifact[i] = Some(done.artifact);
-                    lock.stages.insert(name.clone(), done.locked);
-                    if let Err(e) = lock.write(&lock_path) {
-                        fatal.get_or_insert(e.into());
-                        stop = true;
+                    if lock.stages.get(name) != Some(&done.locked) {
+                        lock.stages.insert(name.clone(), done.locked);
+                        if let Err(e) = lock_writer.changed(&lock) {
+                            fatal.get_or_insert(e);
+                            stop = true;
+                        }
                     }
                     done.outcome
                 }
@@ -272,12 +262,45 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
         }
     }
     // A run that covered the whole pipeline also drops lock entries of deleted stages.
-    if lock != previous {
-        lock.write(&lock_path)?;
-    }
+    // Also drops lock entries of stages the manifest no longer has.
+    lock_writer.pending |= lock != previous;
+    lock_writer.flush(&lock)?;
     show_outputs(manifest, &cache, &artifact)?;
     cache.state().flush()?;
     Ok(RunSummary { stages })
+}
+
+/// Lock writes coalesce: a 1000-stage pipeline would otherwise rewrite a 1000-entry file
+/// after each stage. The cache, not the lock, is what makes a finished stage `cached` on the
+/// next run, so an interruption loses at most [`LOCK_WRITE_INTERVAL`] of lock records, and
+/// nothing in the cache.
+const LOCK_WRITE_INTERVAL: Duration = Duration::from_millis(100);
+
+struct LockWriter<'a> {
+    path: &'a std::path::Path,
+    last: Option<Instant>,
+    pending: bool,
+}
+
+impl LockWriter<'_> {
+    fn changed(&mut self, lock: &LockFile) -> Result<(), Error> {
+        self.pending = true;
+        if self.last.is_none_or(|t| t.elapsed() >= LOCK_WRITE_INTERVAL) { self.flush(lock) } else { Ok(()) }
+    }
+
+    fn flush(&mut self, lock: &LockFile) -> Result<(), Error> {
+        if self.pending {
+            lock.write(self.path)?;
+            self.pending = false;
+            self.last = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// How long until a pending write is due, if one is pending.
+    fn due_in(&self) -> Option<Duration> {
+        self.pending.then(|| self.last.map_or(Duration::ZERO, |t| LOCK_WRITE_INTERVAL.saturating_sub(t.elapsed())))
+    }
 }
 
 fn release(
@@ -394,18 +417,9 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
     });
     let _ = remove_path(&staging);
     let (artifact, outs) = committed?;
-    let entry = StageEntry {
-        key: key.clone(),
-        artifact,
-        outs: outs.clone(),
-        duration_ms: started.elapsed().as_millis() as u64,
-    };
+    let entry = StageEntry { key: key.clone(), artifact, outs: outs.clone(), duration_ms: started.elapsed().as_millis() as u64 };
     cache.put_entry(&entry)?;
-    Ok(Done {
-        outcome: StageOutcome::ran(started.elapsed()),
-        artifact,
-        locked: LockedStage::new(&key, artifact, outs),
-    })
+    Ok(Done { outcome: StageOutcome::ran(started.elapsed()), artifact, locked: LockedStage::new(&key, artifact, outs) })
 }
 
 fn commit_artifact(
@@ -446,9 +460,7 @@ fn restore_outputs(manifest: &Manifest, cache: &Cache, entry: &StageEntry, repor
     if entry.outs.is_empty() {
         return Ok(0);
     }
-    let tree = cache
-        .get_tree(&entry.artifact)?
-        .ok_or(CacheError::MissingTree { digest: entry.artifact })?;
+    let tree = cache.get_tree(&entry.artifact)?.ok_or(CacheError::MissingTree { digest: entry.artifact })?;
     let mut restored = 0;
     for (out, want) in &entry.outs {
         let abs = dep_path(&manifest.root, out);
@@ -470,9 +482,7 @@ fn restore_outputs(manifest: &Manifest, cache: &Cache, entry: &StageEntry, repor
 /// and drops views of stages the manifest no longer has.
 fn show_outputs(manifest: &Manifest, cache: &Cache, artifact: &[Option<Digest>]) -> Result<(), Error> {
     let dir = manifest.outputs_dir();
-    let artifact_stages: Vec<usize> = (0..manifest.stages.len())
-        .filter(|&i| !manifest.stages[i].stage.writes_workspace())
-        .collect();
+    let artifact_stages: Vec<usize> = (0..manifest.stages.len()).filter(|&i| !manifest.stages[i].stage.writes_workspace()).collect();
     if artifact_stages.is_empty() && !dir.exists() {
         return Ok(());
     }

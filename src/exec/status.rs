@@ -86,10 +86,7 @@ pub enum DirtyReason {
 impl DirtyReason {
     /// Reasons that a cached result repairs without running anything.
     pub fn is_restorable(&self) -> bool {
-        matches!(
-            self,
-            DirtyReason::OutputMissing { .. } | DirtyReason::OutputModified { .. } | DirtyReason::NotInLock
-        )
+        matches!(self, DirtyReason::OutputMissing { .. } | DirtyReason::OutputModified { .. } | DirtyReason::NotInLock)
     }
 }
 
@@ -154,11 +151,7 @@ impl fmt::Display for DirtyReason {
 }
 
 fn join(dep: &str, inner: &str) -> String {
-    if inner.is_empty() {
-        dep.to_string()
-    } else {
-        format!("{dep}/{inner}")
-    }
+    if inner.is_empty() { dep.to_string() } else { format!("{dep}/{inner}") }
 }
 
 /// Longer values than this are shown around their first difference.
@@ -176,11 +169,7 @@ fn show_change(old: &Option<serde_json::Value>, new: &Option<serde_json::Value>)
     let window = |cs: &[char]| {
         let end = (start + VALUE_SHOWN).min(cs.len());
         let body: String = cs[start.min(cs.len())..end].iter().collect();
-        format!(
-            "{}{body}{}",
-            if start > 0 { "…" } else { "" },
-            if end < cs.len() { "…" } else { "" }
-        )
+        format!("{}{body}{}", if start > 0 { "…" } else { "" }, if end < cs.len() { "…" } else { "" })
     };
     (window(&ac), window(&bc))
 }
@@ -217,16 +206,10 @@ pub fn explain(locked: Option<&LockedStage>, now: &Current<'_>, cache: &Cache) -
         return reasons;
     };
     if old.kind != now.kind {
-        reasons.push(KindChanged {
-            old: old.kind.clone(),
-            new: now.kind.to_string(),
-        });
+        reasons.push(KindChanged { old: old.kind.clone(), new: now.kind.to_string() });
     }
     if old.implementation != now.implementation {
-        reasons.push(ImplementationChanged {
-            old: old.implementation,
-            new: now.implementation,
-        });
+        reasons.push(ImplementationChanged { old: old.implementation, new: now.implementation });
     }
     // Referenced `[params]` entries and the stage's own params, by dotted name; a command's
     // `params = [...]` list lands on the same `params.NAME` and is reported once.
@@ -244,18 +227,11 @@ pub fn explain(locked: Option<&LockedStage>, now: &Current<'_>, cache: &Cache) -
     for (_, name) in names {
         let (x, y) = (a.get(name), b.get(name));
         if x != y {
-            reasons.push(ParamChanged {
-                name: name.clone(),
-                old: x.cloned(),
-                new: y.cloned(),
-            });
+            reasons.push(ParamChanged { name: name.clone(), old: x.cloned(), new: y.cloned() });
         }
     }
     if old.seed != now.seed {
-        reasons.push(SeedChanged {
-            old: old.seed,
-            new: now.seed,
-        });
+        reasons.push(SeedChanged { old: old.seed, new: now.seed });
     }
     for path in old.deps.keys() {
         if !now.deps.contains_key(path) {
@@ -267,11 +243,7 @@ pub fn explain(locked: Option<&LockedStage>, now: &Current<'_>, cache: &Cache) -
         match old.deps.get(path) {
             None => reasons.push(DepAdded { path: path.clone() }),
             Some(old_digest) if *old_digest != tree.digest() => {
-                let diff = cache
-                    .get_tree(old_digest)
-                    .ok()
-                    .flatten()
-                    .map(|old_tree| Tree::diff(&old_tree, tree));
+                let diff = cache.get_tree(old_digest).ok().flatten().map(|old_tree| Tree::diff(&old_tree, tree));
                 reasons.push(DepChanged { path: path.clone(), diff });
             }
             Some(_) => {}
@@ -293,10 +265,7 @@ pub fn explain(locked: Option<&LockedStage>, now: &Current<'_>, cache: &Cache) -
     let mut new_outs = now.outs.clone();
     new_outs.sort();
     if old_outs != new_outs && !(old.outs.is_empty() && now.outs.is_empty()) {
-        reasons.push(OutsChanged {
-            old: old_outs,
-            new: new_outs,
-        });
+        reasons.push(OutsChanged { old: old_outs, new: new_outs });
     }
     reasons
 }
@@ -365,10 +334,7 @@ pub fn compute(
             .inputs
             .iter()
             .map(|name| {
-                let j = manifest
-                    .stages
-                    .binary_search_by(|s| s.name.as_str().cmp(name.get_ref()))
-                    .expect("inputs were validated");
+                let j = manifest.stages.binary_search_by(|s| s.name.as_str().cmp(name.get_ref())).expect("inputs were validated");
                 (name.get_ref().clone(), artifact[j])
             })
             .collect();
@@ -398,9 +364,7 @@ pub fn compute(
             let key = make_key(
                 manifest,
                 decl,
-                deps.iter()
-                    .map(|(p, t)| (p.clone(), t.as_ref().expect("all known").digest()))
-                    .collect(),
+                deps.iter().map(|(p, t)| (p.clone(), t.as_ref().expect("all known").digest())).collect(),
                 upstream.iter().map(|(s, d)| (s.clone(), d.expect("all known"))).collect(),
             );
             let digest = key.digest();
@@ -446,11 +410,7 @@ pub fn compute(
         } else {
             StageState::Stale
         };
-        out.push(StageStatus {
-            stage: decl.name.clone(),
-            state,
-            reasons,
-        });
+        out.push(StageStatus { stage: decl.name.clone(), state, reasons });
     }
     Ok(out)
 }

@@ -20,12 +20,7 @@ pub struct Issue {
 
 impl Issue {
     pub fn new(span: Range<usize>, message: impl Into<String>) -> Self {
-        Issue {
-            span: Some(span),
-            message: message.into(),
-            label: "here".into(),
-            help: None,
-        }
+        Issue { span: Some(span), message: message.into(), label: "here".into(), help: None }
     }
 
     pub fn label(mut self, label: impl Into<String>) -> Self {
@@ -42,12 +37,7 @@ impl Issue {
     pub fn from_toml(err: &toml::de::Error, fallback: Range<usize>) -> Self {
         let message = err.message().trim().to_string();
         let help = expected_help(&message);
-        Issue {
-            span: Some(err.span().unwrap_or(fallback)),
-            label: "here".into(),
-            message,
-            help,
-        }
+        Issue { span: Some(err.span().unwrap_or(fallback)), label: "here".into(), message, help }
     }
 }
 
@@ -108,10 +98,7 @@ impl ManifestError {
                 }
             })
             .collect();
-        ManifestError {
-            path: path.to_path_buf(),
-            problems,
-        }
+        ManifestError { path: path.to_path_buf(), problems }
     }
 }
 

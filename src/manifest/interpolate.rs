@@ -25,11 +25,7 @@ pub struct Resolver<'a, 'i> {
 
 impl<'a, 'i> Resolver<'a, 'i> {
     pub fn new(params: Option<&'a Spanned<DeValue<'i>>>) -> Self {
-        Resolver {
-            params,
-            issues: Vec::new(),
-            used: BTreeMap::new(),
-        }
+        Resolver { params, issues: Vec::new(), used: BTreeMap::new() }
     }
 
     pub fn resolve_table(&mut self, table: &mut DeTable<'i>) {
@@ -93,8 +89,7 @@ impl<'a, 'i> Resolver<'a, 'i> {
             out.push_str(&rest[..start]);
             let after = &rest[start + 2..];
             let Some(end) = after.find('}') else {
-                self.issues
-                    .push(Issue::new(span.clone(), "unclosed `${` in string").help("close the reference with `}`"));
+                self.issues.push(Issue::new(span.clone(), "unclosed `${` in string").help("close the reference with `}`"));
                 return None;
             };
             let reference = &after[..end];
@@ -104,11 +99,7 @@ impl<'a, 'i> Resolver<'a, 'i> {
                 DeValue::Table(_) | DeValue::Array(_) => {
                     self.issues.push(Issue::new(
                         span.clone(),
-                        format!(
-                            "parameter `{}` is a {} and cannot be embedded in a string",
-                            reference.trim(),
-                            value.get_ref().type_str()
-                        ),
+                        format!("parameter `{}` is a {} and cannot be embedded in a string", reference.trim(), value.get_ref().type_str()),
                     ));
                     return None;
                 }

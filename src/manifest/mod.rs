@@ -99,10 +99,7 @@ impl Manifest {
     }
 
     pub fn stage(&self, name: &str) -> Option<&StageDecl> {
-        self.stages
-            .binary_search_by(|s| s.name.as_str().cmp(name))
-            .ok()
-            .map(|i| &self.stages[i])
+        self.stages.binary_search_by(|s| s.name.as_str().cmp(name)).ok().map(|i| &self.stages[i])
     }
 
     /// Where the artifacts of built-in stages are shown to people.
@@ -168,15 +165,13 @@ fn parse(path: &Path, src: &str, registry: &StageRegistry) -> (Option<Manifest>,
     };
 
     let manifest_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let manifest_dir = if manifest_dir.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        manifest_dir
-    };
+    let manifest_dir = if manifest_dir.as_os_str().is_empty() { PathBuf::from(".") } else { manifest_dir };
     let root = match &raw_pipeline.root {
         Some(r) => manifest_dir.join(r),
-        None => find_root(&manifest_dir),
+        None => manifest_dir,
     };
+    // Canonical when it exists, so `pipelines/..` prints as the directory it is.
+    let root = root.canonicalize().or_else(|_| std::path::absolute(&root)).unwrap_or(root);
     let name = match &raw_pipeline.name {
         Some(n) => {
             if !valid_name(n.get_ref()) {
@@ -186,10 +181,7 @@ fn parse(path: &Path, src: &str, registry: &StageRegistry) -> (Option<Manifest>,
             }
             n.get_ref().clone()
         }
-        None => path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "pipeline".into()),
+        None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into()),
     };
     let cache_dir = root.join(raw_pipeline.cache.as_deref().unwrap_or("cache"));
 
@@ -231,15 +223,6 @@ fn parse(path: &Path, src: &str, registry: &StageRegistry) -> (Option<Manifest>,
         stages,
     };
     (Some(manifest), issues)
-}
-
-/// The nearest ancestor holding `.git`, else the manifest's own directory.
-fn find_root(manifest_dir: &Path) -> PathBuf {
-    let abs = std::path::absolute(manifest_dir).unwrap_or_else(|_| manifest_dir.to_path_buf());
-    abs.ancestors()
-        .find(|dir| dir.join(".git").exists())
-        .map(Path::to_path_buf)
-        .unwrap_or(abs)
 }
 
 pub(crate) fn valid_name(name: &str) -> bool {
@@ -327,10 +310,7 @@ fn parse_stage<'i>(
     for dep in deps {
         match normalize_dep(dep.get_ref()) {
             Ok(p) => normalized.push(Spanned::new(dep.span(), p)),
-            Err(why) => issues.push(Issue::new(
-                dep.span(),
-                format!("invalid dependency path `{}`: {why}", dep.get_ref()),
-            )),
+            Err(why) => issues.push(Issue::new(dep.span(), format!("invalid dependency path `{}`: {why}", dep.get_ref()))),
         }
     }
 
@@ -373,10 +353,7 @@ fn take_string_list(table: &mut DeTable<'_>, key: &str, issues: &mut Vec<Issue>)
             .filter_map(|item| match item.get_ref().as_str() {
                 Some(s) => Some(Spanned::new(item.span(), s.to_string())),
                 None => {
-                    issues.push(Issue::new(
-                        item.span(),
-                        format!("invalid type: {}, expected a string", item.get_ref().type_str()),
-                    ));
+                    issues.push(Issue::new(item.span(), format!("invalid type: {}, expected a string", item.get_ref().type_str())));
                     None
                 }
             })
@@ -404,9 +381,7 @@ fn check_inputs(declared: &[(String, Vec<Spanned<String>>)], issues: &mut Vec<Is
                     .label("no stage of this name");
                 issue = match diagnostic::did_you_mean(wanted, names.iter().copied()) {
                     Some(near) => issue.help(format!("did you mean `{near}`? for a path in the workspace write `./{wanted}`")),
-                    None => issue.help(format!(
-                        "declare `[stages.{wanted}]`, or write `./{wanted}` for a path in the workspace"
-                    )),
+                    None => issue.help(format!("declare `[stages.{wanted}]`, or write `./{wanted}` for a path in the workspace")),
                 };
                 issues.push(issue);
             }

@@ -59,13 +59,24 @@ fn valid_manifest_resolves_params_and_paths() {
     assert_eq!(train.stage.params()["params"]["lr"], 0.01);
     assert_eq!(train.uses.keys().collect::<Vec<_>>(), ["lr", "model.width"]);
     assert_eq!(m.lock_path(), Path::new("/w/pipelines/t.lock"));
+    assert_eq!(m.root, Path::new("/w/pipelines"), "the root defaults to the manifest's directory");
+    assert_eq!(m.cache_dir, Path::new("/w/pipelines/cache"));
+}
+
+#[test]
+fn root_is_relative_to_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    let path = dir.path().join("pipelines/p.toml");
+    let text = "[pipeline]\nroot = \"..\"\n[stages.a]\nkind = \"command\"\ncmd = \"true\"\n";
+    let m = Manifest::from_str(&path, text.into(), &StageRegistry::builtin()).unwrap();
+    assert_eq!(m.root, dir.path().canonicalize().unwrap());
+    assert_eq!(m.outputs_dir(), m.root.join("outputs/p"));
 }
 
 #[test]
 fn formatting_does_not_change_params() {
-    let reformatted = GOOD
-        .replace("lr = 0.01", "lr      =   1e-2")
-        .replace("[params]", "# tuned by hand\n[params]");
+    let reformatted = GOOD.replace("lr = 0.01", "lr      =   1e-2").replace("[params]", "# tuned by hand\n[params]");
     let (a, b) = (load(GOOD).unwrap(), load(&reformatted).unwrap());
     assert_eq!(a.stage("train").unwrap().stage.params(), b.stage("train").unwrap().stage.params());
 }
@@ -82,48 +93,16 @@ fn whole_reference_keeps_the_parameter_type() {
 #[test]
 fn each_error_kind_is_located() {
     let cases: &[(&str, &str, &str)] = &[
-        (
-            "unknown top-level key",
-            "[pipelin]\nname = \"x\"\n[stages.a]\nkind = \"command\"\ncmd = \"true\"\n",
-            "1:2",
-        ),
-        (
-            "unknown pipeline key",
-            "[pipeline]\nnmae = \"x\"\n[stages.a]\nkind = \"command\"\ncmd = \"true\"\n",
-            "2:1",
-        ),
-        (
-            "wrong type",
-            "[pipeline]\nseed = \"seven\"\n[stages.a]\nkind = \"command\"\ncmd = \"true\"\n",
-            "2:8",
-        ),
-        (
-            "unknown stage key",
-            "[stages.a]\nkind = \"command\"\ncmd = \"true\"\nout = [\"x\"]\n",
-            "4:1",
-        ),
+        ("unknown top-level key", "[pipelin]\nname = \"x\"\n[stages.a]\nkind = \"command\"\ncmd = \"true\"\n", "1:2"),
+        ("unknown pipeline key", "[pipeline]\nnmae = \"x\"\n[stages.a]\nkind = \"command\"\ncmd = \"true\"\n", "2:1"),
+        ("wrong type", "[pipeline]\nseed = \"seven\"\n[stages.a]\nkind = \"command\"\ncmd = \"true\"\n", "2:8"),
+        ("unknown stage key", "[stages.a]\nkind = \"command\"\ncmd = \"true\"\nout = [\"x\"]\n", "4:1"),
         ("unknown kind", "[stages.a]\nkind = \"comand\"\ncmd = \"true\"\n", "2:8"),
         ("missing kind", "[stages.a]\ncmd = \"true\"\n", "1:9"),
-        (
-            "unknown input",
-            "[stages.a]\nkind = \"command\"\ncmd = \"true\"\ninputs = [\"nope\"]\n",
-            "4:11",
-        ),
-        (
-            "unknown param",
-            "[stages.a]\nkind = \"command\"\ncmd = \"echo ${params.nope}\"\n",
-            "3:7",
-        ),
-        (
-            "unknown param list entry",
-            "[stages.a]\nkind = \"command\"\ncmd = \"true\"\nparams = [\"nope\"]\n",
-            "4:11",
-        ),
-        (
-            "output outside root",
-            "[stages.a]\nkind = \"command\"\ncmd = \"true\"\nouts = [\"../x\"]\n",
-            "4:9",
-        ),
+        ("unknown input", "[stages.a]\nkind = \"command\"\ncmd = \"true\"\ninputs = [\"nope\"]\n", "4:11"),
+        ("unknown param", "[stages.a]\nkind = \"command\"\ncmd = \"echo ${params.nope}\"\n", "3:7"),
+        ("unknown param list entry", "[stages.a]\nkind = \"command\"\ncmd = \"true\"\nparams = [\"nope\"]\n", "4:11"),
+        ("output outside root", "[stages.a]\nkind = \"command\"\ncmd = \"true\"\nouts = [\"../x\"]\n", "4:9"),
         ("toml syntax", "[stages.a]\nkind = \"command\ncmd = \"true\"\n", "2:16"),
         ("no stages", "[pipeline]\nname = \"x\"\n", "1:1"),
     ];
@@ -253,11 +232,7 @@ fn dependency_on_another_stages_output_adds_an_edge() {
     let m = load(text).unwrap();
     let g = crate::graph::Graph::build(&m).unwrap();
     let a = m.stages.iter().position(|s| s.name == "a").unwrap();
-    assert_eq!(
-        g.upstream(a).len(),
-        1,
-        "reading a directory that holds another stage's output depends on it"
-    );
+    assert_eq!(g.upstream(a).len(), 1, "reading a directory that holds another stage's output depends on it");
 }
 
 #[test]
@@ -281,14 +256,7 @@ cmd = "true"
     let m = load(text).unwrap();
     let g = crate::graph::Graph::build(&m).unwrap();
     let idx = |n: &str| m.stages.iter().position(|s| s.name == n).unwrap();
-    let names = |sel: Vec<bool>| {
-        m.stages
-            .iter()
-            .zip(sel)
-            .filter(|(_, s)| *s)
-            .map(|(st, _)| st.name.clone())
-            .collect::<Vec<_>>()
-    };
+    let names = |sel: Vec<bool>| m.stages.iter().zip(sel).filter(|(_, s)| *s).map(|(st, _)| st.name.clone()).collect::<Vec<_>>();
     assert_eq!(names(g.select(&[idx("b")], false)), ["a", "b"]);
     assert_eq!(names(g.select(&[idx("b")], true)), ["a", "b", "c"]);
     assert_eq!(names(g.select(&[], false)), ["a", "b", "c", "x"]);

@@ -69,11 +69,8 @@ impl StageKind for CommandKind {
                 Ok(path) => {
                     if let Some(prev) = outs.iter().find(|o| crate::manifest::paths_overlap(&o.path, &path)) {
                         issues.push(
-                            Issue::new(
-                                out.span(),
-                                format!("output `{path}` overlaps output `{}` of the same stage", prev.path),
-                            )
-                            .help("declare each output once; a directory covers what is inside it"),
+                            Issue::new(out.span(), format!("output `{path}` overlaps output `{}` of the same stage", prev.path))
+                                .help("declare each output once; a directory covers what is inside it"),
                         );
                     }
                     outs.push(Out { path, span: out.span() });
@@ -98,12 +95,7 @@ impl StageKind for CommandKind {
         if !issues.is_empty() {
             return Err(issues);
         }
-        Ok(Arc::new(CommandStage {
-            cmd: raw.cmd,
-            outs,
-            params,
-            env: raw.env,
-        }))
+        Ok(Arc::new(CommandStage { cmd: raw.cmd, outs, params, env: raw.env }))
     }
 }
 
@@ -142,10 +134,7 @@ impl Stage for CommandStage {
             .stderr(Stdio::inherit());
         die_with_parent(&mut command);
         tracing::debug!(stage = cx.stage, cmd = %self.cmd, "running command");
-        let status = command.status().map_err(|source| StageError::Spawn {
-            program: "sh".into(),
-            source,
-        })?;
+        let status = command.status().map_err(|source| StageError::Spawn { program: "sh".into(), source })?;
         if status.success() {
             return Ok(());
         }

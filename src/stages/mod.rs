@@ -102,12 +102,7 @@ pub struct StageContext<'a> {
 impl StageContext<'_> {
     /// The cache file holding one file of an upstream artifact.
     pub fn input_file(&self, artifact: &Artifact, path: &str) -> Option<PathBuf> {
-        artifact
-            .tree
-            .entries()
-            .iter()
-            .find(|e| e.path == path)
-            .map(|e| self.cache.blob_path(&e.digest))
+        artifact.tree.entries().iter().find(|e| e.path == path).map(|e| self.cache.blob_path(&e.digest))
     }
 }
 
