@@ -159,11 +159,37 @@ impl StateDb {
         if !use_index {
             unknown = found;
         } else {
+            // The index is ordered by path, so the files of one tree are one contiguous
+            // range: a single scan merged with the sorted walk beats a lookup per file.
+            let mut found = found;
+            found.sort_unstable_by(|a, b| path_bytes(&a.abs).cmp(path_bytes(&b.abs)));
             let tx = self.db.begin_read()?;
             let table = tx.open_table(FILE_STATE)?;
+            let start = found.first().map(|f| path_key(&f.abs)).unwrap_or_default();
+            let mut index = table.range::<&[u8]>(start.as_slice()..)?.peekable();
             for f in found {
-                let key = path_key(&f.abs);
-                let hit = table.get(key.as_slice())?.and_then(|v| FileState::decode(v.value())).filter(|old| old.same_file(&f.stat));
+                let key = path_bytes(&f.abs);
+                let mut hit = None;
+                while let Some(Ok((k, _))) = index.peek() {
+                    match k.value().cmp(key) {
+                        std::cmp::Ordering::Less => {
+                            index.next();
+                        }
+                        std::cmp::Ordering::Equal => {
+                            if let Some(Ok((_, v))) = index.next() {
+                                hit = FileState::decode(v.value()).filter(|old| old.same_file(&f.stat));
+                            }
+                            break;
+                        }
+                        std::cmp::Ordering::Greater => break,
+                    }
+                }
+                if let Some(Err(_)) = index.peek() {
+                    // Surface a storage error rather than treating it as a miss.
+                    if let Some(Err(e)) = index.next() {
+                        return Err(e.into());
+                    }
+                }
                 match hit {
                     Some(old) => known.push((f, old.digest)),
                     None => unknown.push(f),
@@ -329,8 +355,12 @@ fn memo_key(item: &Digest, op: &Digest) -> [u8; 64] {
 }
 
 fn path_key(path: &Path) -> Vec<u8> {
+    path_bytes(path).to_vec()
+}
+
+fn path_bytes(path: &Path) -> &[u8] {
     use std::os::unix::ffi::OsStrExt;
-    path.as_os_str().as_bytes().to_vec()
+    path.as_os_str().as_bytes()
 }
 
 fn now_ns() -> i64 {
