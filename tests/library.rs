@@ -85,6 +85,12 @@ label = "first"
 kind = "linecount"
 label = "second"
 inputs = ["first"]
+
+[stages.shell]
+kind = "command"
+inputs = ["second"]
+cmd = "cp $KILN_INPUT_SECOND/nested/counts.txt from_second.txt"
+outs = ["from_second.txt"]
 "#;
     std::fs::write(&path, manifest).unwrap();
     let m = Manifest::load(&path, &registry()).unwrap();
@@ -92,7 +98,13 @@ inputs = ["first"]
 
     let summary = exec::run(&m, &opts, &NullReporter, Default::default()).unwrap();
     assert!(summary.stages.iter().all(|(_, o)| matches!(o, StageOutcome::Ran { .. })), "{summary:?}");
+    assert_eq!(summary.stages.len(), 3);
     assert_eq!(RUNS.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("from_second.txt")).unwrap(),
+        "second\nfirst/nested/counts.txt: 1\n",
+        "a command reads an upstream artifact in the same run"
+    );
     let shown = dir.path().join("outputs/lib/second/nested/counts.txt");
     assert_eq!(std::fs::read_to_string(&shown).unwrap(), "second\nfirst/nested/counts.txt: 1\n");
     assert!(dir.path().join("outputs/lib/first/nested/counts.txt").is_file());
@@ -105,7 +117,7 @@ inputs = ["first"]
     assert!(shown.is_file(), "views are rebuilt on every run");
 
     // Renaming a stage away drops its view.
-    std::fs::write(&path, manifest.replace("[stages.second]", "[stages.third]")).unwrap();
+    std::fs::write(&path, manifest.replace("second", "third").replace("SECOND", "THIRD")).unwrap();
     let m = Manifest::load(&path, &registry()).unwrap();
     exec::run(&m, &opts, &NullReporter, Default::default()).unwrap();
     assert!(!dir.path().join("outputs/lib/second").exists());

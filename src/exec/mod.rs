@@ -194,9 +194,10 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
                 let tx = tx.clone();
                 let shared = &shared;
                 scope.spawn(move || {
-                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| execute(shared, i, upstream))).unwrap_or_else(|panic| {
-                        Err(StageError::Failed(format!("kiln bug: the stage panicked: {}", panic_message(&panic))))
-                    });
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        execute(shared, i, upstream).and_then(|done| show_artifact(shared, i, done))
+                    }))
+                    .unwrap_or_else(|panic| Err(StageError::Failed(format!("kiln bug: the stage panicked: {}", panic_message(&panic)))));
                     let _ = tx.send((i, result));
                 });
             }
@@ -265,7 +266,7 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
     // Also drops lock entries of stages the manifest no longer has.
     lock_writer.pending |= lock != previous;
     lock_writer.flush(&lock)?;
-    show_outputs(manifest, &cache, &artifact)?;
+    prune_outputs(manifest)?;
     cache.state().flush()?;
     Ok(RunSummary { stages })
 }
@@ -397,10 +398,12 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
             std::fs::create_dir_all(parent).map_err(CacheError::io("create", parent))?;
         }
     }
+    let outputs_dir = manifest.outputs_dir();
     let stage_cx = StageContext {
         stage: &decl.name,
         pipeline: &manifest.name,
         root: &manifest.root,
+        outputs_dir: &outputs_dir,
         seed: manifest.seed,
         out_dir: &staging,
         inputs: &inputs,
@@ -478,31 +481,32 @@ fn restore_outputs(manifest: &Manifest, cache: &Cache, entry: &StageEntry, repor
     Ok(restored)
 }
 
-/// Rebuilds `outputs/<pipeline>/<stage>/` for every artifact stage with a known result,
-/// and drops views of stages the manifest no longer has.
-fn show_outputs(manifest: &Manifest, cache: &Cache, artifact: &[Option<Digest>]) -> Result<(), Error> {
+/// Rebuilds `outputs/<pipeline>/<stage>/` for an artifact stage as soon as it finishes,
+/// so people (and `command` stages below it, through `KILN_INPUT_<STAGE>`) see the result
+/// of this run, not of the last one.
+fn show_artifact(cx: &Shared<'_>, i: usize, done: Done) -> Result<Done, StageError> {
+    let decl = &cx.manifest.stages[i];
+    if !decl.stage.writes_workspace() {
+        let tree = cx.cache.get_tree(&done.artifact)?.ok_or(CacheError::MissingTree { digest: done.artifact })?;
+        cx.cache.link_view(&tree, &cx.manifest.outputs_dir().join(&decl.name))?;
+    }
+    Ok(done)
+}
+
+/// Drops views of stages the manifest no longer has (or that now write the workspace).
+fn prune_outputs(manifest: &Manifest) -> Result<(), Error> {
     let dir = manifest.outputs_dir();
-    let artifact_stages: Vec<usize> = (0..manifest.stages.len()).filter(|&i| !manifest.stages[i].stage.writes_workspace()).collect();
-    if artifact_stages.is_empty() && !dir.exists() {
-        return Ok(());
-    }
-    for &i in &artifact_stages {
-        if let Some(d) = artifact[i] {
-            let tree = cache.get_tree(&d)?.ok_or(CacheError::MissingTree { digest: d })?;
-            cache.link_view(&tree, &dir.join(&manifest.stages[i].name))?;
+    let Ok(items) = std::fs::read_dir(&dir) else { return Ok(()) };
+    for item in items.flatten() {
+        let name = item.file_name().to_string_lossy().into_owned();
+        let keep = manifest.stage(&name).is_some_and(|s| !s.stage.writes_workspace());
+        if !name.starts_with('.') && !keep {
+            remove_path(&item.path())?;
         }
     }
-    if let Ok(items) = std::fs::read_dir(&dir) {
-        for item in items.flatten() {
-            let name = item.file_name().to_string_lossy().into_owned();
-            if !name.starts_with('.') && !artifact_stages.iter().any(|&i| manifest.stages[i].name == name) {
-                remove_path(&item.path())?;
-            }
-        }
-    }
-    let root_ignore = manifest.root.join("outputs").join(".gitignore");
-    if !root_ignore.exists() {
-        let _ = std::fs::write(&root_ignore, "# kiln's views of cached artifacts; rebuilt by every run\n*\n");
+    let ignore = manifest.root.join("outputs").join(".gitignore");
+    if !ignore.exists() {
+        let _ = std::fs::write(&ignore, "# kiln's views of cached artifacts; rebuilt by every run\n*\n");
     }
     Ok(())
 }

@@ -11,7 +11,8 @@
 //! ```
 //!
 //! The command runs with `sh -c` in the workspace root, with `KILN_STAGE`, `KILN_PIPELINE`
-//! and `KILN_SEED` set. Its standard output and error go to kiln's standard error, keeping
+//! and `KILN_SEED` set, and `KILN_INPUT_<STAGE>` naming the directory where each upstream
+//! stage in `inputs` shows its artifact. Its standard output and error go to kiln's standard error, keeping
 //! kiln's standard output for results.
 
 use std::collections::BTreeMap;
@@ -128,6 +129,7 @@ impl Stage for CommandStage {
             .env("KILN_STAGE", cx.stage)
             .env("KILN_PIPELINE", cx.pipeline)
             .env("KILN_SEED", cx.seed.to_string())
+            .envs(cx.inputs.keys().map(|name| (input_var(name), cx.outputs_dir.join(name))))
             .envs(&self.env)
             .stdin(Stdio::null())
             .stdout(std::io::stderr())
@@ -145,6 +147,12 @@ impl Stage for CommandStage {
             _ => "failed".into(),
         }))
     }
+}
+
+/// `KILN_INPUT_<STAGE>`: where an upstream stage's artifact can be read
+/// (`prep-data` → `KILN_INPUT_PREP_DATA`).
+pub fn input_var(stage: &str) -> String {
+    format!("KILN_INPUT_{}", stage.to_ascii_uppercase().replace('-', "_"))
 }
 
 /// If kiln dies (even by `kill -9`), the command it started is killed too, instead of

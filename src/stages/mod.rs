@@ -90,6 +90,8 @@ pub struct StageContext<'a> {
     pub stage: &'a str,
     pub pipeline: &'a str,
     pub root: &'a Path,
+    /// `outputs/<pipeline>/`: every finished artifact stage's view is at `<this>/<stage>/`.
+    pub outputs_dir: &'a Path,
     pub seed: u64,
     /// Where an artifact stage writes its output; empty when the stage starts.
     pub out_dir: &'a Path,
