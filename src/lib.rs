@@ -31,11 +31,14 @@
 
 pub mod cache;
 pub mod cli;
+pub mod dataset;
 pub mod digest;
 pub mod exec;
 pub mod graph;
+pub mod imaging;
 pub mod manifest;
 pub mod report;
+pub mod rng;
 pub mod stages;
 pub mod stats;
 

@@ -60,6 +60,12 @@ pub trait Reporter: Send + Sync {
     fn progress(&self, label: &str, total: u64, unit: &'static str) -> Box<dyn Progress>;
     fn stage_started(&self, _stage: &str) {}
     fn stage_finished(&self, _stage: &str, _outcome: &StageOutcome) {}
+    /// A few lines a stage wants people to read (counts per reason, class balance…).
+    fn summary(&self, stage: &str, lines: &[String]) {
+        for line in lines {
+            tracing::info!(stage, "{line}");
+        }
+    }
     /// Something the user should see but that does not stop the run.
     fn warn(&self, message: &str) {
         tracing::warn!("{message}");

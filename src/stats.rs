@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Default)]
 pub struct WorkStats {
+    /// Input files read to learn their digest (dependencies, collected sources).
     pub files_hashed: AtomicU64,
+    /// Files a stage wrote, hashed as its result is committed.
+    pub outputs_hashed: AtomicU64,
     pub bytes_hashed: AtomicU64,
     pub files_from_index: AtomicU64,
     pub memo_hits: AtomicU64,
@@ -24,6 +27,7 @@ impl WorkStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         serde_json::json!({
             "files_hashed": get(&self.files_hashed),
+            "outputs_hashed": get(&self.outputs_hashed),
             "bytes_hashed": get(&self.bytes_hashed),
             "files_from_index": get(&self.files_from_index),
             "memo_hits": get(&self.memo_hits),

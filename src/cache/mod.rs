@@ -32,7 +32,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 pub use key::{CacheKey, KEY_FORMAT};
-pub use state::{MemoStore, StateDb, StateError};
+pub use state::{MemoStore, Scan, StateDb, StateError};
 pub use tree::{Tree, TreeDiff, TreeEntry};
 
 use crate::digest::Digest;
@@ -86,6 +86,9 @@ pub struct Cache {
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Written into every view: the digest of the tree it shows.
+const VIEW_MARKER: &str = ".kiln-view";
 
 impl Cache {
     /// Opens (creating if needed) the cache at `dir`. Callers that write must hold the
@@ -157,6 +160,26 @@ impl Cache {
             self.put_blob(&src, &e.digest, how)
         })?;
         self.put_tree(tree)
+    }
+
+    /// Stores bytes as a blob (if not already there) and returns their digest.
+    pub fn put_blob_bytes(&self, bytes: &[u8]) -> Result<Digest, CacheError> {
+        let digest = Digest::of_bytes(bytes);
+        let dest = self.blob_path(&digest);
+        if !dest.is_file() {
+            let parent = dest.parent().expect("blob paths have a parent");
+            std::fs::create_dir_all(parent).map_err(CacheError::io("create", parent))?;
+            let staged = self.dir.join("tmp").join(format!("blob-{}", unique_suffix()));
+            std::fs::write(&staged, bytes).map_err(CacheError::io("write", &staged))?;
+            let _ = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o444));
+            std::fs::rename(&staged, &dest).map_err(CacheError::io("commit blob", &dest))?;
+        }
+        Ok(digest)
+    }
+
+    /// Copies a file whose digest is known into the blob store (if not already there).
+    pub fn put_blob_copy(&self, src: &Path, digest: &Digest) -> Result<(), CacheError> {
+        self.put_blob(src, digest, Ingest::Copy)
     }
 
     fn put_blob(&self, src: &Path, digest: &Digest, how: Ingest) -> Result<(), CacheError> {
@@ -258,13 +281,21 @@ impl Cache {
 
     /// Builds `dest` as a read-only view of `tree`: hard links into the cache where
     /// possible (no copy, no extra space), copies otherwise. `dest` is replaced whole.
+    /// Hidden entries (a path component starting with `.`, such as a dataset's
+    /// `.images/`) are left out, and a view already showing `tree` is left alone.
     pub fn link_view(&self, tree: &Tree, dest: &Path) -> Result<(), CacheError> {
+        let marker = dest.join(VIEW_MARKER);
+        let digest = tree.digest().to_hex();
+        if std::fs::read_to_string(&marker).is_ok_and(|m| m == digest) {
+            return Ok(());
+        }
         let parent = dest.parent().expect("view directories have a parent");
         std::fs::create_dir_all(parent).map_err(CacheError::io("create", parent))?;
         let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let building = parent.join(format!(".{name}.kiln-new-{}", unique_suffix()));
         std::fs::create_dir_all(&building).map_err(CacheError::io("create", &building))?;
-        tree.entries().par_iter().try_for_each(|e| {
+        let shown = tree.entries().par_iter().filter(|e| !e.path.split('/').any(|c| c.starts_with('.')));
+        shown.try_for_each(|e| {
             let target = building.join(tree::unescape_os(&e.path));
             if let Some(p) = target.parent() {
                 std::fs::create_dir_all(p).map_err(CacheError::io("create", p))?;
@@ -275,6 +306,7 @@ impl Cache {
             }
             Ok::<_, CacheError>(())
         })?;
+        std::fs::write(building.join(VIEW_MARKER), &digest).map_err(CacheError::io("write", &building))?;
         let old = parent.join(format!(".{name}.kiln-old-{}", unique_suffix()));
         if dest.exists() {
             std::fs::rename(dest, &old).map_err(CacheError::io("replace", dest))?;

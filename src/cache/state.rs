@@ -97,6 +97,21 @@ struct Found {
     abs: PathBuf,
     stat: FileState,
     executable: bool,
+    /// Why the entry cannot be read (broken symlink, permission denied), if it cannot.
+    problem: Option<String>,
+}
+
+/// A hashed tree plus the entries that could not be read. Each of those is in the tree
+/// with a digest of its reason, so fixing it changes the tree's digest.
+#[derive(Debug, Clone)]
+pub struct Scan {
+    pub tree: Tree,
+    /// (path inside the tree, reason), sorted by path.
+    pub problems: Vec<(String, String)>,
+}
+
+fn problem_digest(reason: &str) -> Digest {
+    Digest::of_bytes(format!("kiln-unreadable\0{reason}").as_bytes())
 }
 
 pub struct StateDb {
@@ -152,7 +167,18 @@ impl StateDb {
     }
 
     fn hash_tree_with(&self, path: &Path, reporter: &dyn Reporter, use_index: bool) -> Result<Tree, StateError> {
-        let found = walk(path)?;
+        self.scan_with(path, reporter, use_index).map(|s| s.tree)
+    }
+
+    /// Like [`StateDb::hash_tree`], but entries that cannot be read are reported instead
+    /// of failing the whole tree: one broken symlink must not stop a 70 000-image collect.
+    pub fn scan(&self, path: &Path, reporter: &dyn Reporter) -> Result<Scan, StateError> {
+        self.scan_with(path, reporter, true)
+    }
+
+    fn scan_with(&self, path: &Path, reporter: &dyn Reporter, use_index: bool) -> Result<Scan, StateError> {
+        let (found, broken): (Vec<Found>, Vec<Found>) = walk(path)?.into_iter().partition(|f| f.problem.is_none());
+        let mut problems: Vec<(String, String)> = broken.into_iter().map(|f| (f.rel, f.problem.unwrap_or_default())).collect();
         let now_ns = now_ns();
         let mut known = Vec::with_capacity(found.len());
         let mut unknown = Vec::new();
@@ -215,8 +241,14 @@ impl StateDb {
             {
                 let mut table = tx.open_table(FILE_STATE)?;
                 for (f, result) in hashed {
-                    let (digest, read) = result.map_err(|source| StateError::Io { path: f.abs.clone(), source })?;
-                    WorkStats::add(&self.stats.files_hashed, 1);
+                    let (digest, read) = match result {
+                        Ok(r) => r,
+                        Err(e) => {
+                            problems.push((f.rel, format!("cannot read: {e}")));
+                            continue;
+                        }
+                    };
+                    WorkStats::add(if use_index { &self.stats.files_hashed } else { &self.stats.outputs_hashed }, 1);
                     WorkStats::add(&self.stats.bytes_hashed, read);
                     let racy = f.stat.mtime_ns > now_ns - RACY_WINDOW.as_nanos() as i64;
                     // A size mismatch means the file changed while we read it: do not vouch.
@@ -230,9 +262,16 @@ impl StateDb {
             tx.commit()?;
         }
 
-        let entries =
+        let mut entries: Vec<TreeEntry> =
             known.into_iter().map(|(f, digest)| TreeEntry { path: f.rel, digest, size: f.stat.size, executable: f.executable }).collect();
-        Ok(Tree::new(entries))
+        problems.sort();
+        entries.extend(problems.iter().map(|(rel, why)| TreeEntry {
+            path: rel.clone(),
+            digest: problem_digest(why),
+            size: 0,
+            executable: false,
+        }));
+        Ok(Scan { tree: Tree::new(entries), problems })
     }
 
     /// Records the state of files kiln itself just wrote with known content (restored
@@ -363,6 +402,10 @@ fn path_bytes(path: &Path) -> &[u8] {
     path.as_os_str().as_bytes()
 }
 
+fn stat_of_nothing() -> FileState {
+    FileState { size: 0, mtime_ns: 0, inode: 0, digest: Digest([0; 32]) }
+}
+
 fn now_ns() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
@@ -388,7 +431,13 @@ fn walk(root: &Path) -> Result<Vec<Found>, StateError> {
     };
     let abs = std::path::absolute(root).map_err(|e| io(root, e))?;
     if meta.is_file() {
-        return Ok(vec![Found { rel: String::new(), executable: meta.mode() & 0o111 != 0, stat: stat_of(&meta, Digest([0; 32])), abs }]);
+        return Ok(vec![Found {
+            rel: String::new(),
+            executable: meta.mode() & 0o111 != 0,
+            stat: stat_of(&meta, Digest([0; 32])),
+            abs,
+            problem: None,
+        }]);
     }
     walk_dir(&abs, "", 0)
 }
@@ -400,28 +449,54 @@ fn walk_dir(dir: &Path, rel: &str, depth: usize) -> Result<Vec<Found>, StateErro
     }
     let mut files = Vec::new();
     let mut subdirs = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+    let broken =
+        |rel: String, abs: PathBuf, why: String| Found { rel, abs, stat: stat_of_nothing(), executable: false, problem: Some(why) };
+    let listing = match std::fs::read_dir(dir) {
+        Ok(l) => l,
+        Err(e) if depth > 0 => return Ok(vec![broken(rel.to_string(), dir.to_path_buf(), format!("cannot list directory: {e}"))]),
+        Err(e) => return Err(io(dir, e)),
+    };
+    for entry in listing {
         let entry = entry.map_err(|e| io(dir, e))?;
         let name = entry.file_name();
         let child_rel = if rel.is_empty() { escape_os(&name) } else { format!("{rel}/{}", escape_os(&name)) };
-        let kind = entry.file_type().map_err(|e| io(&entry.path(), e))?;
+        let kind = match entry.file_type() {
+            Ok(k) => k,
+            Err(e) => {
+                files.push(broken(child_rel, entry.path(), format!("cannot stat: {e}")));
+                continue;
+            }
+        };
         let meta = if kind.is_symlink() {
-            std::fs::metadata(entry.path()).map_err(|e| io(&entry.path(), e))?
+            match std::fs::metadata(entry.path()) {
+                Ok(m) => m,
+                Err(e) => {
+                    let why = if e.kind() == std::io::ErrorKind::NotFound {
+                        "broken symlink".to_string()
+                    } else {
+                        format!("cannot follow symlink: {e}")
+                    };
+                    files.push(broken(child_rel, entry.path(), why));
+                    continue;
+                }
+            }
         } else if kind.is_dir() {
             subdirs.push((entry.path(), child_rel));
             continue;
         } else {
-            entry.metadata().map_err(|e| io(&entry.path(), e))?
+            match entry.metadata() {
+                Ok(m) => m,
+                Err(e) => {
+                    files.push(broken(child_rel, entry.path(), format!("cannot stat: {e}")));
+                    continue;
+                }
+            }
         };
         if meta.is_dir() {
             subdirs.push((entry.path(), child_rel));
         } else if meta.is_file() {
-            files.push(Found {
-                rel: child_rel,
-                executable: meta.mode() & 0o111 != 0,
-                stat: stat_of(&meta, Digest([0; 32])),
-                abs: entry.path(),
-            });
+            let stat = stat_of(&meta, Digest([0; 32]));
+            files.push(Found { rel: child_rel, executable: meta.mode() & 0o111 != 0, stat, abs: entry.path(), problem: None });
         }
     }
     let nested: Vec<Vec<Found>> = subdirs.into_par_iter().map(|(path, r)| walk_dir(&path, &r, depth + 1)).collect::<Result<_, _>>()?;
@@ -476,6 +551,22 @@ mod tests {
         db.hash_tree(&f, &NullReporter).unwrap();
         db.hash_tree(&f, &NullReporter).unwrap();
         assert_eq!(stats.files_hashed.load(Ordering::Relaxed), 2, "a just-written file is rehashed");
+    }
+
+    #[test]
+    fn a_broken_symlink_is_reported_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("ok"), "fine").unwrap();
+        std::os::unix::fs::symlink(data.join("gone"), data.join("dangling")).unwrap();
+        let db = StateDb::open(&dir.path().join("state.redb"), Default::default()).unwrap();
+        let scan = db.scan(&data, &NullReporter).unwrap();
+        assert_eq!(scan.problems, [("dangling".to_string(), "broken symlink".to_string())]);
+        assert_eq!(scan.tree.entries().len(), 2, "the problem is part of the tree, so fixing it changes the digest");
+        let before = scan.tree.digest();
+        std::fs::write(data.join("gone"), "now here").unwrap();
+        assert_ne!(db.hash_tree(&data, &NullReporter).unwrap().digest(), before);
     }
 
     #[test]

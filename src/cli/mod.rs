@@ -3,6 +3,7 @@
 mod dag;
 mod gc;
 mod progress;
+mod report;
 mod run;
 mod status;
 
@@ -55,6 +56,8 @@ enum Command {
     Gc(gc::GcArgs),
     /// Rehash the whole cache; remove and report anything corrupt.
     Verify(gc::VerifyArgs),
+    /// Show what a data stage found (clean findings, label balance, collect problems).
+    Report(report::ReportArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -70,6 +73,7 @@ pub fn main() -> i32 {
         Command::Dag(args) => dag::dag(args),
         Command::Gc(args) => gc::gc(args, &reporter, stats.clone()),
         Command::Verify(args) => gc::verify(args, &reporter, stats.clone()),
+        Command::Report(args) => report::report(args, &reporter),
     };
     if let Some(path) = &cli.work_stats {
         let _ = std::fs::write(path, serde_json::to_vec_pretty(&stats.to_json()).unwrap_or_default());

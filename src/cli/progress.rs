@@ -112,6 +112,12 @@ impl Reporter for CliReporter {
         self.line(&format!("{stage:<24} {}", outcome.describe()));
     }
 
+    fn summary(&self, stage: &str, lines: &[String]) {
+        for line in lines {
+            self.note(&format!("  {stage}: {line}"));
+        }
+    }
+
     fn warn(&self, message: &str) {
         if !self.quiet {
             self.note(&format!("warning: {message}"));

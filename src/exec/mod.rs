@@ -399,7 +399,9 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
         }
     }
     let outputs_dir = manifest.outputs_dir();
+    let attached = std::sync::Mutex::new(Vec::new());
     let stage_cx = StageContext {
+        attached: &attached,
         stage: &decl.name,
         pipeline: &manifest.name,
         root: &manifest.root,
@@ -415,7 +417,7 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
         if decl.stage.writes_workspace() {
             commit_workspace_outs(manifest, cache, &workspace_outs, cx.reporter)
         } else {
-            commit_artifact(cache, &staging, cx.reporter)
+            commit_artifact(cache, &staging, attached.into_inner().unwrap_or_default(), cx.reporter)
         }
     });
     let _ = remove_path(&staging);
@@ -425,14 +427,24 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
     Ok(Done { outcome: StageOutcome::ran(started.elapsed()), artifact, locked: LockedStage::new(&key, artifact, outs) })
 }
 
+/// Moves what an artifact stage wrote into the store and adds the blobs it attached.
 fn commit_artifact(
     cache: &Cache,
     staging: &std::path::Path,
+    attached: Vec<crate::cache::TreeEntry>,
     reporter: &dyn Reporter,
 ) -> Result<(Digest, BTreeMap<String, Digest>), StageError> {
     let tree = cache.state().hash_tree_transient(staging, reporter).map_err(CacheError::from)?;
     let digest = cache.ingest(staging, &tree, Ingest::Move)?;
-    Ok((digest, BTreeMap::new()))
+    if attached.is_empty() {
+        return Ok((digest, BTreeMap::new()));
+    }
+    if let Some(missing) = attached.iter().find(|e| !cache.has_blob(&e.digest)) {
+        return Err(CacheError::MissingBlob { digest: missing.digest }.into());
+    }
+    let mut entries = tree.entries().to_vec();
+    entries.extend(attached);
+    Ok((cache.put_tree(&Tree::new(entries))?, BTreeMap::new()))
 }
 
 fn commit_workspace_outs(

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
-use toml::de::{DeValue, ValueDeserializer};
+use toml::de::DeValue;
 
 use super::{Out, ParseContext, Stage, StageContext, StageError, StageKind};
 use crate::manifest::{Issue, normalize_out};
@@ -59,7 +59,7 @@ impl StageKind for CommandKind {
 
     fn parse(&self, table: Spanned<DeValue<'_>>, cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
         let span = table.span();
-        let raw = RawCommand::deserialize(ValueDeserializer::from(table)).map_err(|e| vec![Issue::from_toml(&e, span.clone())])?;
+        let raw: RawCommand = super::parse_config(table)?;
         let mut issues = Vec::new();
         if raw.cmd.trim().is_empty() {
             issues.push(Issue::new(span.clone(), "`cmd` is empty").help("give the shell command the stage runs"));

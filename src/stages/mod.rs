@@ -11,7 +11,10 @@
 //!   directory inside the cache; kiln moves the files into the content-addressed store
 //!   and shows them to people at `outputs/<pipeline>/<stage>/`.
 
+pub mod clean;
+pub mod collect;
 pub mod command;
+pub mod label;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -39,6 +42,13 @@ impl ParseContext<'_> {
         let path = name.strip_prefix("params.").unwrap_or(name);
         path.split('.').try_fold(self.params, |v, part| v.get(part))
     }
+}
+
+/// Parses a stage table into a kind's `deny_unknown_fields` config type; errors carry the
+/// span of the offending key or value.
+pub fn parse_config<T: serde::de::DeserializeOwned>(table: Spanned<DeValue<'_>>) -> Result<T, Vec<Issue>> {
+    let span = table.span();
+    T::deserialize(toml::de::ValueDeserializer::from(table)).map_err(|e| vec![Issue::from_toml(&e, span)])
 }
 
 pub trait StageKind: Send + Sync {
@@ -99,9 +109,19 @@ pub struct StageContext<'a> {
     pub inputs: &'a BTreeMap<String, Artifact>,
     pub cache: &'a Cache,
     pub reporter: &'a dyn Reporter,
+    /// Blobs already in the cache that belong to this stage's artifact (see
+    /// [`StageContext::attach_blob`]).
+    pub attached: &'a std::sync::Mutex<Vec<crate::cache::TreeEntry>>,
 }
 
 impl StageContext<'_> {
+    /// Makes a blob already in the cache part of this stage's artifact at `path`, without
+    /// copying it (a dataset's images, shared with the stage that stored them).
+    pub fn attach_blob(&self, path: &str, digest: Digest, size: u64) {
+        let entry = crate::cache::TreeEntry { path: path.to_string(), digest, size, executable: false };
+        self.attached.lock().expect("attached entries").push(entry);
+    }
+
     /// The cache file holding one file of an upstream artifact.
     pub fn input_file(&self, artifact: &Artifact, path: &str) -> Option<PathBuf> {
         artifact.tree.entries().iter().find(|e| e.path == path).map(|e| self.cache.blob_path(&e.digest))
@@ -138,6 +158,9 @@ impl StageRegistry {
     pub fn builtin() -> Self {
         let mut r = Self::empty();
         r.register(Arc::new(command::CommandKind));
+        r.register(Arc::new(collect::CollectKind));
+        r.register(Arc::new(clean::CleanKind));
+        r.register(Arc::new(label::LabelKind));
         r
     }
 

@@ -1,0 +1,495 @@
+//! `kind = "clean"`: find the images a model should not learn from, and say why.
+//!
+//! ```toml
+//! [stages.clean]
+//! kind = "clean"
+//! inputs = ["collect"]
+//! max_pixels = 40_000_000                      # larger headers are rejected undecoded
+//! [stages.clean.checks]
+//! near_duplicates = { policy = "quarantine", max_distance = 14, max_colour_difference = 12.0 }
+//! blurry = { policy = "keep", min_sharpness = 10.0 }   # keep = report only
+//! ```
+//!
+//! Each image is decoded once and measured ([`imaging::probe`]); the measures are
+//! memoised per image, so changing a threshold decodes nothing. Every check has a policy:
+//! `off`, `keep` (report only), `quarantine` (removed, and shown under
+//! `outputs/<pipeline>/<stage>/quarantine/<check>/` for review) or `drop` (removed).
+//! `clean_report.json` lists every finding with its reason and score, and for each group
+//! of duplicates which copy was kept.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+use toml::de::DeValue;
+
+use super::{ParseContext, Stage, StageContext, StageError, StageKind, parse_config};
+use crate::dataset::{self, DuplicateRef, Item};
+use crate::digest::Digest;
+use crate::imaging::{self, DecodeLimits, Defect, Probe};
+use crate::manifest::Issue;
+
+pub struct CleanKind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    Off,
+    Keep,
+    Quarantine,
+    Drop,
+}
+
+macro_rules! check {
+    ($name:ident, $policy:expr $(, $field:ident : $ty:ty = $default:expr)*) => {
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        struct $name {
+            policy: Policy,
+            $($field: $ty,)*
+        }
+        impl Default for $name {
+            fn default() -> Self {
+                $name { policy: $policy, $($field: $default,)* }
+            }
+        }
+    };
+}
+
+check!(DecodeCheck, Policy::Quarantine);
+check!(ExtensionCheck, Policy::Keep);
+check!(ExactCheck, Policy::Drop);
+check!(NearCheck, Policy::Quarantine, max_distance: u32 = 14, max_colour_difference: f64 = 12.0);
+check!(SmallCheck, Policy::Quarantine, min_side: u32 = 8);
+check!(AspectCheck, Policy::Quarantine, max_ratio: f64 = 5.0);
+check!(FlatCheck, Policy::Quarantine, min_contrast: f64 = 2.0);
+check!(DarkCheck, Policy::Keep, below: f64 = 16.0);
+check!(BrightCheck, Policy::Keep, above: f64 = 240.0);
+check!(BlurCheck, Policy::Keep, min_sharpness: f64 = 10.0);
+check!(GrayCheck, Policy::Keep);
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Checks {
+    decode: DecodeCheck,
+    wrong_extension: ExtensionCheck,
+    exact_duplicates: ExactCheck,
+    near_duplicates: NearCheck,
+    too_small: SmallCheck,
+    aspect_ratio: AspectCheck,
+    low_information: FlatCheck,
+    too_dark: DarkCheck,
+    too_bright: BrightCheck,
+    blurry: BlurCheck,
+    grayscale: GrayCheck,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default = "default_max_pixels")]
+    max_pixels: u64,
+    #[serde(default = "default_max_bytes")]
+    max_bytes: u64,
+    #[serde(default)]
+    checks: Checks,
+}
+
+fn default_max_pixels() -> u64 {
+    DecodeLimits::default().max_pixels
+}
+fn default_max_bytes() -> u64 {
+    DecodeLimits::default().max_bytes
+}
+
+#[derive(Debug)]
+pub struct CleanStage {
+    config: Config,
+}
+
+impl StageKind for CleanKind {
+    fn name(&self) -> &'static str {
+        "clean"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
+        let span = table.span();
+        let config: Config = parse_config(table)?;
+        if config.checks.near_duplicates.max_distance > 32 {
+            return Err(vec![
+                Issue::new(span, "`near_duplicates.max_distance` above 32 would match unrelated images")
+                    .help("typical values are 4 to 10 (bits of a 64-bit hash)"),
+            ]);
+        }
+        Ok(Arc::new(CleanStage { config }))
+    }
+}
+
+/// One thing found wrong with one item.
+#[derive(Debug, Clone, Serialize)]
+struct Finding {
+    id: String,
+    source: String,
+    check: &'static str,
+    reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    score: Option<f64>,
+    policy: Policy,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct CheckCount {
+    found: usize,
+    removed: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct DuplicateGroup {
+    kept: String,
+    copies: Vec<GroupCopy>,
+}
+
+#[derive(Debug, Serialize)]
+struct GroupCopy {
+    id: String,
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    distance: Option<u32>,
+    removed: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    items_in: usize,
+    items_kept: usize,
+    dropped: usize,
+    quarantined: usize,
+    checks: BTreeMap<&'static str, CheckCount>,
+    duplicate_groups: Vec<DuplicateGroup>,
+    findings: Vec<Finding>,
+}
+
+impl Stage for CleanStage {
+    fn params(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).expect("clean config serialises")
+    }
+
+    fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError> {
+        let (input, artifact) = dataset::single_input(cx)?;
+        let items = dataset::read(cx, input, artifact)?;
+        let probes = probe_all(cx, &items, &DecodeLimits { max_pixels: self.config.max_pixels, max_bytes: self.config.max_bytes })?;
+        let c = &self.config.checks;
+        let mut findings: Vec<Vec<Finding>> = vec![Vec::new(); items.len()];
+        let mut add = |i: usize, check: &'static str, policy: Policy, reason: String, score: Option<f64>| {
+            if policy != Policy::Off {
+                findings[i].push(Finding { id: items[i].id.clone(), source: items[i].source.clone(), check, reason, score, policy });
+            }
+        };
+
+        let colourful_set = {
+            let ok: Vec<&Probe> = probes.iter().filter_map(|p| p.as_ref().ok()).collect();
+            ok.iter().filter(|p| p.colourful > 0.01).count() * 2 > ok.len()
+        };
+        for (i, (item, probe)) in items.iter().zip(&probes).enumerate() {
+            let p = match probe {
+                Err(defect) => {
+                    add(i, "decode", c.decode.policy, defect.to_string(), None);
+                    continue;
+                }
+                Ok(p) => p,
+            };
+            if let Some(ext) = extension(&item.source)
+                && let Some(format) = image::ImageFormat::from_extension(&ext)
+                && imaging::format_name(format) != p.format
+                && !image::ImageFormat::from_extension(&p.format).is_some_and(|f| imaging::extension_fits(&ext, f))
+            {
+                add(i, "wrong_extension", c.wrong_extension.policy, format!("named .{ext} but is {}", p.format), None);
+            }
+            let (short, long) = (p.width.min(p.height), p.width.max(p.height));
+            if short < c.too_small.min_side {
+                add(
+                    i,
+                    "too_small",
+                    c.too_small.policy,
+                    format!("{}x{} is under {} pixels on a side", p.width, p.height, c.too_small.min_side),
+                    Some(f64::from(short)),
+                );
+            }
+            let ratio = f64::from(long) / f64::from(short.max(1));
+            if ratio > c.aspect_ratio.max_ratio {
+                add(
+                    i,
+                    "aspect_ratio",
+                    c.aspect_ratio.policy,
+                    format!("aspect ratio {ratio:.1} exceeds {}", c.aspect_ratio.max_ratio),
+                    Some(ratio),
+                );
+            }
+            if f64::from(p.contrast) < c.low_information.min_contrast {
+                add(
+                    i,
+                    "low_information",
+                    c.low_information.policy,
+                    format!("nearly constant (luma std {:.2})", p.contrast),
+                    Some(f64::from(p.contrast)),
+                );
+            } else if f64::from(p.sharpness) < c.blurry.min_sharpness {
+                add(
+                    i,
+                    "blurry",
+                    c.blurry.policy,
+                    format!("Laplacian variance {:.1} is under {}", p.sharpness, c.blurry.min_sharpness),
+                    Some(f64::from(p.sharpness)),
+                );
+            }
+            if f64::from(p.brightness) < c.too_dark.below {
+                add(
+                    i,
+                    "too_dark",
+                    c.too_dark.policy,
+                    format!("mean brightness {:.1} is under {}", p.brightness, c.too_dark.below),
+                    Some(f64::from(p.brightness)),
+                );
+            }
+            if f64::from(p.brightness) > c.too_bright.above {
+                add(
+                    i,
+                    "too_bright",
+                    c.too_bright.policy,
+                    format!("mean brightness {:.1} is over {}", p.brightness, c.too_bright.above),
+                    Some(f64::from(p.brightness)),
+                );
+            }
+            if colourful_set && p.colourful <= 0.01 {
+                add(i, "grayscale", c.grayscale.policy, "grayscale image in a colour set".into(), Some(f64::from(p.colourful)));
+            }
+        }
+
+        // Exact duplicates: the first by id stays, so the choice is stable across runs.
+        let mut groups: Vec<DuplicateGroup> = Vec::new();
+        let mut group_of: HashMap<usize, usize> = HashMap::new();
+        let mut by_digest: BTreeMap<Digest, Vec<usize>> = BTreeMap::new();
+        for (i, item) in items.iter().enumerate() {
+            by_digest.entry(item.digest).or_default().push(i);
+        }
+        for members in by_digest.values().filter(|m| m.len() > 1) {
+            let mut members = members.clone();
+            members.sort_by(|&a, &b| items[a].id.cmp(&items[b].id));
+            let kept = members[0];
+            for &copy in &members[1..] {
+                add(copy, "exact_duplicates", c.exact_duplicates.policy, format!("same bytes as `{}`", items[kept].id), None);
+            }
+            group_of.extend(members.iter().map(|&m| (m, groups.len())));
+            groups.push(DuplicateGroup {
+                kept: items[kept].id.clone(),
+                copies: members[1..]
+                    .iter()
+                    .map(|&m| GroupCopy { id: items[m].id.clone(), kind: "exact", distance: None, removed: false })
+                    .collect(),
+            });
+        }
+
+        // Near duplicates among distinct decodable images: pairs within the pHash distance
+        // and the colour difference are joined; in each group the best copy stays.
+        if c.near_duplicates.policy != Policy::Off {
+            let candidates: Vec<usize> = by_digest
+                .values()
+                .map(|m| *m.iter().min_by(|&&a, &&b| items[a].id.cmp(&items[b].id)).expect("non-empty"))
+                .filter(|&i| probes[i].is_ok())
+                .collect();
+            let hashes: Vec<u64> = candidates.iter().map(|&i| probes[i].as_ref().expect("decodable").phash).collect();
+            let limit = c.near_duplicates.max_distance;
+            let colour_limit = c.near_duplicates.max_colour_difference;
+            let thumbs: Vec<Vec<u8>> =
+                candidates.iter().map(|&i| hex::decode(&probes[i].as_ref().expect("decodable").thumb).unwrap_or_default()).collect();
+            let colour = |a: usize, b: usize| imaging::thumb_difference(&thumbs[a], &thumbs[b]);
+            let pairs: Vec<(usize, usize, u32)> = (0..hashes.len())
+                .into_par_iter()
+                .flat_map_iter(|a| {
+                    let hashes = &hashes;
+                    let colour = &colour;
+                    (a + 1..hashes.len()).filter_map(move |b| {
+                        let d = (hashes[a] ^ hashes[b]).count_ones();
+                        // Same structure is not enough: a red and a blue circle in one place
+                        // are different pictures.
+                        (d <= limit && colour(a, b) <= colour_limit).then_some((a, b, d))
+                    })
+                })
+                .collect();
+            let mut parent: Vec<usize> = (0..candidates.len()).collect();
+            fn root(parent: &mut [usize], mut x: usize) -> usize {
+                while parent[x] != x {
+                    parent[x] = parent[parent[x]];
+                    x = parent[x];
+                }
+                x
+            }
+            for &(a, b, _) in &pairs {
+                let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
+                if ra != rb {
+                    parent[ra.max(rb)] = ra.min(rb);
+                }
+            }
+            let mut clusters: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+            for k in 0..candidates.len() {
+                let r = root(&mut parent, k);
+                clusters.entry(r).or_default().push(k);
+            }
+            let distance: HashMap<(usize, usize), u32> = pairs.iter().map(|&(a, b, d)| ((a, b), d)).collect();
+            for members in clusters.values().filter(|m| m.len() > 1) {
+                // More pixels, then more bytes (a better encoding: JPEG artefacts would fool
+                // a sharpness measure), then the first id.
+                let best = |k: &usize| {
+                    let p = probes[candidates[*k]].as_ref().expect("decodable");
+                    let item = &items[candidates[*k]];
+                    (u64::from(p.width) * u64::from(p.height), item.bytes, std::cmp::Reverse(item.id.clone()))
+                };
+                let kept_k = *members.iter().max_by_key(|k| best(k)).expect("non-empty");
+                let kept = candidates[kept_k];
+                let mut copies = Vec::new();
+                for &k in members.iter().filter(|&&k| k != kept_k) {
+                    let i = candidates[k];
+                    let d =
+                        distance.get(&(k.min(kept_k), k.max(kept_k))).copied().unwrap_or_else(|| (hashes[k] ^ hashes[kept_k]).count_ones());
+                    add(
+                        i,
+                        "near_duplicates",
+                        c.near_duplicates.policy,
+                        format!("looks like `{}` (pHash distance {d})", items[kept].id),
+                        Some(f64::from(d)),
+                    );
+                    copies.push(GroupCopy { id: items[i].id.clone(), kind: "near", distance: Some(d), removed: false });
+                }
+                // Merge with an exact-duplicate group the kept image already leads.
+                let g = match group_of.get(&kept) {
+                    Some(&g) => g,
+                    None => {
+                        groups.push(DuplicateGroup { kept: items[kept].id.clone(), copies: Vec::new() });
+                        groups.len() - 1
+                    }
+                };
+                for &k in members {
+                    for &i in &by_digest[&items[candidates[k]].digest] {
+                        group_of.insert(i, g);
+                    }
+                }
+                groups[g].copies.extend(copies);
+            }
+        }
+
+        // The verdict: the strictest policy among an item's findings.
+        let action: Vec<Policy> = findings.iter().map(|f| f.iter().map(|x| x.policy).max().unwrap_or(Policy::Off)).collect();
+        let removed = |i: usize| matches!(action[i], Policy::Drop | Policy::Quarantine);
+        let index_of: HashMap<&str, usize> = items.iter().enumerate().map(|(i, it)| (it.id.as_str(), i)).collect();
+        for g in &mut groups {
+            for copy in &mut g.copies {
+                copy.removed = removed(index_of[copy.id.as_str()]);
+            }
+        }
+        let mut counts: BTreeMap<&'static str, CheckCount> = BTreeMap::new();
+        for (i, f) in findings.iter().enumerate() {
+            for x in f {
+                let n = counts.entry(x.check).or_default();
+                n.found += 1;
+                n.removed += usize::from(removed(i) && x.policy == action[i]);
+            }
+        }
+
+        let mut kept_items = Vec::new();
+        let mut quarantined = 0;
+        let mut dropped = 0;
+        let mut by_id: HashMap<&str, usize> = HashMap::new();
+        for (i, item) in items.iter().enumerate() {
+            match action[i] {
+                Policy::Drop => dropped += 1,
+                Policy::Quarantine => {
+                    quarantined += 1;
+                    let check = findings[i].iter().find(|f| f.policy == Policy::Quarantine).map_or("other", |f| f.check);
+                    let name = format!("quarantine/{check}/{}", item.id.replace('/', "__"));
+                    cx.attach_blob(&name, item.digest, item.bytes);
+                }
+                Policy::Off | Policy::Keep => {
+                    let mut kept = item.clone();
+                    if let Ok(p) = &probes[i] {
+                        (kept.format, kept.width, kept.height) = (Some(p.format.clone()), Some(p.width), Some(p.height));
+                    }
+                    if let Some(&g) = group_of.get(&i) {
+                        kept.group = Some(groups[g].kept.clone());
+                    }
+                    by_id.insert(item.id.as_str(), kept_items.len());
+                    kept_items.push(kept);
+                }
+            }
+        }
+        // Removed copies travel with the copy that stayed, for the label stage.
+        for g in &groups {
+            if let Some(&k) = by_id.get(g.kept.as_str()) {
+                for copy in g.copies.iter().filter(|c| c.removed) {
+                    let src = &items[index_of[copy.id.as_str()]];
+                    kept_items[k].duplicates.push(DuplicateRef {
+                        id: src.id.clone(),
+                        source: src.source.clone(),
+                        digest: src.digest,
+                        label: src.label.clone(),
+                    });
+                }
+            }
+        }
+
+        let summary: Vec<String> = counts.iter().map(|(check, n)| format!("{check}: {} found, {} removed", n.found, n.removed)).collect();
+        if !summary.is_empty() {
+            cx.reporter.summary(cx.stage, &summary);
+        }
+        let report = Report {
+            items_in: items.len(),
+            items_kept: kept_items.len(),
+            dropped,
+            quarantined,
+            checks: counts,
+            duplicate_groups: groups,
+            findings: findings.into_iter().flatten().collect(),
+        };
+        dataset::write(cx, &mut kept_items)?;
+        dataset::write_json(cx, "clean_report.json", &report)
+    }
+}
+
+fn extension(source: &str) -> Option<String> {
+    let name = source.rsplit('/').next()?;
+    name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).filter(|e| !e.is_empty() && e.len() <= 5)
+}
+
+/// Probes every item, memoised per (image digest, probe version and limits).
+fn probe_all(cx: &StageContext<'_>, items: &[Item], limits: &DecodeLimits) -> Result<Vec<Result<Probe, Defect>>, StageError> {
+    let op = Digest::of_bytes(
+        format!("clean-probe v{} {}", imaging::PROBE_VERSION, serde_json::to_string(limits).expect("limits serialise")).as_bytes(),
+    );
+    let digests: Vec<Digest> = items.iter().map(|i| i.digest).collect();
+    let progress = cx.reporter.progress(&format!("{}: checking images", cx.stage), items.len() as u64, "items");
+    let results = cx
+        .cache
+        .state()
+        .memo()
+        .map(&digests, &op, |k| {
+            let bytes =
+                std::fs::read(cx.cache.blob_path(&digests[k])).map_err(|e| format!("cannot read image of `{}`: {e}", items[k].id))?;
+            let verdict = imaging::probe(&bytes, limits);
+            progress.inc(1);
+            serde_json::to_vec(&verdict).map_err(|e| e.to_string())
+        })
+        .map_err(|e| StageError::Failed(e.to_string()))?;
+    progress.finish();
+    results
+        .into_iter()
+        .map(|r| {
+            let bytes = r.map_err(StageError::Failed)?;
+            serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("memo entry: {e}")))
+        })
+        .collect()
+}

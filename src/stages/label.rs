@@ -1,0 +1,429 @@
+//! `kind = "label"`: give every item one clean label, from a fixed class list.
+//!
+//! ```toml
+//! [stages.label]
+//! kind = "label"
+//! inputs = ["clean"]
+//! from = "folder"                    # "collected" (what collect found), "folder",
+//!                                    # "mapping" (a CSV/JSONL file) or "pattern"
+//! pattern = '^(?P<label>[a-z]+)_\d+' # with from = "pattern": matched on the file name
+//! classes = ["cat", "dog"]           # optional: fixes the order; other labels are unknown
+//! aliases = { Cat = "cat", cats = "cat" }
+//! unknown = "error"                  # or "drop"
+//! conflicts = "drop"                 # duplicates that disagree: "drop", "majority", "first"
+//! ```
+//!
+//! Writes the labelled dataset, `classes.json` (the class order every later stage uses)
+//! and `label_report.json` (class balance, dropped items and why, conflicts).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+use toml::de::DeValue;
+
+use super::{ParseContext, Stage, StageContext, StageError, StageKind, parse_config};
+use crate::dataset;
+use crate::digest::Digest;
+use crate::exec::inputs::dep_path;
+use crate::manifest::{Issue, normalize_dep};
+
+pub struct LabelKind;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum From {
+    #[default]
+    Collected,
+    Folder,
+    Mapping,
+    Pattern,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum MapKey {
+    /// The item's source path, or just its file name.
+    #[default]
+    Path,
+    Digest,
+    Id,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Mapping {
+    path: String,
+    #[serde(default)]
+    key: MapKey,
+    #[serde(default = "default_key_field")]
+    key_field: String,
+    #[serde(default = "default_label_field")]
+    label_field: String,
+}
+
+fn default_key_field() -> String {
+    "path".into()
+}
+fn default_label_field() -> String {
+    "label".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum OnUnknown {
+    #[default]
+    Error,
+    Drop,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum OnMissing {
+    #[default]
+    Drop,
+    Error,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum OnConflict {
+    #[default]
+    Drop,
+    Majority,
+    First,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default)]
+    from: From,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mapping: Option<Mapping>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pattern: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    classes: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    aliases: BTreeMap<String, String>,
+    #[serde(default)]
+    unknown: OnUnknown,
+    #[serde(default)]
+    missing: OnMissing,
+    #[serde(default)]
+    conflicts: OnConflict,
+    /// Warn when the largest class outnumbers the smallest by more than this.
+    #[serde(default = "default_imbalance")]
+    imbalance_warning: f64,
+}
+
+fn default_imbalance() -> f64 {
+    3.0
+}
+
+#[derive(Debug)]
+pub struct LabelStage {
+    config: Config,
+    pattern: Option<regex::Regex>,
+    deps: Vec<Spanned<String>>,
+}
+
+impl StageKind for LabelKind {
+    fn name(&self) -> &'static str {
+        "label"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
+        let span = table.span();
+        let config: Config = parse_config(table)?;
+        let mut issues = Vec::new();
+        let mut deps = Vec::new();
+        let pattern = match (&config.from, &config.pattern) {
+            (From::Pattern, None) => {
+                issues.push(Issue::new(span.clone(), "`from = \"pattern\"` needs `pattern`").help("e.g. pattern = '^(?P<label>[a-z]+)_'"));
+                None
+            }
+            (_, Some(p)) => match regex::Regex::new(p) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    issues.push(Issue::new(span.clone(), format!("invalid pattern: {e}")));
+                    None
+                }
+            },
+            _ => None,
+        };
+        match (&config.from, &config.mapping) {
+            (From::Mapping, None) => {
+                issues.push(Issue::new(span.clone(), "`from = \"mapping\"` needs `mapping = { path = \"labels.csv\" }`"))
+            }
+            (_, Some(m)) => match normalize_dep(&m.path) {
+                Ok(p) => deps.push(Spanned::new(span.clone(), p)),
+                Err(why) => issues.push(Issue::new(span.clone(), format!("invalid mapping path `{}`: {why}", m.path))),
+            },
+            _ => {}
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &config.classes {
+            if !seen.insert(c) {
+                issues.push(Issue::new(span.clone(), format!("class `{c}` is listed twice in `classes`")));
+            }
+        }
+        if !issues.is_empty() {
+            return Err(issues);
+        }
+        Ok(Arc::new(LabelStage { config, pattern, deps }))
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ClassCount {
+    class: String,
+    count: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Dropped {
+    id: String,
+    source: String,
+    reason: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Conflict {
+    id: String,
+    labels: BTreeMap<String, String>,
+    resolution: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    items_in: usize,
+    items_labelled: usize,
+    classes: Vec<ClassCount>,
+    imbalance_ratio: f64,
+    aliases_applied: usize,
+    dropped: Vec<Dropped>,
+    conflicts: Vec<Conflict>,
+}
+
+impl Stage for LabelStage {
+    fn params(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).expect("label config serialises")
+    }
+
+    fn path_deps(&self) -> Vec<Spanned<String>> {
+        self.deps.clone()
+    }
+
+    fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError> {
+        let (input, artifact) = dataset::single_input(cx)?;
+        let items = dataset::read(cx, input, artifact)?;
+        let mapping = self.load_mapping(cx)?;
+        let cfg = &self.config;
+        let mut aliases_applied = 0;
+        let mut canonical = |raw: Option<String>| {
+            raw.map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).map(|l| match cfg.aliases.get(&l) {
+                Some(to) => {
+                    aliases_applied += 1;
+                    to.clone()
+                }
+                None => l,
+            })
+        };
+
+        let mut labelled = Vec::new();
+        let mut dropped = Vec::new();
+        let mut conflicts = Vec::new();
+        let mut unknown: Vec<(String, String)> = Vec::new();
+        for item in items {
+            let own = canonical(self.raw_label(&item.id, &item.source, &item.digest, item.label.as_deref(), &mapping));
+            // The labels its removed duplicates would have had.
+            let mut all: BTreeMap<String, String> = BTreeMap::new();
+            if let Some(l) = &own {
+                all.insert(item.id.clone(), l.clone());
+            }
+            for d in &item.duplicates {
+                if let Some(l) = canonical(self.raw_label(&d.id, &d.source, &d.digest, d.label.as_deref(), &mapping)) {
+                    all.insert(d.id.clone(), l);
+                }
+            }
+            let mut distinct: Vec<&String> = all.values().collect();
+            distinct.sort();
+            distinct.dedup();
+            let label = if distinct.len() > 1 {
+                let resolved = match cfg.conflicts {
+                    OnConflict::Drop => None,
+                    OnConflict::First => own.clone(),
+                    OnConflict::Majority => majority(&all),
+                };
+                let resolution = resolved.as_ref().map_or_else(|| "dropped".to_string(), |l| format!("labelled `{l}`"));
+                conflicts.push(Conflict { id: item.id.clone(), labels: all.clone(), resolution });
+                if resolved.is_none() {
+                    dropped.push(Dropped {
+                        id: item.id.clone(),
+                        source: item.source.clone(),
+                        reason: format!(
+                            "duplicates disagree: {}",
+                            distinct.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(" vs ")
+                        ),
+                    });
+                    continue;
+                }
+                resolved
+            } else {
+                own.or_else(|| distinct.first().map(|s| s.to_string()))
+            };
+            let Some(label) = label else {
+                if cfg.missing == OnMissing::Error {
+                    return Err(StageError::Failed(format!(
+                        "item `{}` ({}) has no label (set `missing = \"drop\"` to drop such items)",
+                        item.id, item.source
+                    )));
+                }
+                dropped.push(Dropped { id: item.id.clone(), source: item.source.clone(), reason: "no label".into() });
+                continue;
+            };
+            if !cfg.classes.is_empty() && !cfg.classes.contains(&label) {
+                unknown.push((item.source.clone(), label.clone()));
+                dropped.push(Dropped {
+                    id: item.id.clone(),
+                    source: item.source.clone(),
+                    reason: format!("label `{label}` is not in `classes`"),
+                });
+                continue;
+            }
+            let mut item = item;
+            item.label = Some(label);
+            labelled.push(item);
+        }
+        if cfg.unknown == OnUnknown::Error && !unknown.is_empty() {
+            let shown: Vec<String> = unknown.iter().take(5).map(|(src, l)| format!("`{l}` ({src})")).collect();
+            return Err(StageError::Failed(format!(
+                "{} items have labels not in `classes`: {}{}; add them to `classes` or `aliases`, or set `unknown = \"drop\"`",
+                unknown.len(),
+                shown.join(", "),
+                if unknown.len() > 5 { ", …" } else { "" }
+            )));
+        }
+
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for item in &labelled {
+            *counts.entry(item.label.as_deref().expect("labelled")).or_default() += 1;
+        }
+        let classes: Vec<String> =
+            if cfg.classes.is_empty() { counts.keys().map(|s| s.to_string()).collect() } else { cfg.classes.clone() };
+        let class_counts: Vec<ClassCount> =
+            classes.iter().map(|c| ClassCount { class: c.clone(), count: counts.get(c.as_str()).copied().unwrap_or(0) }).collect();
+        let (max, min) = class_counts.iter().fold((0, usize::MAX), |(mx, mn), c| (mx.max(c.count), mn.min(c.count)));
+        let imbalance_ratio = if min == 0 || class_counts.is_empty() { f64::INFINITY } else { max as f64 / min as f64 };
+        let mut summary = vec![format!(
+            "{} items in {} classes ({})",
+            labelled.len(),
+            classes.len(),
+            class_counts.iter().map(|c| format!("{} {}", c.class, c.count)).collect::<Vec<_>>().join(", ")
+        )];
+        if !dropped.is_empty() {
+            summary.push(format!("{} items dropped (see label_report.json)", dropped.len()));
+        }
+        cx.reporter.summary(cx.stage, &summary);
+        if imbalance_ratio > cfg.imbalance_warning {
+            cx.reporter.warn(&format!(
+                "stage `{}`: classes are imbalanced: the largest has {max} items, the smallest {min} (ratio {imbalance_ratio:.1} > {})",
+                cx.stage, cfg.imbalance_warning
+            ));
+        }
+        let report = Report {
+            items_in: labelled.len() + dropped.len(),
+            items_labelled: labelled.len(),
+            classes: class_counts,
+            imbalance_ratio: if imbalance_ratio.is_finite() { (imbalance_ratio * 1000.0).round() / 1000.0 } else { -1.0 },
+            aliases_applied,
+            dropped,
+            conflicts,
+        };
+        dataset::write(cx, &mut labelled)?;
+        dataset::write_json(cx, "classes.json", &classes)?;
+        dataset::write_json(cx, "label_report.json", &report)
+    }
+}
+
+impl LabelStage {
+    fn raw_label(
+        &self,
+        id: &str,
+        source: &str,
+        digest: &Digest,
+        collected: Option<&str>,
+        mapping: &HashMap<String, String>,
+    ) -> Option<String> {
+        match self.config.from {
+            From::Collected => collected.map(String::from),
+            From::Folder => {
+                let mut parts = source.rsplit('/');
+                parts.next();
+                parts.next().map(String::from)
+            }
+            From::Pattern => {
+                let name = source.rsplit('/').next().unwrap_or(source);
+                let caps = self.pattern.as_ref()?.captures(name)?;
+                caps.name("label").or_else(|| caps.get(1)).map(|m| m.as_str().to_string())
+            }
+            From::Mapping => {
+                let key = self.config.mapping.as_ref().map_or(MapKey::Path, |m| m.key);
+                match key {
+                    MapKey::Digest => mapping.get(&digest.to_hex()).cloned(),
+                    MapKey::Id => mapping.get(id).cloned(),
+                    MapKey::Path => mapping.get(source).or_else(|| mapping.get(source.rsplit('/').next().unwrap_or(source))).cloned(),
+                }
+            }
+        }
+    }
+
+    fn load_mapping(&self, cx: &StageContext<'_>) -> Result<HashMap<String, String>, StageError> {
+        let Some(m) = &self.config.mapping else { return Ok(HashMap::new()) };
+        let path = dep_path(cx.root, &m.path);
+        let fail = |e: String| StageError::Failed(format!("mapping `{}`: {e}", m.path));
+        let rows: Vec<HashMap<String, serde_json::Value>> = if m.path.ends_with(".jsonl") || m.path.ends_with(".ndjson") {
+            std::fs::read_to_string(&path)
+                .map_err(|e| fail(e.to_string()))?
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| serde_json::from_str(l).map_err(|e| fail(e.to_string())))
+                .collect::<Result<_, _>>()?
+        } else {
+            let mut r = csv::Reader::from_path(&path).map_err(|e| fail(e.to_string()))?;
+            r.deserialize::<HashMap<String, String>>()
+                .map(|row| row.map(|row| row.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| fail(e.to_string()))?
+        };
+        let text = |v: &serde_json::Value| v.as_str().map(String::from).unwrap_or_else(|| v.to_string());
+        rows.iter()
+            .enumerate()
+            .map(|(n, row)| match (row.get(&m.key_field), row.get(&m.label_field)) {
+                (Some(k), Some(l)) => Ok((text(k), text(l))),
+                _ => Err(fail(format!("row {} lacks `{}` or `{}`", n + 1, m.key_field, m.label_field))),
+            })
+            .collect()
+    }
+}
+
+/// The most common label; `None` on a tie.
+fn majority(labels: &BTreeMap<String, String>) -> Option<String> {
+    let mut votes: BTreeMap<&str, usize> = BTreeMap::new();
+    for l in labels.values() {
+        *votes.entry(l).or_default() += 1;
+    }
+    let best = votes.values().copied().max()?;
+    let mut winners = votes.iter().filter(|(_, v)| **v == best);
+    match (winners.next(), winners.next()) {
+        (Some((l, _)), None) => Some(l.to_string()),
+        _ => None,
+    }
+}

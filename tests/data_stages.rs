@@ -1,0 +1,356 @@
+//! collect → clean → label through the CLI, on real images (`../shared/datasets`, skipped
+//! when absent) and on images the tests write themselves.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use image::{DynamicImage, RgbImage};
+
+fn kiln(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(dir).env("NO_COLOR", "1").output().unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!("--- stdout\n{}--- stderr\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn run_ok(dir: &Path, args: &[&str]) -> Output {
+    let out = kiln(dir, args);
+    assert!(out.status.success(), "{}", text(&out));
+    out
+}
+
+fn json(path: PathBuf) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+fn items(path: PathBuf) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn shared(rel: &str) -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets").join(rel);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("skipping: {} is absent", p.display());
+        None
+    }
+}
+
+fn jpeg(img: &DynamicImage, quality: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(&img.to_rgb8()).unwrap();
+    out
+}
+
+fn png(img: &DynamicImage) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+fn write(path: &Path, bytes: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+const PIPELINE: &str = r#"
+[pipeline]
+name = "dirty"
+
+[stages.collect]
+kind = "collect"
+[[stages.collect.sources]]
+type = "dir"
+path = "photos"
+
+[stages.clean]
+kind = "clean"
+inputs = ["collect"]
+[stages.clean.checks]
+wrong_extension = { policy = "keep" }
+blurry = { policy = "off" }
+
+[stages.label]
+kind = "label"
+inputs = ["clean"]
+from = "folder"
+aliases = { Cats = "chelsea" }
+conflicts = "drop"
+"#;
+
+/// A real image set (quarters of the five shared photos, one class per photo) with every
+/// kind of fault planted: each must be found, for the right reason, and nothing else lost.
+#[test]
+fn every_planted_fault_is_found_and_nothing_else_is_dropped() {
+    let Some(photos) = shared("photos") else { return };
+    let ws = tempfile::tempdir().unwrap();
+    let root = ws.path().join("photos");
+    let mut clean_tiles = BTreeSet::new();
+    let mut tiles: BTreeMap<(String, usize), DynamicImage> = BTreeMap::new();
+    for entry in std::fs::read_dir(&photos).unwrap().flatten() {
+        let class = entry.path().file_stem().unwrap().to_string_lossy().into_owned();
+        let img = image::open(entry.path()).unwrap();
+        let (w, h) = (img.width() / 2, img.height() / 2);
+        for k in 0..4 {
+            let tile = img.crop_imm((k as u32 % 2) * w, (k as u32 / 2) * h, w, h);
+            // One tile of the cat photo lives in a folder with an alias name.
+            let folder = if class == "chelsea" && k == 3 { "Cats".to_string() } else { class.clone() };
+            write(&root.join(&folder).join(format!("t{k}.jpg")), &jpeg(&tile, 92));
+            clean_tiles.insert(format!("photos/{folder}/t{k}.jpg"));
+            tiles.insert((class.clone(), k), tile);
+        }
+    }
+    assert_eq!(clean_tiles.len(), 20, "five photos, four tiles each");
+    let t = |class: &str, k: usize| &tiles[&(class.to_string(), k)];
+
+    let mut planted: BTreeMap<String, &str> = BTreeMap::new();
+    let mut plant = |rel: &str, bytes: Vec<u8>, check: &'static str| {
+        write(&root.join(rel), &bytes);
+        planted.insert(format!("photos/{rel}"), check);
+    };
+    plant("astronaut/t0_copy.jpg", std::fs::read(root.join("astronaut/t0.jpg")).unwrap(), "exact_duplicates");
+    let small =
+        t("coffee", 1).resize_exact(t("coffee", 1).width() * 3 / 5, t("coffee", 1).height() * 3 / 5, image::imageops::FilterType::Lanczos3);
+    plant("coffee/t1_small.jpg", jpeg(&small, 92), "near_duplicates");
+    plant("retina/t2_reencoded.jpg", jpeg(t("retina", 2), 40), "near_duplicates");
+    let (w, h) = (t("hubble_deep_field", 3).width(), t("hubble_deep_field", 3).height());
+    plant(
+        "hubble_deep_field/t3_crop.jpg",
+        jpeg(&t("hubble_deep_field", 3).crop_imm(w / 50, h / 50, w - w / 25, h - h / 25), 92),
+        "near_duplicates",
+    );
+    let whole = std::fs::read(root.join("chelsea/t0.jpg")).unwrap();
+    plant("chelsea/t0_truncated.jpg", whole[..whole.len() / 2].to_vec(), "decode:truncated");
+    plant("chelsea/empty.jpg", Vec::new(), "decode:zero-byte");
+    plant("coffee/notes.jpg", b"shopping list: beans, milk, filters".to_vec(), "decode:not an image");
+    let mut bomb = png(&DynamicImage::ImageRgb8(RgbImage::new(1, 1)));
+    bomb[16..24].copy_from_slice(&[0, 1, 0x86, 0xA0, 0, 1, 0x86, 0xA0]); // 100 000 x 100 000
+    let crc = crc32(&bomb[12..29]);
+    bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+    plant("astronaut/bomb.png", bomb, "decode:exceeds");
+    // A PNG that claims to be a JPEG: reported, kept (policy "keep").
+    write(&root.join("astronaut/wrong_ext.jpg"), &png(&kiln::imaging::synth::draw(kiln::imaging::synth::Shape::Star, 64, 5)));
+    // The same retina tile filed under the cat class: an exact duplicate whose labels
+    // conflict, so the label stage drops the group.
+    write(&root.join("chelsea/retina_copy.jpg"), &std::fs::read(root.join("retina/t0.jpg")).unwrap());
+    std::fs::write(ws.path().join("kiln.toml"), PIPELINE).unwrap();
+
+    let out = run_ok(ws.path(), &["run"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("exact_duplicates: 2 found, 2 removed"), "{stderr}");
+
+    let report = json(ws.path().join("outputs/dirty/clean/clean_report.json"));
+    let findings: Vec<(String, String, String)> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (f["id"].as_str().unwrap().to_string(), f["check"].as_str().unwrap().to_string(), f["reason"].as_str().unwrap().to_string())
+        })
+        .collect();
+    for (id, expected) in &planted {
+        let (check, reason) = expected.split_once(':').unwrap_or((expected, ""));
+        let found =
+            findings.iter().find(|(fid, _, _)| fid == id).unwrap_or_else(|| panic!("planted fault {id} not found in {findings:#?}"));
+        assert_eq!(found.1, check, "{id}: {found:?}");
+        assert!(found.2.contains(reason), "{id}: reason {:?} should mention {reason:?}", found.2);
+    }
+    let wrong_ext = findings.iter().find(|(id, _, _)| id == "photos/astronaut/wrong_ext.jpg").expect("wrong extension reported");
+    assert_eq!(wrong_ext.1, "wrong_extension");
+
+    let kept: BTreeSet<String> =
+        items(ws.path().join("outputs/dirty/clean/items.jsonl")).iter().map(|i| i["id"].as_str().unwrap().to_string()).collect();
+    // The retina tile and its copy are one exact-duplicate group: the first id stays.
+    let mut expected_kept = clean_tiles.clone();
+    expected_kept.remove("photos/retina/t0.jpg");
+    expected_kept.insert("photos/chelsea/retina_copy.jpg".into());
+    expected_kept.insert("photos/astronaut/wrong_ext.jpg".into());
+    assert_eq!(kept, expected_kept, "exactly the planted faults are removed");
+    for id in
+        planted.keys().filter(|id| !id.contains("bomb") && !id.contains("notes") && !id.contains("empty") && !id.contains("truncated"))
+    {
+        assert!(report["duplicate_groups"].to_string().contains(id.as_str()), "{id} is listed in a duplicate group");
+    }
+    let quarantined = std::fs::read_dir(ws.path().join("outputs/dirty/clean/quarantine/near_duplicates")).unwrap().count();
+    assert_eq!(quarantined, 3, "quarantined images are there to look at");
+
+    let labels = json(ws.path().join("outputs/dirty/label/label_report.json"));
+    assert_eq!(labels["conflicts"].as_array().unwrap().len(), 1, "{labels:#}");
+    assert_eq!(labels["conflicts"][0]["id"], "photos/chelsea/retina_copy.jpg");
+    assert!(labels["aliases_applied"].as_u64().unwrap() >= 1);
+    let labelled = items(ws.path().join("outputs/dirty/label/items.jsonl"));
+    let cats = labelled.iter().find(|i| i["id"] == "photos/Cats/t3.jpg").expect("alias item kept");
+    assert_eq!(cats["label"], "chelsea", "the alias folder maps to the canonical class");
+    let classes = json(ws.path().join("outputs/dirty/label/classes.json"));
+    assert_eq!(classes, serde_json::json!(["astronaut", "chelsea", "coffee", "hubble_deep_field", "retina"]));
+    assert_eq!(labelled.len(), 20, "21 kept images minus the conflicting retina copy");
+
+    // `kiln report` lists the offending files with reason and score.
+    let out = run_ok(ws.path(), &["report", "clean"]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("photos/chelsea/t0_truncated.jpg") && listing.contains("truncated"), "{listing}");
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// Deterministic, distinct 16×16 images without depending on any dataset.
+fn noise_png(seed: u64) -> Vec<u8> {
+    let mut rng = kiln::rng::Rng::new(seed);
+    let img = RgbImage::from_fn(16, 16, |_, _| image::Rgb([rng.below(256) as u8, rng.below(256) as u8, rng.below(256) as u8]));
+    png(&DynamicImage::ImageRgb8(img))
+}
+
+#[test]
+fn adding_ten_images_to_ten_thousand_does_ten_images_of_work() {
+    let ws = tempfile::tempdir().unwrap();
+    for i in 0..10_000u64 {
+        let p = ws.path().join(format!("data/c{}/img{i:05}.png", i % 4));
+        write(&p, &noise_png(i));
+        backdate(&p);
+    }
+    std::fs::write(
+        ws.path().join("kiln.toml"),
+        "[stages.collect]\nkind = \"collect\"\n[[stages.collect.sources]]\ntype = \"dir\"\npath = \"data\"\n\n[stages.clean]\nkind = \"clean\"\ninputs = [\"collect\"]\n[stages.clean.checks]\nnear_duplicates = { policy = \"off\" }\n\n[stages.label]\nkind = \"label\"\ninputs = [\"clean\"]\n",
+    )
+    .unwrap();
+    let stats = ws.path().join("stats.json");
+    run_ok(ws.path(), &["--work-stats", stats.to_str().unwrap(), "run"]);
+    let first = json(stats.clone());
+    assert_eq!(first["memo_misses"], 20_000, "the first run probes every image twice (header, full decode): {first}");
+
+    for i in 10_000..10_010u64 {
+        let p = ws.path().join(format!("data/c{}/img{i:05}.png", i % 4));
+        write(&p, &noise_png(i));
+        backdate(&p);
+    }
+    let out = run_ok(ws.path(), &["--work-stats", stats.to_str().unwrap(), "run"]);
+    let second = json(stats.clone());
+    assert_eq!(second["files_hashed"], 10, "only the new files are read: {second}");
+    assert_eq!(second["memo_misses"], 20, "only the new images are probed and decoded: {second}");
+    assert_eq!(second["memo_hits"], 20_000);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("collect                  ran"), "{}", text(&out));
+    assert_eq!(items(ws.path().join("outputs/kiln/label/items.jsonl")).len(), 10_010);
+}
+
+fn backdate(path: &Path) {
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60)).unwrap();
+}
+
+#[test]
+fn sources_idx_listing_and_pixels_with_broken_entries_and_odd_names() {
+    use std::io::Write;
+    let ws = tempfile::tempdir().unwrap();
+    // IDX: three 2x2 images and their labels, gzipped like the MNIST files.
+    let mut idx = vec![0, 0, 8, 3, 0, 0, 0, 3, 0, 0, 0, 2, 0, 0, 0, 2];
+    idx.extend([0, 50, 100, 150, 200, 250, 0, 10, 20, 30, 40, 50]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&idx).unwrap();
+    write(&ws.path().join("idx/images.gz"), &gz.finish().unwrap());
+    write(&ws.path().join("idx/labels"), &[0, 0, 8, 1, 0, 0, 0, 3, 1, 0, 1]);
+    // A listing with labels, one missing file.
+    write(&ws.path().join("list/a.png"), &noise_png(1));
+    write(&ws.path().join("list/b.png"), &noise_png(2));
+    std::fs::write(ws.path().join("list/files.csv"), "path,label\na.png,yes\nb.png,no\nmissing.png,no\n").unwrap();
+    // A folder with a non-UTF-8 file name and a broken symlink.
+    use std::os::unix::ffi::OsStrExt;
+    let odd = ws.path().join("dir/x").join(std::ffi::OsStr::from_bytes(b"caf\xe9.png"));
+    write(&odd, &noise_png(3));
+    std::os::unix::fs::symlink(ws.path().join("nowhere.png"), ws.path().join("dir/x/dangling.png")).unwrap();
+    std::fs::write(ws.path().join("pixels.csv"), "0,1,2,3,cat\n4,5,6,7,dog\n1,2,3,oops\n").unwrap();
+    std::fs::write(
+        ws.path().join("kiln.toml"),
+        r#"
+[stages.collect]
+kind = "collect"
+[[stages.collect.sources]]
+type = "idx"
+name = "mnistish"
+images = "idx/images.gz"
+labels = "idx/labels"
+classes = ["zero", "one"]
+split = "train"
+[[stages.collect.sources]]
+type = "listing"
+path = "list/files.csv"
+label_field = "label"
+[[stages.collect.sources]]
+type = "dir"
+path = "dir"
+[[stages.collect.sources]]
+type = "pixels"
+path = "pixels.csv"
+width = 2
+height = 2
+max_value = 7
+"#,
+    )
+    .unwrap();
+    let out = run_ok(ws.path(), &["run"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("could not be collected"), "{}", text(&out));
+    let collected = items(ws.path().join("outputs/kiln/collect/items.jsonl"));
+    let by_id: BTreeMap<&str, &serde_json::Value> = collected.iter().map(|i| (i["id"].as_str().unwrap(), i)).collect();
+    assert_eq!(
+        by_id.keys().copied().collect::<Vec<_>>(),
+        [
+            "dir/x/caf%E9.png",
+            "files/a.png",
+            "files/b.png",
+            "mnistish/00000",
+            "mnistish/00001",
+            "mnistish/00002",
+            "pixels/00000",
+            "pixels/00001"
+        ]
+    );
+    assert_eq!(by_id["mnistish/00001"]["label"], "zero");
+    assert_eq!(by_id["mnistish/00002"]["label"], "one");
+    assert_eq!(by_id["mnistish/00000"]["split"], "train");
+    assert_eq!(by_id["files/a.png"]["label"], "yes");
+    assert_eq!(by_id["pixels/00001"]["label"], "dog");
+    assert_eq!(by_id["dir/x/caf%E9.png"]["width"], 16);
+    let report = json(ws.path().join("outputs/kiln/collect/collect_report.json"));
+    let problems = report["problems"].to_string();
+    assert!(problems.contains("broken symlink") && problems.contains("dangling.png"), "{problems}");
+    assert!(problems.contains("missing.png") && problems.contains("pixels.csv:3"), "{problems}");
+}
+
+#[test]
+fn label_sources_and_policies() {
+    let ws = tempfile::tempdir().unwrap();
+    for (i, name) in ["cat_01.png", "cat_02.png", "dog_01.png", "Doggo_02.png", "bird_01.png"].iter().enumerate() {
+        write(&ws.path().join("flat").join(name), &noise_png(10 + i as u64));
+    }
+    let manifest = |unknown: &str| {
+        format!(
+            "[stages.collect]\nkind = \"collect\"\n[[stages.collect.sources]]\ntype = \"dir\"\npath = \"flat\"\nlayout = \"flat\"\n\n[stages.label]\nkind = \"label\"\ninputs = [\"collect\"]\nfrom = \"pattern\"\npattern = '^(?P<label>[A-Za-z]+)_'\nclasses = [\"dog\", \"cat\"]\naliases = {{ Doggo = \"dog\" }}\nunknown = \"{unknown}\"\n"
+        )
+    };
+    std::fs::write(ws.path().join("kiln.toml"), manifest("error")).unwrap();
+    let out = kiln(ws.path(), &["run"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 items have labels not in `classes`: `bird`"), "{}", text(&out));
+
+    std::fs::write(ws.path().join("kiln.toml"), manifest("drop")).unwrap();
+    run_ok(ws.path(), &["run"]);
+    assert_eq!(
+        json(ws.path().join("outputs/kiln/label/classes.json")),
+        serde_json::json!(["dog", "cat"]),
+        "the order of `classes` is kept"
+    );
+    let report = json(ws.path().join("outputs/kiln/label/label_report.json"));
+    assert_eq!(report["classes"], serde_json::json!([{"class": "dog", "count": 2}, {"class": "cat", "count": 2}]));
+    assert_eq!(report["dropped"][0]["reason"], "label `bird` is not in `classes`");
+}
