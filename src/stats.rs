@@ -14,6 +14,8 @@ pub struct WorkStats {
     pub files_from_index: AtomicU64,
     pub memo_hits: AtomicU64,
     pub memo_misses: AtomicU64,
+    pub http_downloads: AtomicU64,
+    pub http_not_modified: AtomicU64,
     pub stages_run: AtomicU64,
     pub stages_cached: AtomicU64,
 }
@@ -32,6 +34,8 @@ impl WorkStats {
             "files_from_index": get(&self.files_from_index),
             "memo_hits": get(&self.memo_hits),
             "memo_misses": get(&self.memo_misses),
+            "http_downloads": get(&self.http_downloads),
+            "http_not_modified": get(&self.http_not_modified),
             "stages_run": get(&self.stages_run),
             "stages_cached": get(&self.stages_cached),
         })

@@ -14,6 +14,11 @@
 //! count = 400
 //! ```
 //!
+//! Other sources: `listing` (CSV/JSONL of paths relative to the listing, optional label
+//! column), `idx` (MNIST-family `.gz` files read directly), `pixels` (a CSV of pixel
+//! values per row, as scikit-learn's digits) and `http` (a CSV/JSONL of URLs, see
+//! [`http`]).
+//!
 //! Every image is stored once in the cache by content digest; an unchanged file is
 //! neither reread (file-state index) nor re-probed (memo). Unreadable entries (broken
 //! symlinks, permission errors) are listed in `collect_report.json`, never fatal.
@@ -36,6 +41,8 @@ use crate::digest::Digest;
 use crate::exec::inputs::dep_path;
 use crate::imaging::{self, synth};
 use crate::manifest::{Issue, normalize_dep};
+
+mod http;
 
 pub struct CollectKind;
 
@@ -93,6 +100,26 @@ enum Source {
         #[serde(default = "default_max_value")]
         max_value: f64,
     },
+    Http {
+        /// A CSV or JSONL file with a URL per row.
+        listing: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default = "default_url_field")]
+        url_field: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        label_field: Option<String>,
+        #[serde(default = "default_concurrency")]
+        concurrency: usize,
+        #[serde(default = "default_timeout")]
+        timeout_secs: f64,
+        #[serde(default = "default_retries")]
+        retries: u32,
+        #[serde(default = "default_http_max_bytes")]
+        max_bytes: u64,
+        #[serde(default = "default_content_types")]
+        content_types: Vec<String>,
+    },
     Synthetic {
         count: u64,
         #[serde(default = "default_size")]
@@ -108,6 +135,24 @@ enum Source {
 
 fn default_path_field() -> String {
     "path".into()
+}
+fn default_url_field() -> String {
+    "url".into()
+}
+fn default_concurrency() -> usize {
+    8
+}
+fn default_timeout() -> f64 {
+    30.0
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_http_max_bytes() -> u64 {
+    50 << 20
+}
+fn default_content_types() -> Vec<String> {
+    vec!["image/".into()]
 }
 fn default_label_column() -> i64 {
     -1
@@ -179,6 +224,12 @@ impl StageKind for CollectKind {
                 // Listed paths are relative to the listing's folder: depend on all of it.
                 Source::Listing { path, .. } => {
                     dep(Path::new(path).parent().and_then(Path::to_str).filter(|p| !p.is_empty()).unwrap_or("."), "listing")
+                }
+                Source::Http { listing, timeout_secs, .. } => {
+                    dep(listing, "listing");
+                    if timeout_secs.is_nan() || *timeout_secs <= 0.0 {
+                        issues.push(Issue::new(span.clone(), "`timeout_secs` must be positive"));
+                    }
                 }
                 Source::Idx { images, labels, .. } => {
                     dep(images, "images");
@@ -272,6 +323,7 @@ impl Stage for CollectStage {
                 Source::Idx { .. } => collect_idx(cx, source, &label, &mut items)?,
                 Source::Pixels { .. } => collect_pixels(cx, source, &label, &mut items, &mut problems)?,
                 Source::Synthetic { .. } => collect_synthetic(cx, source, &label, &mut items)?,
+                Source::Http { .. } => collect_http(cx, source, &label, &mut items, &mut problems)?,
             }
             sources.push(SourceReport { source: label, items: items.len() - before_items, problems: problems.len() - before_problems });
         }
@@ -302,6 +354,7 @@ fn source_label(source: &Source, n: usize) -> String {
     let (name, fallback) = match source {
         Source::Dir { name, path, .. } | Source::Listing { name, path, .. } | Source::Pixels { name, path, .. } => (name, stem(path)),
         Source::Idx { name, images, .. } => (name, stem(images)),
+        Source::Http { name, listing, .. } => (name, stem(listing)),
         Source::Synthetic { name, .. } => (name, "synthetic".to_string()),
     };
     name.clone().unwrap_or(if fallback.is_empty() { format!("source{n}") } else { fallback })
@@ -389,20 +442,7 @@ fn collect_listing(
     let listing = dep_path(cx.root, path);
     let base = listing.parent().map(Path::to_path_buf).unwrap_or_default();
     let fail = |e: String| StageError::Failed(format!("listing `{path}`: {e}"));
-    let rows: Vec<BTreeMap<String, String>> = if path.ends_with(".jsonl") || path.ends_with(".ndjson") {
-        let text = std::fs::read_to_string(&listing).map_err(|e| fail(e.to_string()))?;
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(n, l)| {
-                let v: BTreeMap<String, serde_json::Value> = serde_json::from_str(l).map_err(|e| fail(format!("line {}: {e}", n + 1)))?;
-                Ok(v.into_iter().map(|(k, v)| (k, v.as_str().map(String::from).unwrap_or_else(|| v.to_string()))).collect())
-            })
-            .collect::<Result<_, StageError>>()?
-    } else {
-        let mut reader = csv::Reader::from_path(&listing).map_err(|e| fail(e.to_string()))?;
-        reader.deserialize().collect::<Result<_, _>>().map_err(|e| fail(e.to_string()))?
-    };
+    let rows = read_rows(&listing, path)?;
     let mut found = Vec::new();
     for (n, row) in rows.iter().enumerate() {
         let Some(rel) = row.get(path_field) else {
@@ -422,6 +462,66 @@ fn collect_listing(
         let mut item = Item::new(format!("{label}/{rel}"), rel.clone(), digest, bytes);
         item.label = item_label.filter(|l| !l.is_empty());
         items.push(item);
+    }
+    Ok(())
+}
+
+/// The rows of a CSV (with a header) or JSONL listing, as text fields.
+fn read_rows(file: &Path, shown: &str) -> Result<Vec<BTreeMap<String, String>>, StageError> {
+    let fail = |e: String| StageError::Failed(format!("listing `{shown}`: {e}"));
+    if shown.ends_with(".jsonl") || shown.ends_with(".ndjson") {
+        let text = std::fs::read_to_string(file).map_err(|e| fail(e.to_string()))?;
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(n, l)| {
+                let v: BTreeMap<String, serde_json::Value> = serde_json::from_str(l).map_err(|e| fail(format!("line {}: {e}", n + 1)))?;
+                Ok(v.into_iter().map(|(k, v)| (k, v.as_str().map(String::from).unwrap_or_else(|| v.to_string()))).collect())
+            })
+            .collect()
+    } else {
+        let mut reader = csv::Reader::from_path(file).map_err(|e| fail(e.to_string()))?;
+        reader.deserialize().collect::<Result<_, _>>().map_err(|e| fail(e.to_string()))
+    }
+}
+
+fn collect_http(
+    cx: &StageContext<'_>,
+    source: &Source,
+    label: &str,
+    items: &mut Vec<Item>,
+    problems: &mut Vec<Problem>,
+) -> Result<(), StageError> {
+    let Source::Http { listing, url_field, label_field, concurrency, timeout_secs, retries, max_bytes, content_types, .. } = source else {
+        unreachable!("called for http sources")
+    };
+    let rows = read_rows(&dep_path(cx.root, listing), listing)?;
+    let mut urls = Vec::new();
+    let mut labels = Vec::new();
+    for (n, row) in rows.iter().enumerate() {
+        let url = row
+            .get(url_field)
+            .ok_or_else(|| StageError::Failed(format!("listing `{listing}`: row {} has no `{url_field}` column", n + 1)))?;
+        urls.push(url.clone());
+        labels.push(label_field.as_ref().and_then(|f| row.get(f)).filter(|l| !l.is_empty()).cloned());
+    }
+    let opts = http::HttpOptions {
+        concurrency: *concurrency,
+        timeout_secs: *timeout_secs,
+        retries: *retries,
+        max_bytes: *max_bytes,
+        content_types: content_types.clone(),
+    };
+    for ((url, item_label), fetched) in urls.iter().zip(labels).zip(http::fetch_all(cx, &urls, &opts)?) {
+        match fetched {
+            Ok((digest, bytes)) => {
+                let shown = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+                let mut item = Item::new(format!("{label}/{shown}"), url.clone(), digest, bytes);
+                item.label = item_label;
+                items.push(item);
+            }
+            Err(reason) => problems.push(Problem { source: label.to_string(), path: url.clone(), reason }),
+        }
     }
     Ok(())
 }
