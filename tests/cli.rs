@@ -368,6 +368,8 @@ fn force_reruns_even_when_cached() {
     let ws = Workspace::new(CHAIN);
     ws.run_ok(&[]);
     assert_eq!(ws.run_ok(&["other", "--force"]), expect(&[("other", "ran")]));
+    assert_eq!(ws.run_ok(&["train", "--force"]), expect(&[("prep", "cached"), ("train", "ran")]), "only the named stage is forced");
+    assert_eq!(ws.run_ok(&["--force"]).values().filter(|o| *o == "ran").count(), 4, "no names: everything");
 }
 
 #[test]

@@ -17,7 +17,8 @@ pub struct RunArgs {
     /// The manifest (default: `kiln.toml`, or the only `pipelines/*.toml`), then stage names.
     #[arg(value_name = "FILE] [STAGE")]
     words: Vec<String>,
-    /// Run the selected stages even if their results are cached.
+    /// Run the named stages (all, when none are named) even if cached; what they need
+    /// still comes from the cache.
     #[arg(long)]
     force: bool,
     /// Say what would run and why; run nothing.

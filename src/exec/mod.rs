@@ -38,7 +38,8 @@ pub struct RunOptions {
     pub targets: Vec<String>,
     /// Also run what depends on the targets.
     pub downstream: bool,
-    /// Run the selected stages even when cached.
+    /// Run the named targets (every stage, when none are named) even when cached; the
+    /// stages they need still come from the cache.
     pub force: bool,
     pub jobs: usize,
     /// Stop starting stages after the first failure.
@@ -84,7 +85,8 @@ struct Shared<'a> {
     cache: &'a Cache,
     previous: &'a LockFile,
     reporter: &'a dyn Reporter,
-    force: bool,
+    /// Per stage: run it even if cached.
+    forced: Vec<bool>,
 }
 
 /// The stage indices named by `targets`, or an error naming the unknown one.
@@ -162,7 +164,9 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
     let mut waiting: Vec<usize> = (0..n).map(|i| graph.upstream(i).iter().filter(|&&j| selected[j]).count()).collect();
     let mut ready: BinaryHeap<Reverse<(usize, usize)>> =
         (0..n).filter(|&i| selected[i] && waiting[i] == 0).map(|i| Reverse((position[i], i))).collect();
-    let shared = Shared { manifest, cache: &cache, previous: &previous, reporter, force: opts.force };
+    let targets = resolve_targets(manifest, &opts.targets)?;
+    let forced: Vec<bool> = (0..manifest.stages.len()).map(|i| opts.force && (targets.is_empty() || targets.contains(&i))).collect();
+    let shared = Shared { manifest, cache: &cache, previous: &previous, reporter, forced };
     let mut fatal: Option<Error> = None;
     let mut lock_writer = LockWriter { path: &lock_path, last: None, pending: false };
 
@@ -345,7 +349,8 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
     let key = make_key(manifest, decl, deps, upstream.clone());
     let digest = key.digest();
 
-    if !cx.force
+    let force = cx.forced[i];
+    if !force
         && let Some(entry) = cache.get_entry(&digest)?
         && cache.entry_is_complete(&entry)?
     {
@@ -358,7 +363,7 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
     }
 
     if tracing::enabled!(tracing::Level::INFO) {
-        let reasons = if cx.force {
+        let reasons = if force {
             vec![DirtyReason::Forced]
         } else {
             let upstream_now = upstream.iter().map(|(k, v)| (k.clone(), Some(*v))).collect();
