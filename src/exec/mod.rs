@@ -503,9 +503,10 @@ fn restore_outputs(manifest: &Manifest, cache: &Cache, entry: &StageEntry, repor
 /// of this run, not of the last one.
 fn show_artifact(cx: &Shared<'_>, i: usize, done: Done) -> Result<Done, StageError> {
     let decl = &cx.manifest.stages[i];
-    if !decl.stage.writes_workspace() {
+    let view = cx.manifest.outputs_dir().join(&decl.name);
+    if !decl.stage.writes_workspace() && !cx.cache.view_is_current(&view, &done.artifact) {
         let tree = cx.cache.get_tree(&done.artifact)?.ok_or(CacheError::MissingTree { digest: done.artifact })?;
-        cx.cache.link_view(&tree, &cx.manifest.outputs_dir().join(&decl.name))?;
+        cx.cache.link_view(&tree, &view)?;
     }
     Ok(done)
 }
