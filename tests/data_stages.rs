@@ -354,3 +354,64 @@ fn label_sources_and_policies() {
     assert_eq!(report["classes"], serde_json::json!([{"class": "dog", "count": 2}, {"class": "cat", "count": 2}]));
     assert_eq!(report["dropped"][0]["reason"], "label `bird` is not in `classes`");
 }
+
+#[test]
+fn labels_from_a_mapping_by_digest_majority_conflicts_and_imbalance_warning() {
+    let ws = tempfile::tempdir().unwrap();
+    let images: Vec<Vec<u8>> = (0..4).map(|i| noise_png(100 + i)).collect();
+    // Image 0 appears three times (exact duplicates), image 1..3 once each.
+    for (name, img) in [("a.png", 0), ("x_copy.png", 0), ("y_copy.png", 0), ("b.png", 1), ("c.png", 2), ("d.png", 3)] {
+        write(&ws.path().join("imgs").join(name), &images[img]);
+    }
+    let digest = |b: &[u8]| kiln::Digest::of_bytes(b).to_hex();
+    // A mapping keyed by content digest gives all copies of image 0 the same label.
+    std::fs::write(
+        ws.path().join("labels.csv"),
+        format!("sha,class\n{},cat\n{},cat\n{},cat\n{},dog\n", digest(&images[0]), digest(&images[1]), digest(&images[2]), digest(&images[3])),
+    )
+    .unwrap();
+    // File-name labels for the second variant: two copies of image 0 say `cat`, one `dog`.
+    std::fs::write(
+        ws.path().join("kiln.toml"),
+        r#"
+[stages.collect]
+kind = "collect"
+[[stages.collect.sources]]
+type = "dir"
+path = "imgs"
+layout = "flat"
+
+[stages.clean]
+kind = "clean"
+inputs = ["collect"]
+[stages.clean.checks]
+near_duplicates = { policy = "off" }
+
+[stages.by_digest]
+kind = "label"
+inputs = ["clean"]
+from = "mapping"
+mapping = { path = "labels.csv", key = "digest", key_field = "sha", label_field = "class" }
+imbalance_warning = 2.0
+
+[stages.by_name]
+kind = "label"
+inputs = ["clean"]
+from = "pattern"
+pattern = '^(?P<label>[a-z])'
+aliases = { a = "cat", b = "cat", c = "cat", d = "dog", x = "cat", y = "dog" }
+conflicts = "majority"
+"#,
+    )
+    .unwrap();
+    let out = run_ok(ws.path(), &["run"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("classes are imbalanced: the largest has 3 items, the smallest 1"), "{stderr}");
+    let report = json(ws.path().join("outputs/kiln/by_digest/label_report.json"));
+    assert_eq!(report["classes"], serde_json::json!([{"class": "cat", "count": 3}, {"class": "dog", "count": 1}]), "{report:#}");
+    // The copies disagree 2 to 1: the majority labels the kept image.
+    let report = json(ws.path().join("outputs/kiln/by_name/label_report.json"));
+    assert_eq!(report["conflicts"].as_array().unwrap().len(), 1, "{report:#}");
+    assert_eq!(report["conflicts"][0]["resolution"], "labelled `cat`");
+    assert_eq!(report["items_labelled"], 4);
+}

@@ -427,3 +427,19 @@ fn majority(labels: &BTreeMap<String, String>) -> Option<String> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn votes(labels: &[&str]) -> BTreeMap<String, String> {
+        labels.iter().enumerate().map(|(i, l)| (format!("item{i}"), l.to_string())).collect()
+    }
+
+    #[test]
+    fn majority_wins_and_a_tie_decides_nothing() {
+        assert_eq!(majority(&votes(&["cat", "cat", "dog"])), Some("cat".into()));
+        assert_eq!(majority(&votes(&["cat", "dog"])), None);
+        assert_eq!(majority(&votes(&[])), None);
+    }
+}
