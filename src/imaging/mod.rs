@@ -5,7 +5,9 @@
 //! and depends only on the image bytes and the decode limits, so the clean stage memoises
 //! it per item; changing a threshold never decodes anything again.
 
+pub mod augment;
 pub mod synth;
+pub mod transform;
 
 use std::io::Cursor;
 
