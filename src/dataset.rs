@@ -15,6 +15,9 @@ use crate::digest::Digest;
 use crate::stages::{Artifact, StageContext, StageError};
 
 pub const ITEMS_FILE: &str = "items.jsonl";
+/// What a dataset carries forward besides its items: the preprocessing applied to its
+/// images and the class list, once stages have decided them.
+pub const META_FILE: &str = "dataset.json";
 pub const IMAGES_DIR: &str = ".images";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +44,10 @@ pub struct Item {
     /// stages never put copies of one image on both sides of a split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// The digest of the image as collected, once preprocessing replaced it (label
+    /// mappings keyed by digest refer to the original).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Digest>,
     /// Copies removed by clean, kept here so the label stage can see their labels.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub duplicates: Vec<DuplicateRef>,
@@ -69,6 +76,7 @@ impl Item {
             label: None,
             split: None,
             group: None,
+            origin: None,
             duplicates: Vec::new(),
         }
     }
@@ -119,6 +127,26 @@ pub fn read_file(path: &Path) -> Result<Vec<Item>, String> {
             serde_json::from_str(&line).map_err(|e| format!("`{}` line {}: {e}", path.display(), n + 1))
         })
         .collect()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<crate::stages::preprocess::Spec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<String>>,
+}
+
+/// The metadata of an upstream dataset (empty when it has none).
+pub fn read_meta(cx: &StageContext<'_>, input: &str, artifact: &Artifact) -> Result<Meta, StageError> {
+    let Some(path) = cx.input_file(artifact, META_FILE) else { return Ok(Meta::default()) };
+    let text = std::fs::read_to_string(&path).map_err(|e| StageError::Failed(format!("input `{input}`: cannot read {META_FILE}: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| StageError::Failed(format!("input `{input}`: {META_FILE}: {e}")))
+}
+
+pub fn write_meta(cx: &StageContext<'_>, meta: &Meta) -> Result<(), StageError> {
+    if *meta == Meta::default() { Ok(()) } else { write_json(cx, META_FILE, meta) }
 }
 
 /// The one upstream dataset of a stage that takes exactly one.

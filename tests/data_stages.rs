@@ -367,7 +367,13 @@ fn labels_from_a_mapping_by_digest_majority_conflicts_and_imbalance_warning() {
     // A mapping keyed by content digest gives all copies of image 0 the same label.
     std::fs::write(
         ws.path().join("labels.csv"),
-        format!("sha,class\n{},cat\n{},cat\n{},cat\n{},dog\n", digest(&images[0]), digest(&images[1]), digest(&images[2]), digest(&images[3])),
+        format!(
+            "sha,class\n{},cat\n{},cat\n{},cat\n{},dog\n",
+            digest(&images[0]),
+            digest(&images[1]),
+            digest(&images[2]),
+            digest(&images[3])
+        ),
     )
     .unwrap();
     // File-name labels for the second variant: two copies of image 0 say `cat`, one `dog`.

@@ -83,7 +83,18 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Self {
-        Params { rotation_deg: 0.0, shift: (0.0, 0.0), shear_deg: 0.0, zoom: (1.0, 1.0), hflip: false, vflip: false, brightness: 1.0, contrast: 1.0, saturation: 1.0, crop: None }
+        Params {
+            rotation_deg: 0.0,
+            shift: (0.0, 0.0),
+            shear_deg: 0.0,
+            zoom: (1.0, 1.0),
+            hflip: false,
+            vflip: false,
+            brightness: 1.0,
+            contrast: 1.0,
+            saturation: 1.0,
+            crop: None,
+        }
     }
 }
 
@@ -144,7 +155,7 @@ pub fn apply(img: &DynamicImage, p: &Params, fill: FillMode, cval: u8) -> Dynami
     let c = color.channels();
     let (mut buf, pt) = pixels(img, color);
     if let Some(crop) = p.crop {
-        buf = resize_buffer(buf, w, h, pt, w, h, Interpolation::Bilinear, Some(crop));
+        buf = resize_buffer(buf, (w, h), pt, (w, h), Interpolation::Bilinear, Some(crop));
     }
     let geometric = p.rotation_deg != 0.0 || p.shift != (0.0, 0.0) || p.shear_deg != 0.0 || p.zoom != (1.0, 1.0);
     if geometric {
@@ -231,7 +242,8 @@ fn warp(src: &[u8], w: usize, h: usize, c: usize, p: &Params, fill: FillMode, cv
 /// Brightness scales, contrast stretches about the mean grey level, saturation blends
 /// with each pixel's grey (torchvision's ColorJitter definitions).
 fn jitter(buf: &mut [u8], c: usize, brightness: f64, contrast: f64, saturation: f64) {
-    let grey = |px: &[u8]| if c == 3 { 0.299 * f64::from(px[0]) + 0.587 * f64::from(px[1]) + 0.114 * f64::from(px[2]) } else { f64::from(px[0]) };
+    let grey =
+        |px: &[u8]| if c == 3 { 0.299 * f64::from(px[0]) + 0.587 * f64::from(px[1]) + 0.114 * f64::from(px[2]) } else { f64::from(px[0]) };
     for px in buf.chunks_exact_mut(c) {
         for v in px.iter_mut() {
             *v = (f64::from(*v) * brightness).round().clamp(0.0, 255.0) as u8;
@@ -269,15 +281,24 @@ mod tests {
 
     #[test]
     fn flips() {
-        assert_eq!(run(Params { hflip: true, ..Default::default() }, FillMode::Nearest), [3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12]);
-        assert_eq!(run(Params { vflip: true, ..Default::default() }, FillMode::Nearest), [12, 13, 14, 15, 8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3]);
+        assert_eq!(
+            run(Params { hflip: true, ..Default::default() }, FillMode::Nearest),
+            [3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12]
+        );
+        assert_eq!(
+            run(Params { vflip: true, ..Default::default() }, FillMode::Nearest),
+            [12, 13, 14, 15, 8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3]
+        );
     }
 
     #[test]
     fn rotation_by_90_degrees_moves_every_pixel_exactly() {
         // +90° turns +x towards +y (clockwise on screen, y pointing down): the top row
         // 0 1 2 3 becomes the right column.
-        assert_eq!(run(Params { rotation_deg: 90.0, ..Default::default() }, FillMode::Nearest), [12, 8, 4, 0, 13, 9, 5, 1, 14, 10, 6, 2, 15, 11, 7, 3]);
+        assert_eq!(
+            run(Params { rotation_deg: 90.0, ..Default::default() }, FillMode::Nearest),
+            [12, 8, 4, 0, 13, 9, 5, 1, 14, 10, 6, 2, 15, 11, 7, 3]
+        );
     }
 
     #[test]
@@ -304,7 +325,8 @@ mod tests {
 
     #[test]
     fn colour_jitter() {
-        let img = DynamicImage::ImageRgb8(image::RgbImage::from_fn(2, 1, |x, _| image::Rgb(if x == 0 { [100, 50, 0] } else { [200, 200, 200] })));
+        let img =
+            DynamicImage::ImageRgb8(image::RgbImage::from_fn(2, 1, |x, _| image::Rgb(if x == 0 { [100, 50, 0] } else { [200, 200, 200] })));
         let bright = apply(&img, &Params { brightness: 1.5, ..Default::default() }, FillMode::Nearest, 0).to_rgb8();
         assert_eq!(bright.get_pixel(0, 0).0, [150, 75, 0]);
         assert_eq!(bright.get_pixel(1, 0).0, [255, 255, 255], "clamped");
@@ -315,12 +337,22 @@ mod tests {
 
     #[test]
     fn draws_are_seeded_and_bounded() {
-        let spec = Augment { rotation_range: 20.0, width_shift_range: 0.1, zoom_range: 0.2, horizontal_flip: true, brightness_range: Some([0.8, 1.2]), ..Default::default() };
+        let spec = Augment {
+            rotation_range: 20.0,
+            width_shift_range: 0.1,
+            zoom_range: 0.2,
+            horizontal_flip: true,
+            brightness_range: Some([0.8, 1.2]),
+            ..Default::default()
+        };
         let a = spec.draw(&mut Rng::new(5), 100, 50);
         assert_eq!(a, spec.draw(&mut Rng::new(5), 100, 50));
         assert!(a.rotation_deg.abs() <= 20.0 && a.shift.0.abs() <= 10.0 && (0.8..=1.2).contains(&a.zoom.0));
         assert!(!spec.is_identity() && Augment::default().is_identity());
-        let crop = Augment { random_resized_crop: Some(ResizedCrop { scale: [0.5, 0.5], ratio: [1.0, 1.0] }), ..Default::default() }.draw(&mut Rng::new(1), 100, 100).crop.unwrap();
+        let crop = Augment { random_resized_crop: Some(ResizedCrop { scale: [0.5, 0.5], ratio: [1.0, 1.0] }), ..Default::default() }
+            .draw(&mut Rng::new(1), 100, 100)
+            .crop
+            .unwrap();
         assert!((crop.2 * crop.3 - 5000.0).abs() < 1.0 && crop.0 + crop.2 <= 100.0);
     }
 }

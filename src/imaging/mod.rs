@@ -338,6 +338,20 @@ fn phash_of(thumb: &[u8]) -> u64 {
     coef.iter().fold(0u64, |bits, &c| (bits << 1) | u64::from(c > median))
 }
 
+/// Encodes 8-bit pixels as PNG with the fastest compression: for intermediate images
+/// that kiln itself writes and reads back, speed matters more than size.
+pub fn encode_png_fast(img: &DynamicImage) -> Vec<u8> {
+    use image::ImageEncoder;
+    let mut out = Vec::new();
+    let encoder = image::codecs::png::PngEncoder::new_with_quality(
+        &mut out,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::Adaptive,
+    );
+    encoder.write_image(img.as_bytes(), img.width(), img.height(), img.color().into()).expect("PNG encoding into memory cannot fail");
+    out
+}
+
 /// Encodes 8-bit pixels as PNG, deterministically (same pixels, same bytes).
 pub fn encode_png(img: &DynamicImage) -> Vec<u8> {
     let mut out = Cursor::new(Vec::new());

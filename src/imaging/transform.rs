@@ -72,14 +72,20 @@ pub struct Transform {
 /// 8-bit pixels of the output colour mode: RGB or grayscale.
 pub fn pixels(img: &DynamicImage, color: ColorMode) -> (Vec<u8>, PixelType) {
     match color {
-        ColorMode::Rgb => (match img {
-            DynamicImage::ImageRgb8(b) => b.as_raw().clone(),
-            other => other.to_rgb8().into_raw(),
-        }, PixelType::U8x3),
-        ColorMode::Grayscale => (match img {
-            DynamicImage::ImageLuma8(b) => b.as_raw().clone(),
-            other => other.to_luma8().into_raw(),
-        }, PixelType::U8),
+        ColorMode::Rgb => (
+            match img {
+                DynamicImage::ImageRgb8(b) => b.as_raw().clone(),
+                other => other.to_rgb8().into_raw(),
+            },
+            PixelType::U8x3,
+        ),
+        ColorMode::Grayscale => (
+            match img {
+                DynamicImage::ImageLuma8(b) => b.as_raw().clone(),
+                other => other.to_luma8().into_raw(),
+            },
+            PixelType::U8,
+        ),
     }
 }
 
@@ -90,9 +96,16 @@ pub fn to_image(buf: Vec<u8>, w: u32, h: u32, color: ColorMode) -> DynamicImage 
     }
 }
 
-/// Resizes a packed buffer (of `fast_image_resize` pixel type `pt`), optionally from a
-/// crop box of the source.
-pub fn resize_buffer(src: Vec<u8>, w: u32, h: u32, pt: PixelType, ow: u32, oh: u32, interpolation: Interpolation, crop: Option<(f64, f64, f64, f64)>) -> Vec<u8> {
+/// Resizes a packed buffer of `(w, h)` pixels (of `fast_image_resize` type `pt`) to
+/// `(ow, oh)`, optionally from a crop box of the source.
+pub fn resize_buffer(
+    src: Vec<u8>,
+    (w, h): (u32, u32),
+    pt: PixelType,
+    (ow, oh): (u32, u32),
+    interpolation: Interpolation,
+    crop: Option<(f64, f64, f64, f64)>,
+) -> Vec<u8> {
     if (w, h) == (ow, oh) && crop.is_none() {
         return src;
     }
@@ -112,17 +125,17 @@ impl Transform {
         let (buf, pt) = pixels(img, self.color);
         let (tw, th) = (self.width, self.height);
         let out = match self.resize {
-            ResizeMode::Exact => resize_buffer(buf, w, h, pt, tw, th, self.interpolation, None),
+            ResizeMode::Exact => resize_buffer(buf, (w, h), pt, (tw, th), self.interpolation, None),
             ResizeMode::Crop => {
                 let scale = (f64::from(tw) / f64::from(w)).max(f64::from(th) / f64::from(h));
                 let (cw, ch) = (f64::from(tw) / scale, f64::from(th) / scale);
                 let crop = ((f64::from(w) - cw) / 2.0, (f64::from(h) - ch) / 2.0, cw, ch);
-                resize_buffer(buf, w, h, pt, tw, th, self.interpolation, Some(crop))
+                resize_buffer(buf, (w, h), pt, (tw, th), self.interpolation, Some(crop))
             }
             ResizeMode::Letterbox => {
                 let scale = (f64::from(tw) / f64::from(w)).min(f64::from(th) / f64::from(h));
                 let (nw, nh) = (((f64::from(w) * scale).round() as u32).clamp(1, tw), ((f64::from(h) * scale).round() as u32).clamp(1, th));
-                let inner = resize_buffer(buf, w, h, pt, nw, nh, self.interpolation, None);
+                let inner = resize_buffer(buf, (w, h), pt, (nw, nh), self.interpolation, None);
                 let c = self.color.channels();
                 let mut canvas = vec![self.pad; (tw * th) as usize * c];
                 let (ox, oy) = (((tw - nw) / 2) as usize, ((th - nh) / 2) as usize);

@@ -183,6 +183,7 @@ impl Stage for CleanStage {
     fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError> {
         let (input, artifact) = dataset::single_input(cx)?;
         let items = dataset::read(cx, input, artifact)?;
+        let meta = dataset::read_meta(cx, input, artifact)?;
         let probes = probe_all(cx, &items, &DecodeLimits { max_pixels: self.config.max_pixels, max_bytes: self.config.max_bytes })?;
         let c = &self.config.checks;
         let mut findings: Vec<Vec<Finding>> = vec![Vec::new(); items.len()];
@@ -456,6 +457,7 @@ impl Stage for CleanStage {
             findings: findings.into_iter().flatten().collect(),
         };
         dataset::write(cx, &mut kept_items)?;
+        dataset::write_meta(cx, &meta)?;
         dataset::write_json(cx, "clean_report.json", &report)
     }
 }

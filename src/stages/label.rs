@@ -224,6 +224,7 @@ impl Stage for LabelStage {
     fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError> {
         let (input, artifact) = dataset::single_input(cx)?;
         let items = dataset::read(cx, input, artifact)?;
+        let mut meta = dataset::read_meta(cx, input, artifact)?;
         let mapping = self.load_mapping(cx)?;
         let cfg = &self.config;
         let mut aliases_applied = 0;
@@ -242,7 +243,13 @@ impl Stage for LabelStage {
         let mut conflicts = Vec::new();
         let mut unknown: Vec<(String, String)> = Vec::new();
         for item in items {
-            let own = canonical(self.raw_label(&item.id, &item.source, &item.digest, item.label.as_deref(), &mapping));
+            let own = canonical(self.raw_label(
+                &item.id,
+                &item.source,
+                item.origin.as_ref().unwrap_or(&item.digest),
+                item.label.as_deref(),
+                &mapping,
+            ));
             // The labels its removed duplicates would have had.
             let mut all: BTreeMap<String, String> = BTreeMap::new();
             if let Some(l) = &own {
@@ -348,6 +355,8 @@ impl Stage for LabelStage {
             conflicts,
         };
         dataset::write(cx, &mut labelled)?;
+        meta.classes = Some(classes.clone());
+        dataset::write_meta(cx, &meta)?;
         dataset::write_json(cx, "classes.json", &classes)?;
         dataset::write_json(cx, "label_report.json", &report)
     }

@@ -14,7 +14,9 @@
 pub mod clean;
 pub mod collect;
 pub mod command;
+pub mod convert;
 pub mod label;
+pub mod preprocess;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -161,6 +163,8 @@ impl StageRegistry {
         r.register(Arc::new(collect::CollectKind));
         r.register(Arc::new(clean::CleanKind));
         r.register(Arc::new(label::LabelKind));
+        r.register(Arc::new(preprocess::PreprocessKind));
+        r.register(Arc::new(convert::ConvertKind));
         r
     }
 

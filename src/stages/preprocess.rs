@@ -1,0 +1,210 @@
+//! `kind = "preprocess"`: the deterministic image transforms, once per image, memoised;
+//! and the augmentation spec, recorded for later stages.
+//!
+//! ```toml
+//! [stages.preprocess]
+//! kind = "preprocess"
+//! inputs = ["clean"]
+//! color = "rgb"                      # or "grayscale"
+//! size = [224, 224]                  # width, height
+//! resize = "crop"                    # "exact", "crop" (shorter side + centre), "letterbox"
+//! interpolation = "bilinear"         # "nearest", "bilinear", "bicubic", "lanczos"
+//! normalize = { mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225] }
+//! augmentation = "online"            # applied by train each epoch; "offline": by convert
+//! [stages.preprocess.augment]        # Keras ImageDataGenerator names
+//! rotation_range = 15.0
+//! horizontal_flip = true
+//! fill_mode = "reflect"
+//! ```
+//!
+//! The resized images are stored once per (image, transform); changing only the
+//! augmentation reruns nothing here but the bookkeeping. Normalisation is recorded, not
+//! baked into the 8-bit images: convert applies it for `f32` shards, train at load time.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+use toml::de::DeValue;
+
+use super::{ParseContext, Stage, StageContext, StageError, StageKind, parse_config};
+use crate::dataset::{self, Item};
+use crate::digest::Digest;
+use crate::imaging::augment::Augment;
+use crate::imaging::transform::{ColorMode, Interpolation, ResizeMode, Transform};
+use crate::imaging::{self, DecodeLimits};
+use crate::manifest::Issue;
+
+pub struct PreprocessKind;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Normalize {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AugmentWhere {
+    /// Fresh draws every epoch, in the train stage.
+    #[default]
+    Online,
+    /// Fixed augmented copies of each training image, written by convert.
+    Offline,
+}
+
+/// What preprocessing a dataset went through: carried in its `dataset.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub transform: Transform,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<Normalize>,
+    #[serde(default)]
+    pub augment: Augment,
+    #[serde(default)]
+    pub augmentation: AugmentWhere,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default)]
+    color: ColorMode,
+    size: [u32; 2],
+    #[serde(default)]
+    resize: ResizeMode,
+    #[serde(default)]
+    interpolation: Interpolation,
+    #[serde(default)]
+    pad: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    normalize: Option<Normalize>,
+    #[serde(default)]
+    augment: Augment,
+    #[serde(default)]
+    augmentation: AugmentWhere,
+}
+
+#[derive(Debug)]
+pub struct PreprocessStage {
+    spec: Spec,
+}
+
+impl StageKind for PreprocessKind {
+    fn name(&self) -> &'static str {
+        "preprocess"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
+        let span = table.span();
+        let c: Config = parse_config(table)?;
+        let mut issues = Vec::new();
+        if c.size[0] == 0 || c.size[1] == 0 || c.size[0] > 8192 || c.size[1] > 8192 {
+            issues.push(Issue::new(span.clone(), format!("`size` {:?} must be between 1 and 8192 pixels on each side", c.size)));
+        }
+        if let Some(n) = &c.normalize {
+            let channels = c.color.channels();
+            if n.mean.len() != channels || n.std.len() != channels {
+                issues.push(
+                    Issue::new(span.clone(), format!("`normalize` needs {channels} mean and std values for color = {:?}", c.color))
+                        .help("e.g. normalize = { mean = [0.5], std = [0.5] } for grayscale"),
+                );
+            }
+            if n.std.iter().any(|s| *s <= 0.0) {
+                issues.push(Issue::new(span.clone(), "`normalize.std` values must be positive"));
+            }
+        }
+        if !issues.is_empty() {
+            return Err(issues);
+        }
+        let transform =
+            Transform { color: c.color, width: c.size[0], height: c.size[1], resize: c.resize, interpolation: c.interpolation, pad: c.pad };
+        Ok(Arc::new(PreprocessStage { spec: Spec { transform, normalize: c.normalize, augment: c.augment, augmentation: c.augmentation } }))
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Failure {
+    id: String,
+    source: String,
+    reason: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    items_in: usize,
+    items_out: usize,
+    failed: Vec<Failure>,
+}
+
+impl Stage for PreprocessStage {
+    fn params(&self) -> serde_json::Value {
+        serde_json::to_value(&self.spec).expect("preprocess spec serialises")
+    }
+
+    fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError> {
+        let (input, artifact) = dataset::single_input(cx)?;
+        let items = dataset::read(cx, input, artifact)?;
+        let mut meta = dataset::read_meta(cx, input, artifact)?;
+        let t = &self.spec.transform;
+        // The memo key holds only the deterministic transform: augmentation edits reuse it.
+        let op = Digest::of_bytes(format!("preprocess v1 {}", serde_json::to_string(t).expect("transform serialises")).as_bytes());
+        let digests: Vec<Digest> = items.iter().map(|i| i.digest).collect();
+        let transform_one = |d: &Digest| -> Result<(Digest, u64), String> {
+            let bytes = std::fs::read(cx.cache.blob_path(d)).map_err(|e| format!("cannot read image: {e}"))?;
+            let (_, img) = imaging::decode(&bytes, &DecodeLimits::default()).map_err(|e| e.to_string())?;
+            let png = imaging::encode_png_fast(&t.apply(&img));
+            Ok((cx.cache.put_blob_bytes(&png).map_err(|e| e.to_string())?, png.len() as u64))
+        };
+        let progress = cx.reporter.progress(&format!("{}: transforming images", cx.stage), items.len() as u64, "items");
+        let results = cx
+            .cache
+            .state()
+            .memo()
+            .map(&digests, &op, |k| {
+                let (digest, len) = transform_one(&digests[k])?;
+                progress.inc(1);
+                Ok::<_, String>([digest.0.as_slice(), &len.to_le_bytes()].concat())
+            })
+            .map_err(|e| StageError::Failed(e.to_string()))?;
+        progress.finish();
+        let mut out = Vec::with_capacity(items.len());
+        let mut failed = Vec::new();
+        for (item, result) in items.iter().zip(results) {
+            let remembered = result
+                .ok()
+                .filter(|v| v.len() == 40)
+                .map(|v| (Digest(v[..32].try_into().expect("32 bytes")), u64::from_le_bytes(v[32..].try_into().expect("8 bytes"))))
+                .filter(|(d, _)| cx.cache.has_blob(d));
+            // A memo entry can outlive its blob (gc): transform again rather than fail.
+            match remembered.map_or_else(|| transform_one(&item.digest), Ok) {
+                Ok((digest, bytes)) => {
+                    let mut next: Item = item.clone();
+                    next.origin = Some(item.origin.unwrap_or(item.digest));
+                    (next.digest, next.bytes) = (digest, bytes);
+                    (next.format, next.width, next.height) = (Some("png".into()), Some(t.width), Some(t.height));
+                    out.push(next);
+                }
+                Err(reason) => failed.push(Failure { id: item.id.clone(), source: item.source.clone(), reason }),
+            }
+        }
+        if !failed.is_empty() {
+            cx.reporter.warn(&format!(
+                "stage `{}`: {} images could not be preprocessed (see preprocess_report.json); run a clean stage first",
+                cx.stage,
+                failed.len()
+            ));
+        }
+        meta.preprocess = Some(self.spec.clone());
+        let report = Report { items_in: items.len(), items_out: out.len(), failed };
+        dataset::write(cx, &mut out)?;
+        dataset::write_meta(cx, &meta)?;
+        dataset::write_json(cx, "preprocess_report.json", &report)
+    }
+}
