@@ -15,7 +15,7 @@ use image::{DynamicImage, GrayImage, ImageFormat, ImageReader};
 use serde::{Deserialize, Serialize};
 
 /// Bump when [`probe`] changes what it measures: it is part of the memo key.
-pub const PROBE_VERSION: u32 = 1;
+pub const PROBE_VERSION: u32 = 2;
 
 /// Images larger than this are shrunk before the sharpness and colour measures, which
 /// are then comparable across resolutions and cheap on large photos.
