@@ -16,7 +16,7 @@
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 
-use super::transform::{ColorMode, Interpolation, pixels, resize_buffer, to_image};
+use super::transform::{ColorMode, Interpolation, into_pixels, resize_buffer, to_image};
 use crate::rng::Rng;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,7 +123,7 @@ impl Augment {
     }
 
     /// Draws and applies: the output has the input's size and colour mode.
-    pub fn apply(&self, img: &DynamicImage, rng: &mut Rng) -> DynamicImage {
+    pub fn apply(&self, img: DynamicImage, rng: &mut Rng) -> DynamicImage {
         let p = self.draw(rng, img.width(), img.height());
         apply(img, &p, self.fill_mode, self.cval)
     }
@@ -149,13 +149,13 @@ fn resized_crop_box(rng: &mut Rng, c: &ResizedCrop, w: u32, h: u32) -> (f64, f64
 }
 
 /// Applies concrete parameters: crop, affine warp, flips, colour jitter, in that order.
-pub fn apply(img: &DynamicImage, p: &Params, fill: FillMode, cval: u8) -> DynamicImage {
+pub fn apply(img: DynamicImage, p: &Params, fill: FillMode, cval: u8) -> DynamicImage {
     let (w, h) = (img.width(), img.height());
     let color = if img.color().has_color() { ColorMode::Rgb } else { ColorMode::Grayscale };
     let c = color.channels();
-    let (mut buf, pt) = pixels(img, color);
+    let (mut buf, pt) = into_pixels(img, color);
     if let Some(crop) = p.crop {
-        buf = resize_buffer(buf, (w, h), pt, (w, h), Interpolation::Bilinear, Some(crop));
+        buf = resize_buffer(&buf, (w, h), pt, (w, h), Interpolation::Bilinear, Some(crop));
     }
     let geometric = p.rotation_deg != 0.0 || p.shift != (0.0, 0.0) || p.shear_deg != 0.0 || p.zoom != (1.0, 1.0);
     if geometric {
@@ -163,10 +163,9 @@ pub fn apply(img: &DynamicImage, p: &Params, fill: FillMode, cval: u8) -> Dynami
     }
     if p.hflip {
         for row in buf.chunks_exact_mut(w as usize * c) {
-            for x in 0..w as usize / 2 {
-                for k in 0..c {
-                    row.swap(x * c + k, (w as usize - 1 - x) * c + k);
-                }
+            match c {
+                3 => row.as_chunks_mut::<3>().0.reverse(),
+                _ => row.reverse(),
             }
         }
     }
@@ -276,7 +275,7 @@ mod tests {
     }
 
     fn run(p: Params, fill: FillMode) -> Vec<u8> {
-        apply(&grid(), &p, fill, 99).to_luma8().into_raw()
+        apply(grid(), &p, fill, 99).to_luma8().into_raw()
     }
 
     #[test]
@@ -316,7 +315,7 @@ mod tests {
         let down = run(Params { shift: (0.0, 1.0), ..Default::default() }, FillMode::Constant);
         assert_eq!(down, [99, 99, 99, 99, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
         // Zoom 2× about the centre (1.5, 1.5): output p samples source (p − 1.5) / 2 + 1.5.
-        let zoomed = apply(&grid(), &Params { zoom: (2.0, 2.0), ..Default::default() }, FillMode::Nearest, 0).to_luma8();
+        let zoomed = apply(grid(), &Params { zoom: (2.0, 2.0), ..Default::default() }, FillMode::Nearest, 0).to_luma8();
         // Output (1, 1) samples source (1.25, 1.25): 0.5625·5 + 0.1875·6 + 0.1875·9 + 0.0625·10 = 6.25.
         assert_eq!(zoomed.get_pixel(1, 1)[0], 6);
         // Output (0, 0) samples (0.75, 0.75): 0.0625·0 + 0.1875·1 + 0.1875·4 + 0.5625·5 = 3.75.
@@ -327,10 +326,10 @@ mod tests {
     fn colour_jitter() {
         let img =
             DynamicImage::ImageRgb8(image::RgbImage::from_fn(2, 1, |x, _| image::Rgb(if x == 0 { [100, 50, 0] } else { [200, 200, 200] })));
-        let bright = apply(&img, &Params { brightness: 1.5, ..Default::default() }, FillMode::Nearest, 0).to_rgb8();
+        let bright = apply(img.clone(), &Params { brightness: 1.5, ..Default::default() }, FillMode::Nearest, 0).to_rgb8();
         assert_eq!(bright.get_pixel(0, 0).0, [150, 75, 0]);
         assert_eq!(bright.get_pixel(1, 0).0, [255, 255, 255], "clamped");
-        let grey = apply(&img, &Params { saturation: 0.0, ..Default::default() }, FillMode::Nearest, 0).to_rgb8();
+        let grey = apply(img, &Params { saturation: 0.0, ..Default::default() }, FillMode::Nearest, 0).to_rgb8();
         let p = grey.get_pixel(0, 0).0;
         assert!(p[0] == p[1] && p[1] == p[2], "no saturation is grey: {p:?}");
     }

@@ -1,7 +1,9 @@
 //! Deterministic preprocessing: colour mode, resize (exact, shorter side + centre crop,
 //! letterbox) with a chosen interpolation. Resizing uses `fast_image_resize` (SIMD).
 
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image};
+use std::borrow::Cow;
+
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image, images::ImageRef};
 use image::{DynamicImage, GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
@@ -69,23 +71,23 @@ pub struct Transform {
     pub pad: u8,
 }
 
-/// 8-bit pixels of the output colour mode: RGB or grayscale.
-pub fn pixels(img: &DynamicImage, color: ColorMode) -> (Vec<u8>, PixelType) {
-    match color {
-        ColorMode::Rgb => (
-            match img {
-                DynamicImage::ImageRgb8(b) => b.as_raw().clone(),
-                other => other.to_rgb8().into_raw(),
-            },
-            PixelType::U8x3,
-        ),
-        ColorMode::Grayscale => (
-            match img {
-                DynamicImage::ImageLuma8(b) => b.as_raw().clone(),
-                other => other.to_luma8().into_raw(),
-            },
-            PixelType::U8,
-        ),
+/// 8-bit pixels of the output colour mode, borrowed when the image already has it.
+pub fn pixels(img: &DynamicImage, color: ColorMode) -> (Cow<'_, [u8]>, PixelType) {
+    match (color, img) {
+        (ColorMode::Rgb, DynamicImage::ImageRgb8(b)) => (Cow::Borrowed(b.as_raw().as_slice()), PixelType::U8x3),
+        (ColorMode::Rgb, other) => (Cow::Owned(other.to_rgb8().into_raw()), PixelType::U8x3),
+        (ColorMode::Grayscale, DynamicImage::ImageLuma8(b)) => (Cow::Borrowed(b.as_raw().as_slice()), PixelType::U8),
+        (ColorMode::Grayscale, other) => (Cow::Owned(other.to_luma8().into_raw()), PixelType::U8),
+    }
+}
+
+/// Like [`pixels`], taking the image: no copy when it already has the colour mode.
+pub fn into_pixels(img: DynamicImage, color: ColorMode) -> (Vec<u8>, PixelType) {
+    match (color, img) {
+        (ColorMode::Rgb, DynamicImage::ImageRgb8(b)) => (b.into_raw(), PixelType::U8x3),
+        (ColorMode::Rgb, other) => (other.to_rgb8().into_raw(), PixelType::U8x3),
+        (ColorMode::Grayscale, DynamicImage::ImageLuma8(b)) => (b.into_raw(), PixelType::U8),
+        (ColorMode::Grayscale, other) => (other.to_luma8().into_raw(), PixelType::U8),
     }
 }
 
@@ -99,7 +101,7 @@ pub fn to_image(buf: Vec<u8>, w: u32, h: u32, color: ColorMode) -> DynamicImage 
 /// Resizes a packed buffer of `(w, h)` pixels (of `fast_image_resize` type `pt`) to
 /// `(ow, oh)`, optionally from a crop box of the source.
 pub fn resize_buffer(
-    src: Vec<u8>,
+    src: &[u8],
     (w, h): (u32, u32),
     pt: PixelType,
     (ow, oh): (u32, u32),
@@ -107,9 +109,9 @@ pub fn resize_buffer(
     crop: Option<(f64, f64, f64, f64)>,
 ) -> Vec<u8> {
     if (w, h) == (ow, oh) && crop.is_none() {
-        return src;
+        return src.to_vec();
     }
-    let source = Image::from_vec_u8(w, h, src, pt).expect("buffer matches its size");
+    let source = ImageRef::new(w, h, src, pt).expect("buffer matches its size");
     let mut dest = Image::new(ow, oh, pt);
     let mut options = ResizeOptions::new().resize_alg(interpolation.algorithm());
     if let Some((l, t, cw, ch)) = crop {
@@ -125,17 +127,17 @@ impl Transform {
         let (buf, pt) = pixels(img, self.color);
         let (tw, th) = (self.width, self.height);
         let out = match self.resize {
-            ResizeMode::Exact => resize_buffer(buf, (w, h), pt, (tw, th), self.interpolation, None),
+            ResizeMode::Exact => resize_buffer(&buf, (w, h), pt, (tw, th), self.interpolation, None),
             ResizeMode::Crop => {
                 let scale = (f64::from(tw) / f64::from(w)).max(f64::from(th) / f64::from(h));
                 let (cw, ch) = (f64::from(tw) / scale, f64::from(th) / scale);
                 let crop = ((f64::from(w) - cw) / 2.0, (f64::from(h) - ch) / 2.0, cw, ch);
-                resize_buffer(buf, (w, h), pt, (tw, th), self.interpolation, Some(crop))
+                resize_buffer(&buf, (w, h), pt, (tw, th), self.interpolation, Some(crop))
             }
             ResizeMode::Letterbox => {
                 let scale = (f64::from(tw) / f64::from(w)).min(f64::from(th) / f64::from(h));
                 let (nw, nh) = (((f64::from(w) * scale).round() as u32).clamp(1, tw), ((f64::from(h) * scale).round() as u32).clamp(1, th));
-                let inner = resize_buffer(buf, (w, h), pt, (nw, nh), self.interpolation, None);
+                let inner = resize_buffer(&buf, (w, h), pt, (nw, nh), self.interpolation, None);
                 let c = self.color.channels();
                 let mut canvas = vec![self.pad; (tw * th) as usize * c];
                 let (ox, oy) = (((tw - nw) / 2) as usize, ((th - nh) / 2) as usize);
@@ -150,9 +152,30 @@ impl Transform {
     }
 }
 
+/// 8-bit pixels (HWC) → f32 CHW in [0, 1], then `(x − mean) / std` per channel: what a
+/// network sees. One code path for convert, train and predict.
+pub fn normalize_chw(hwc: &[u8], channels: usize, mean: &[f32], std: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(hwc.len());
+    for c in 0..channels {
+        let s = std.get(c).copied().unwrap_or(1.0);
+        let (scale, shift) = (1.0 / (255.0 * s), mean.get(c).copied().unwrap_or(0.0) / s);
+        // One plane at a time: sequential writes, no zero-filling first.
+        out.extend(hwc[c..].iter().step_by(channels).map(|&v| f32::from(v) * scale - shift));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn normalize_moves_channels_to_planes() {
+        // Two RGB pixels: (0, 255, 51) and (255, 0, 102).
+        let out = super::normalize_chw(&[0, 255, 51, 255, 0, 102], 3, &[0.0, 0.5, 0.0], &[1.0, 0.5, 0.2]);
+        let want = [0.0, 1.0, 1.0, -1.0, 1.0, 2.0];
+        assert!(out.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{out:?}");
+    }
 
     fn gradient(w: u32, h: u32) -> DynamicImage {
         DynamicImage::ImageRgb8(RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 255 / w.max(1)) as u8, (y * 255 / h.max(1)) as u8, 128])))

@@ -401,7 +401,7 @@ impl ConvertStage {
                     let bytes = std::fs::read(cx.cache.blob_path(&digests[n])).map_err(|e| e.to_string())?;
                     let (_, img) = imaging::decode(&bytes, &DecodeLimits::default()).map_err(|e| e.to_string())?;
                     let mut rng = Rng::for_item(cx.seed, &format!("augment-{}", digests[n]), u64::from(k));
-                    Ok::<_, String>(to_chw(&spec.augment.apply(&img, &mut rng), color))
+                    Ok::<_, String>(to_chw(&spec.augment.apply(img, &mut rng), color))
                 })
                 .map_err(|e| StageError::Failed(e.to_string()))?;
             for (d, r) in digests.into_iter().zip(results) {
@@ -432,18 +432,15 @@ impl ShardLayout<'_> {
         let images: Vec<u8> = match self.dtype {
             Dtype::U8 => pixels.concat(),
             Dtype::F32 => {
-                let norm = &self.normalize;
-                let plane = h * w;
+                let (mean, std) = self.normalize.as_ref().map_or((vec![0.0; c], vec![1.0; c]), |n| (n.mean.clone(), n.std.clone()));
+                // Rows are stored CHW already; normalise each plane with its channel's values.
                 pixels
                     .iter()
-                    .flat_map(|px| {
-                        px.iter().enumerate().map(|(i, &v)| {
-                            let x = f32::from(v) / 255.0;
-                            let x = norm.as_ref().map_or(x, |nm| (x - nm.mean[i / plane]) / nm.std[i / plane]);
-                            x.to_le_bytes()
-                        })
+                    .flat_map(|chw| {
+                        let hwc = chw_to_hwc(chw, c);
+                        crate::imaging::transform::normalize_chw(&hwc, c, &mean, &std)
                     })
-                    .flatten()
+                    .flat_map(f32::to_le_bytes)
                     .collect()
             }
         };
@@ -479,7 +476,7 @@ fn to_chw(img: &image::DynamicImage, color: ColorMode) -> Vec<u8> {
     let (hwc, _) = pixels(img, color);
     let c = color.channels();
     if c == 1 {
-        return hwc;
+        return hwc.into_owned();
     }
     let plane = hwc.len() / c;
     let mut chw = vec![0u8; hwc.len()];
@@ -489,6 +486,11 @@ fn to_chw(img: &image::DynamicImage, color: ColorMode) -> Vec<u8> {
         }
     }
     chw
+}
+
+fn chw_to_hwc(chw: &[u8], c: usize) -> Vec<u8> {
+    let plane = chw.len() / c.max(1);
+    (0..plane).flat_map(|p| (0..c).map(move |ch| chw[ch * plane + p])).collect()
 }
 
 fn load_chw(cx: &StageContext<'_>, digest: &Digest, color: ColorMode) -> Result<Vec<u8>, StageError> {
