@@ -205,3 +205,31 @@ fn changing_augmentation_redoes_only_augmentation_for_the_training_split() {
     );
     assert_eq!(s["memo_hits"].as_u64().unwrap(), 200, "every deterministic resize is a memo hit: {s}");
 }
+
+#[test]
+fn several_labels_per_item_encode_multi_hot() {
+    let ws = tempfile::tempdir().unwrap();
+    let labels = ["cat", "dog", "cat|dog", "Dog|cat", "dog", "cat"];
+    let mut listing = String::from("path,tags\n");
+    std::fs::create_dir(ws.path().join("data")).unwrap();
+    for (i, l) in labels.iter().enumerate() {
+        std::fs::write(ws.path().join(format!("data/{i}.png")), png(100 + i as u64)).unwrap();
+        listing.push_str(&format!("{i}.png,{l}\n"));
+    }
+    std::fs::write(ws.path().join("data/list.csv"), listing).unwrap();
+    std::fs::write(
+        ws.path().join("kiln.toml"),
+        "[stages.collect]\nkind = \"collect\"\n[[stages.collect.sources]]\ntype = \"listing\"\npath = \"data/list.csv\"\nlabel_field = \"tags\"\n\n[stages.label]\nkind = \"label\"\ninputs = [\"collect\"]\nclasses = [\"cat\", \"dog\"]\naliases = { Dog = \"dog\" }\n\n[stages.convert]\nkind = \"convert\"\ninputs = [\"label\"]\nencoding = \"multi_hot\"\nsplit = { train = 1.0, val = 0.0, test = 0.0 }\n",
+    )
+    .unwrap();
+    kiln(ws.path(), &["run"]);
+    let report = json(ws.path().join("outputs/kiln/label/label_report.json"));
+    assert_eq!(report["classes"], serde_json::json!([{"class": "cat", "count": 4}, {"class": "dog", "count": 4}]));
+    let bytes = std::fs::read(ws.path().join("outputs/kiln/convert/shards/train-00000.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let labels = st.tensor("labels").unwrap();
+    assert_eq!(labels.shape(), [6, 2]);
+    let rows: Vec<f32> = labels.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let both = rows.chunks(2).filter(|r| r == &[1.0, 1.0]).count();
+    assert_eq!(both, 2, "`cat|dog` and `Dog|cat` (an alias) carry both classes: {rows:?}");
+}

@@ -13,6 +13,9 @@
 //! conflicts = "drop"                 # duplicates that disagree: "drop", "majority", "first"
 //! ```
 //!
+//! An item may have several classes, written `cat|dog` in a mapping, listing or pattern
+//! result; each part must be a known class, and convert encodes them multi-hot.
+//!
 //! Writes the labelled dataset, `classes.json` (the class order every later stage uses)
 //! and `label_report.json` (class balance, dropped items and why, conflicts).
 
@@ -30,6 +33,9 @@ use crate::exec::inputs::dep_path;
 use crate::manifest::{Issue, normalize_dep};
 
 pub struct LabelKind;
+
+/// Separates the classes of an item that has several (`cat|dog`).
+pub const MULTI: &str = "|";
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -228,14 +234,25 @@ impl Stage for LabelStage {
         let mapping = self.load_mapping(cx)?;
         let cfg = &self.config;
         let mut aliases_applied = 0;
+        // A label may name several classes (`cat|dog`, for multi-hot encoding): aliases
+        // apply to each part, and the parts are kept sorted and unique.
         let mut canonical = |raw: Option<String>| {
-            raw.map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).map(|l| match cfg.aliases.get(&l) {
-                Some(to) => {
-                    aliases_applied += 1;
-                    to.clone()
-                }
-                None => l,
-            })
+            let raw = raw?;
+            let mut parts: Vec<String> = raw
+                .split(MULTI)
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(|l| match cfg.aliases.get(l) {
+                    Some(to) => {
+                        aliases_applied += 1;
+                        to.clone()
+                    }
+                    None => l.to_string(),
+                })
+                .collect();
+            parts.sort();
+            parts.dedup();
+            (!parts.is_empty()).then(|| parts.join(MULTI))
         };
 
         let mut labelled = Vec::new();
@@ -296,7 +313,7 @@ impl Stage for LabelStage {
                 dropped.push(Dropped { id: item.id.clone(), source: item.source.clone(), reason: "no label".into() });
                 continue;
             };
-            if !cfg.classes.is_empty() && !cfg.classes.contains(&label) {
+            if !cfg.classes.is_empty() && label.split(MULTI).any(|part| !cfg.classes.iter().any(|c| c == part)) {
                 unknown.push((item.source.clone(), label.clone()));
                 dropped.push(Dropped {
                     id: item.id.clone(),
@@ -321,7 +338,9 @@ impl Stage for LabelStage {
 
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
         for item in &labelled {
-            *counts.entry(item.label.as_deref().expect("labelled")).or_default() += 1;
+            for class in item.label.as_deref().expect("labelled").split(MULTI) {
+                *counts.entry(class).or_default() += 1;
+            }
         }
         let classes: Vec<String> =
             if cfg.classes.is_empty() { counts.keys().map(|s| s.to_string()).collect() } else { cfg.classes.clone() };

@@ -221,9 +221,15 @@ impl StageKind for CollectKind {
                         }
                     }
                 }
-                // Listed paths are relative to the listing's folder: depend on all of it.
+                // Listed paths are relative to the listing's folder: depend on all of it. At
+                // the workspace root that would be the whole workspace, the cache included.
                 Source::Listing { path, .. } => {
-                    dep(Path::new(path).parent().and_then(Path::to_str).filter(|p| !p.is_empty()).unwrap_or("."), "listing")
+                    match Path::new(path).parent().and_then(Path::to_str).filter(|p| !p.is_empty() && *p != ".") {
+                        Some(dir) => dep(dir, "listing"),
+                        None => issues.push(Issue::new(span.clone(), format!("listing `{path}` is at the workspace root")).help(
+                            "kiln depends on the listing's folder, so put the listing and its images in a sub-folder, e.g. `data/list.csv`",
+                        )),
+                    }
                 }
                 Source::Http { listing, timeout_secs, .. } => {
                     dep(listing, "listing");
