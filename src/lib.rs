@@ -18,6 +18,13 @@
 //!    file-state index and the item memo store, and the lock file that goes into git.
 //! 5. **[`cli`]** is the command line: it renders progress and results, nothing else.
 //!
+//! The built-in data stages (collect, clean, preprocess, label, convert in [`stages`]) pass
+//! **[`dataset`]** artifacts: `items.jsonl` plus image blobs shared by digest. Their pixel
+//! work lives in **[`imaging`]** (decoding under limits, measures, perceptual hashes,
+//! transforms, augmentation), their per-image results in the memo store, and every random
+//! draw comes from **[`rng`]**, kiln's own seeded generator, so the same seed gives the same
+//! bytes on every machine and every dependency version.
+//!
 //! # Files on disk
 //!
 //! | path                               | owner                   |
@@ -28,6 +35,7 @@
 //! | `cache/state.redb`                 | [`cache::state`]        |
 //! | `cache/run.lock`                   | [`cache::guard`]        |
 //! | `outputs/NAME/STAGE/`              | [`exec`] (views into the cache) |
+//! | `…/items.jsonl`, `…/dataset.json`  | [`dataset`]             |
 
 pub mod cache;
 pub mod cli;

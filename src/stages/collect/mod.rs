@@ -532,16 +532,20 @@ fn collect_http(
     Ok(())
 }
 
+/// A file's bytes, gunzipped when they start with the gzip magic number.
+fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>, String> {
+    let raw = std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        return Ok(raw);
+    }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(|e| format!("`{}`: bad gzip: {e}", path.display()))?;
+    Ok(out)
+}
+
 /// Reads an IDX file (the MNIST family's format), gzipped or not: (dimensions, bytes).
 fn read_idx(path: &Path) -> Result<(Vec<usize>, Vec<u8>), String> {
-    let raw = std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
-    let data = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(|e| format!("`{}`: bad gzip: {e}", path.display()))?;
-        out
-    } else {
-        raw
-    };
+    let data = read_maybe_gzip(path)?;
     if data.len() < 4 || data[0] != 0 || data[1] != 0 || data[2] != 0x08 {
         return Err(format!("`{}` is not an unsigned-byte IDX file", path.display()));
     }
@@ -601,16 +605,8 @@ fn collect_pixels(
 ) -> Result<(), StageError> {
     let Source::Pixels { path, width, height, label_column, max_value, .. } = source else { unreachable!("called for pixel sources") };
     let file = dep_path(cx.root, path);
-    let raw = std::fs::read(&file).map_err(|e| StageError::Failed(format!("cannot read `{path}`: {e}")))?;
-    let text = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut s = String::new();
-        flate2::read::GzDecoder::new(raw.as_slice())
-            .read_to_string(&mut s)
-            .map_err(|e| StageError::Failed(format!("`{path}`: bad gzip: {e}")))?;
-        s
-    } else {
-        String::from_utf8(raw).map_err(|_| StageError::Failed(format!("`{path}` is not text")))?
-    };
+    let bytes = read_maybe_gzip(&file).map_err(StageError::Failed)?;
+    let text = String::from_utf8(bytes).map_err(|_| StageError::Failed(format!("`{path}` is not text")))?;
     let want = (*width * *height) as usize;
     let mut rows = Vec::new();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
