@@ -13,7 +13,7 @@
 //! 3. **[`exec`]** decides per stage: its [`cache::CacheKey`] is built from its kind,
 //!    version, resolved params, seed, dependency digests and upstream output digests; a key
 //!    in the cache means *cached*, anything else runs. Ready stages run in parallel;
-//!    [`exec::status`] explains every miss as a [`exec::status::DirtyReason`].
+//!    [`exec::status()`] explains every miss as a [`exec::status::DirtyReason`].
 //! 4. **[`cache`]** stores results by content: blobs, Merkle trees, stage entries, the
 //!    file-state index and the item memo store, and the lock file that goes into git.
 //! 5. **[`cli`]** is the command line: it renders progress and results, nothing else.

@@ -17,7 +17,7 @@
 //! Other sources: `listing` (CSV/JSONL of paths relative to the listing, optional label
 //! column), `idx` (MNIST-family `.gz` files read directly), `pixels` (a CSV of pixel
 //! values per row, as scikit-learn's digits) and `http` (a CSV/JSONL of URLs, see
-//! [`http`]).
+//! the `http` module).
 //!
 //! Every image is stored once in the cache by content digest; an unchanged file is
 //! neither reread (file-state index) nor re-probed (memo). Unreadable entries (broken
