@@ -546,6 +546,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("fresh");
         std::fs::write(&f, "a").unwrap();
+        // A future mtime is inside the racy window however slowly this test runs.
+        std::fs::File::options().write(true).open(&f).unwrap().set_modified(SystemTime::now() + Duration::from_secs(5)).unwrap();
         let stats = Arc::new(WorkStats::default());
         let db = StateDb::open(&dir.path().join("state.redb"), stats.clone()).unwrap();
         db.hash_tree(&f, &NullReporter).unwrap();
