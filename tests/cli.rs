@@ -433,14 +433,15 @@ outs = ["hold.txt"]
     assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("is in use by another kiln process"), "{}", text(&refused));
 
-    let waiting = ws.command(&["run"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let log = ws.path("second.stderr");
+    let waiting = ws.command(&["run"]).stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    // Release the first run only once the second one says it is waiting for it.
+    wait_for("the second run to wait", || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("waiting for another kiln process")));
     ws.write("release", "");
     let first = first.wait_with_output().unwrap();
     let second = waiting.wait_with_output().unwrap();
     assert_eq!(outcomes(&first), expect(&[("hold", "ran")]), "{}", text(&first));
     assert_eq!(outcomes(&second), expect(&[("hold", "cached")]), "{}", text(&second));
-    assert!(String::from_utf8_lossy(&second.stderr).contains("waiting for another kiln process"), "{}", text(&second));
     assert!(ws.kiln(&["verify"]).status.success());
 }
 

@@ -54,7 +54,7 @@ fn respond(mut stream: TcpStream, log: &Mutex<Log>, flaky_failures: &Mutex<u32>)
             }
         }
         "/slow.png" => {
-            std::thread::sleep(Duration::from_millis(1500));
+            std::thread::sleep(Duration::from_millis(3000));
             (200, "image/png", String::new(), png_bytes(1))
         }
         "/big.png" => (200, "image/png", String::new(), vec![0u8; 300_000]),
@@ -102,7 +102,7 @@ fn urls_are_fetched_with_retries_limits_and_conditional_reruns() {
     std::fs::write(ws.path().join("urls.csv"), format!("url,label\n{listing}")).unwrap();
     std::fs::write(
         ws.path().join("kiln.toml"),
-        "[stages.collect]\nkind = \"collect\"\n[[stages.collect.sources]]\ntype = \"http\"\nlisting = \"urls.csv\"\nlabel_field = \"label\"\ntimeout_secs = 0.5\nretries = 2\nmax_bytes = 100000\nconcurrency = 4\n",
+        "[stages.collect]\nkind = \"collect\"\n[[stages.collect.sources]]\ntype = \"http\"\nlisting = \"urls.csv\"\nlabel_field = \"label\"\ntimeout_secs = 1.0\nretries = 2\nmax_bytes = 100000\nconcurrency = 4\n",
     )
     .unwrap();
     let stats = ws.path().join("stats.json");
