@@ -311,6 +311,14 @@ mod tests {
     }
 
     #[test]
+    fn shear_shifts_each_row_by_its_distance_from_the_centre() {
+        // tan(shear) = 2: row y moves right by 2·(y − 1.5) = −3, −1, +1, +3 pixels, so
+        // output (x, y) reads source (x − 2y + 3, y); outside the image is the constant.
+        let sheared = run(Params { shear_deg: 2f64.atan().to_degrees(), ..Default::default() }, FillMode::Constant);
+        assert_eq!(sheared, [3, 99, 99, 99, 5, 6, 7, 99, 99, 8, 9, 10, 99, 99, 99, 12]);
+    }
+
+    #[test]
     fn shift_down_and_zoom_out() {
         let down = run(Params { shift: (0.0, 1.0), ..Default::default() }, FillMode::Constant);
         assert_eq!(down, [99, 99, 99, 99, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
