@@ -38,6 +38,9 @@ pub use tree::{Tree, TreeDiff, TreeEntry};
 use crate::digest::Digest;
 use crate::stats::WorkStats;
 
+/// A stored blob's (digest, size), or why one item's work failed.
+pub type BlobResult = Result<(Digest, u64), String>;
+
 /// What the cache remembers of one successful stage execution.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageEntry {
@@ -165,15 +168,7 @@ impl Cache {
     /// Stores bytes as a blob (if not already there) and returns their digest.
     pub fn put_blob_bytes(&self, bytes: &[u8]) -> Result<Digest, CacheError> {
         let digest = Digest::of_bytes(bytes);
-        let dest = self.blob_path(&digest);
-        if !dest.is_file() {
-            let parent = dest.parent().expect("blob paths have a parent");
-            std::fs::create_dir_all(parent).map_err(CacheError::io("create", parent))?;
-            let staged = self.dir.join("tmp").join(format!("blob-{}", unique_suffix()));
-            std::fs::write(&staged, bytes).map_err(CacheError::io("write", &staged))?;
-            let _ = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o444));
-            std::fs::rename(&staged, &dest).map_err(CacheError::io("commit blob", &dest))?;
-        }
+        self.commit_blob(&digest, |staged| std::fs::write(staged, bytes).map_err(CacheError::io("write", staged)))?;
         Ok(digest)
     }
 
@@ -183,6 +178,15 @@ impl Cache {
     }
 
     fn put_blob(&self, src: &Path, digest: &Digest, how: Ingest) -> Result<(), CacheError> {
+        self.commit_blob(digest, |staged| match how {
+            Ingest::Move => std::fs::rename(src, staged).map_err(CacheError::io("move into cache", src)),
+            Ingest::Copy => reflink_copy::reflink_or_copy(src, staged).map(|_| ()).map_err(CacheError::io("copy into cache", src)),
+        })
+    }
+
+    /// The one way a blob enters the store: `fill` writes it under `tmp/`, then it is made
+    /// read-only and renamed into place. A blob already present is left alone.
+    fn commit_blob(&self, digest: &Digest, fill: impl FnOnce(&Path) -> Result<(), CacheError>) -> Result<(), CacheError> {
         let dest = self.blob_path(digest);
         if dest.is_file() {
             return Ok(());
@@ -190,14 +194,32 @@ impl Cache {
         let parent = dest.parent().expect("blob paths have a parent");
         std::fs::create_dir_all(parent).map_err(CacheError::io("create", parent))?;
         let staged = self.dir.join("tmp").join(format!("blob-{}", unique_suffix()));
-        match how {
-            Ingest::Move => std::fs::rename(src, &staged).map_err(CacheError::io("move into cache", src))?,
-            Ingest::Copy => {
-                reflink_copy::reflink_or_copy(src, &staged).map_err(CacheError::io("copy into cache", src))?;
-            }
-        }
+        fill(&staged)?;
         let _ = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o444));
         std::fs::rename(&staged, &dest).map_err(CacheError::io("commit blob", &dest))
+    }
+
+    /// Per-item work whose result is a blob (an encoded or transformed image): for each
+    /// key, the (digest, size) that `make(index)` stored, memoised under `op`. A memo entry
+    /// whose blob is gone (gc) is made again rather than trusted.
+    pub fn memo_blobs<F>(&self, keys: &[Digest], op: &Digest, make: F) -> Result<Vec<BlobResult>, StateError>
+    where
+        F: Fn(usize) -> BlobResult + Sync,
+    {
+        let encode = |(digest, size): (Digest, u64)| [digest.0.as_slice(), &size.to_le_bytes()].concat();
+        let decode = |v: &[u8]| -> Option<(Digest, u64)> {
+            Some((Digest(v.get(..32)?.try_into().ok()?), u64::from_le_bytes(v.get(32..40)?.try_into().ok()?)))
+        };
+        let results = self.state.memo().map(keys, op, |i| make(i).map(encode))?;
+        Ok(results
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, r)| match r.map(|v| decode(&v)) {
+                Ok(Some(found)) if self.has_blob(&found.0) => Ok(found),
+                Ok(_) => make(i),
+                Err(e) => Err(e),
+            })
+            .collect())
     }
 
     pub fn put_tree(&self, tree: &Tree) -> Result<Digest, CacheError> {

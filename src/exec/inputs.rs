@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::cache::{Cache, CacheKey, KEY_FORMAT, StateError, Tree};
+use crate::cache::{Cache, CacheKey, KEY_FORMAT, Scan, StateError};
 use crate::digest::Digest;
 use crate::manifest::{Manifest, StageDecl};
 use crate::report::Reporter;
@@ -13,17 +13,18 @@ pub fn dep_path(root: &Path, dep: &str) -> PathBuf {
     if dep.starts_with('/') { PathBuf::from(dep) } else { root.join(dep) }
 }
 
-/// The tree of every dependency path; `None` for a path that does not exist.
+/// The scan (tree and unreadable entries) of every dependency path; `None` for a path
+/// that does not exist. Stages get these scans too, so no dependency is walked twice.
 pub fn hash_deps(
     manifest: &Manifest,
     decl: &StageDecl,
     cache: &Cache,
     reporter: &dyn Reporter,
-) -> Result<BTreeMap<String, Option<Tree>>, StateError> {
+) -> Result<BTreeMap<String, Option<Scan>>, StateError> {
     let mut trees = BTreeMap::new();
     for dep in &decl.deps {
         let path = dep_path(&manifest.root, dep.get_ref());
-        let tree = match cache.state().hash_tree(&path, reporter) {
+        let tree = match cache.state().scan(&path, reporter) {
             Ok(t) => Some(t),
             Err(StateError::Missing { .. }) => None,
             Err(e) => return Err(e),

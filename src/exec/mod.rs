@@ -341,10 +341,10 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
     let cache = cx.cache;
     let dep_trees = hash_deps(manifest, decl, cache, cx.reporter).map_err(CacheError::from)?;
     let mut deps = BTreeMap::new();
-    for (path, tree) in &dep_trees {
-        let tree = tree.as_ref().ok_or_else(|| StageError::MissingDep(path.clone()))?;
+    for (path, scan) in &dep_trees {
+        let scan = scan.as_ref().ok_or_else(|| StageError::MissingDep(path.clone()))?;
         // Kept so that `status` can later say which files of this dependency changed.
-        deps.insert(path.clone(), cache.put_tree(tree)?);
+        deps.insert(path.clone(), cache.put_tree(&scan.tree)?);
     }
     let key = make_key(manifest, decl, deps, upstream.clone());
     let digest = key.digest();
@@ -407,6 +407,7 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
     let attached = std::sync::Mutex::new(Vec::new());
     let stage_cx = StageContext {
         attached: &attached,
+        deps: &dep_trees,
         stage: &decl.name,
         pipeline: &manifest.name,
         root: &manifest.root,

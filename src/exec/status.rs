@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::inputs::{dep_path, hash_deps, make_key};
 use crate::cache::lockfile::{LockFile, LockedStage};
-use crate::cache::{Cache, CacheError, Tree, TreeDiff};
+use crate::cache::{Cache, CacheError, Scan, Tree, TreeDiff};
 use crate::digest::Digest;
 use crate::graph::Graph;
 use crate::manifest::Manifest;
@@ -181,7 +181,7 @@ pub struct Current<'a> {
     pub params: &'a serde_json::Value,
     pub uses: &'a BTreeMap<String, serde_json::Value>,
     pub seed: u64,
-    pub deps: &'a BTreeMap<String, Option<Tree>>,
+    pub deps: &'a BTreeMap<String, Option<Scan>>,
     /// Upstream artifacts by stage name; `None` when that stage is stale.
     pub upstream: &'a BTreeMap<String, Option<Digest>>,
     pub outs: Vec<String>,
@@ -238,8 +238,8 @@ pub fn explain(locked: Option<&LockedStage>, now: &Current<'_>, cache: &Cache) -
             reasons.push(DepRemoved { path: path.clone() });
         }
     }
-    for (path, tree) in now.deps {
-        let Some(tree) = tree else { continue };
+    for (path, scan) in now.deps {
+        let Some(tree) = scan.as_ref().map(|s| &s.tree) else { continue };
         match old.deps.get(path) {
             None => reasons.push(DepAdded { path: path.clone() }),
             Some(old_digest) if *old_digest != tree.digest() => {
@@ -364,7 +364,7 @@ pub fn compute(
             let key = make_key(
                 manifest,
                 decl,
-                deps.iter().map(|(p, t)| (p.clone(), t.as_ref().expect("all known").digest())).collect(),
+                deps.iter().map(|(p, s)| (p.clone(), s.as_ref().expect("all known").tree.digest())).collect(),
                 upstream.iter().map(|(s, d)| (s.clone(), d.expect("all known"))).collect(),
             );
             let digest = key.digest();

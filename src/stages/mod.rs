@@ -111,12 +111,20 @@ pub struct StageContext<'a> {
     pub inputs: &'a BTreeMap<String, Artifact>,
     pub cache: &'a Cache,
     pub reporter: &'a dyn Reporter,
+    /// What the engine found at each dependency path (already hashed for the key).
+    pub deps: &'a BTreeMap<String, Option<crate::cache::Scan>>,
     /// Blobs already in the cache that belong to this stage's artifact (see
     /// [`StageContext::attach_blob`]).
     pub attached: &'a std::sync::Mutex<Vec<crate::cache::TreeEntry>>,
 }
 
 impl StageContext<'_> {
+    /// The engine's scan of a dependency path, as the manifest names it.
+    pub fn dep_scan(&self, path: &str) -> Option<&crate::cache::Scan> {
+        let key = crate::manifest::normalize_dep(path).ok()?;
+        self.deps.get(&key)?.as_ref()
+    }
+
     /// Makes a blob already in the cache part of this stage's artifact at `path`, without
     /// copying it (a dataset's images, shared with the stage that stored them).
     pub fn attach_blob(&self, path: &str, digest: Digest, size: u64) {

@@ -165,25 +165,17 @@ impl Stage for PreprocessStage {
         let progress = cx.reporter.progress(&format!("{}: transforming images", cx.stage), items.len() as u64, "items");
         let results = cx
             .cache
-            .state()
-            .memo()
-            .map(&digests, &op, |k| {
-                let (digest, len) = transform_one(&digests[k])?;
+            .memo_blobs(&digests, &op, |k| {
+                let stored = transform_one(&digests[k]);
                 progress.inc(1);
-                Ok::<_, String>([digest.0.as_slice(), &len.to_le_bytes()].concat())
+                stored
             })
             .map_err(|e| StageError::Failed(e.to_string()))?;
         progress.finish();
         let mut out = Vec::with_capacity(items.len());
         let mut failed = Vec::new();
         for (item, result) in items.iter().zip(results) {
-            let remembered = result
-                .ok()
-                .filter(|v| v.len() == 40)
-                .map(|v| (Digest(v[..32].try_into().expect("32 bytes")), u64::from_le_bytes(v[32..].try_into().expect("8 bytes"))))
-                .filter(|(d, _)| cx.cache.has_blob(d));
-            // A memo entry can outlive its blob (gc): transform again rather than fail.
-            match remembered.map_or_else(|| transform_one(&item.digest), Ok) {
+            match result {
                 Ok((digest, bytes)) => {
                     let mut next: Item = item.clone();
                     next.origin = Some(item.origin.unwrap_or(item.digest));

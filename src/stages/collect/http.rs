@@ -11,6 +11,7 @@ use std::time::Duration;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::cache::BlobResult;
 use crate::digest::Digest;
 use crate::stages::{StageContext, StageError};
 use crate::stats::WorkStats;
@@ -36,11 +37,8 @@ struct Remembered {
 /// Bump when what is remembered per URL changes shape.
 const URL_CACHE_OP: &[u8] = b"http-url-cache-v1";
 
-/// Per URL: the stored blob's (digest, size), or why it could not be fetched.
-pub type UrlResult = Result<(Digest, u64), String>;
-
-/// Fetches every URL.
-pub fn fetch_all(cx: &StageContext<'_>, urls: &[String], opts: &HttpOptions) -> Result<Vec<UrlResult>, StageError> {
+/// Fetches every URL: per URL the stored blob, or why it could not be fetched.
+pub fn fetch_all(cx: &StageContext<'_>, urls: &[String], opts: &HttpOptions) -> Result<Vec<BlobResult>, StageError> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs_f64(opts.timeout_secs)))
         .http_status_as_error(false)

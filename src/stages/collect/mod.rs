@@ -380,7 +380,14 @@ fn collect_dir(
 ) -> Result<(), StageError> {
     let Source::Dir { path, layout, extensions, include, exclude, .. } = source else { unreachable!("called for dir sources") };
     let root = dep_path(cx.root, path);
-    let scan = cx.cache.state().scan(&root, cx.reporter).map_err(|e| StageError::Failed(format!("source `{label}`: {e}")))?;
+    // The engine scanned this folder to build the stage key; a second walk would stat
+    // every file again.
+    let scan = match cx.dep_scan(path) {
+        Some(scan) => std::borrow::Cow::Borrowed(scan),
+        None => std::borrow::Cow::Owned(
+            cx.cache.state().scan(&root, cx.reporter).map_err(|e| StageError::Failed(format!("source `{label}`: {e}")))?,
+        ),
+    };
     let globs = |patterns: &[String]| -> Result<Option<globset::GlobSet>, StageError> {
         if patterns.is_empty() {
             return Ok(None);
@@ -673,30 +680,12 @@ fn store_memoised(
     keys: &[Digest],
     image: impl Fn(usize) -> DynamicImage + Sync,
 ) -> Result<Vec<(Digest, u64)>, StageError> {
-    let op = Digest::of_bytes(op.as_bytes());
-    let make = |i: usize| -> Result<Vec<u8>, String> {
+    let make = |i: usize| -> Result<(Digest, u64), String> {
         let png = imaging::encode_png(&image(i));
-        let digest = cx.cache.put_blob_bytes(&png).map_err(|e| e.to_string())?;
-        let mut out = digest.0.to_vec();
-        out.extend_from_slice(&(png.len() as u64).to_le_bytes());
-        Ok(out)
+        Ok((cx.cache.put_blob_bytes(&png).map_err(|e| e.to_string())?, png.len() as u64))
     };
-    let memo = cx.cache.state().memo();
-    let results = memo.map(keys, &op, make).map_err(|e| StageError::Failed(e.to_string()))?;
-    results
-        .into_par_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let mut value = r.map_err(StageError::Failed)?;
-            let decode =
-                |v: &[u8]| (Digest(v[..32].try_into().expect("32 bytes")), u64::from_le_bytes(v[32..40].try_into().expect("8 bytes")));
-            if value.len() != 40 || !cx.cache.has_blob(&decode(&value).0) {
-                // The memo outlived the blob (gc): make it again.
-                value = make(i).map_err(StageError::Failed)?;
-            }
-            Ok(decode(&value))
-        })
-        .collect()
+    let results = cx.cache.memo_blobs(keys, &Digest::of_bytes(op.as_bytes()), make).map_err(|e| StageError::Failed(e.to_string()))?;
+    results.into_iter().map(|r| r.map_err(StageError::Failed)).collect()
 }
 
 /// Format and size from each image's header, memoised per content digest.
