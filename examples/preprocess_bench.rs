@@ -31,6 +31,7 @@ fn main() {
         resize: ResizeMode::Crop,
         interpolation: Interpolation::Bilinear,
         pad: 0,
+        crop_pct: 1.0,
     };
     let (mean, std) = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
     let flip = Params { hflip: true, ..Params::default() };

@@ -45,6 +45,7 @@ pub mod exec;
 pub mod graph;
 pub mod imaging;
 pub mod manifest;
+pub mod nn;
 pub mod report;
 pub mod rng;
 pub mod stages;

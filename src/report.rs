@@ -9,6 +9,8 @@ use std::time::Duration;
 pub trait Progress: Send + Sync {
     fn inc(&self, n: u64);
     fn finish(&self);
+    /// Live figures shown beside the bar (a training loss, say).
+    fn set_detail(&self, _detail: &str) {}
 }
 
 /// What became of one stage in a run.

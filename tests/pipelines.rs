@@ -21,7 +21,7 @@ fn workspace_with(pipeline: &str) -> tempfile::TempDir {
 fn quickstart_runs_then_is_all_cached() {
     let ws = workspace_with("quickstart.toml");
     let first = run(ws.path(), "pipelines/quickstart.toml");
-    assert_eq!(first.lines().filter(|l| l.contains(" ran (")).count(), 6, "{first}");
+    assert_eq!(first.lines().filter(|l| l.contains(" ran (")).count(), 7, "{first}");
     let second = run(ws.path(), "pipelines/quickstart.toml");
     assert!(second.lines().all(|l| l.trim_end().ends_with("cached")), "{second}");
     let manifest: serde_json::Value =
@@ -33,6 +33,12 @@ fn quickstart_runs_then_is_all_cached() {
         800
     );
     assert!(ws.path().join("reports/quickstart_rows.txt").is_file());
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.path().join("outputs/quickstart/train/model.json")).unwrap()).unwrap();
+    assert_eq!(card["classes"], serde_json::json!(["circle", "square", "triangle", "star"]));
+    // Four shapes, chance is 0.25; the shipped settings reach about 0.8.
+    let acc = card["metrics"]["val_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.6, "validation accuracy {acc}");
 }
 
 #[test]

@@ -24,6 +24,9 @@ pub struct GcReport {
     pub bytes_freed: u64,
     pub entries_kept: usize,
     pub blobs_kept: usize,
+    /// Checkpoints of interrupted training runs (no lock file can name them: a key is
+    /// locked only once its stage finishes).
+    pub scratch_removed: usize,
 }
 
 /// Removes every stage entry not in `roots`, then every tree and blob nothing kept refers
@@ -66,6 +69,15 @@ pub fn collect_garbage(cache: &Cache, roots: &Roots, dry_run: bool) -> Result<Gc
             report.bytes_freed += file_len(&path);
             if !dry_run {
                 remove_file(&path)?;
+            }
+        }
+    }
+    let scratch = cache.dir().join("scratch");
+    if let Ok(dirs) = std::fs::read_dir(&scratch) {
+        for dir in dirs.flatten() {
+            report.scratch_removed += 1;
+            if !dry_run {
+                super::remove_path(&dir.path())?;
             }
         }
     }

@@ -138,6 +138,14 @@ impl Cache {
         Ok(path)
     }
 
+    /// The resumable working directory of one stage key (`scratch/<key>/`), created if
+    /// needed. Unlike `tmp/`, it survives an interrupted run so the next run can resume.
+    pub fn scratch_dir(&self, key: &Digest) -> Result<PathBuf, CacheError> {
+        let path = self.dir.join("scratch").join(key.to_hex());
+        std::fs::create_dir_all(&path).map_err(CacheError::io("create scratch directory", &path))?;
+        Ok(path)
+    }
+
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.to_hex();
         self.dir.join("blobs").join(&hex[..2]).join(&hex[2..])

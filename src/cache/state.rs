@@ -327,6 +327,19 @@ impl MemoStore<'_> {
         Ok(())
     }
 
+    /// Stores many results of `op` in one transaction.
+    pub fn put_many(&self, op: &Digest, entries: &[(Digest, Vec<u8>)]) -> Result<(), StateError> {
+        let tx = self.db.begin_cache_write()?;
+        {
+            let mut table = tx.open_table(MEMO)?;
+            for (item, value) in entries {
+                table.insert(memo_key(item, op).as_slice(), value.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// For every item, the memoised result of `op`, computing the misses in parallel with
     /// `compute(index)`. Failed computations are returned, not memoised.
     pub fn map<E, F>(&self, items: &[Digest], op: &Digest, compute: F) -> Result<Vec<Result<Vec<u8>, E>>, StateError>

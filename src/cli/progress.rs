@@ -24,6 +24,9 @@ impl Progress for Bar {
     fn inc(&self, n: u64) {
         self.0.inc(n);
     }
+    fn set_detail(&self, detail: &str) {
+        self.0.set_prefix(detail.to_string());
+    }
     fn finish(&self) {
         self.0.finish_and_clear();
     }
@@ -87,7 +90,7 @@ impl Reporter for CliReporter {
         let template = if unit == "bytes" {
             "{msg:.dim} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
         } else {
-            "{msg:.dim} [{bar:30}] {pos}/{len} {per_sec} eta {eta}"
+            "{msg:.dim} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {prefix}"
         };
         bar.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
         bar.set_message(label.to_string());

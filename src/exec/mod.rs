@@ -404,6 +404,7 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
         }
     }
     let outputs_dir = manifest.outputs_dir();
+    let scratch = cache.scratch_dir(&digest)?;
     let attached = std::sync::Mutex::new(Vec::new());
     let stage_cx = StageContext {
         attached: &attached,
@@ -414,6 +415,7 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
         outputs_dir: &outputs_dir,
         seed: manifest.seed,
         out_dir: &staging,
+        scratch: &scratch,
         inputs: &inputs,
         cache,
         reporter: cx.reporter,
@@ -430,6 +432,8 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
     let (artifact, outs) = committed?;
     let entry = StageEntry { key: key.clone(), artifact, outs: outs.clone(), duration_ms: started.elapsed().as_millis() as u64 };
     cache.put_entry(&entry)?;
+    // Only now is the resumable state worthless: a crash before the entry keeps it.
+    let _ = remove_path(&scratch);
     Ok(Done { outcome: StageOutcome::ran(started.elapsed()), artifact, locked: LockedStage::new(&key, artifact, outs) })
 }
 

@@ -69,6 +69,18 @@ pub struct Transform {
     pub interpolation: Interpolation,
     /// Fill for letterbox padding.
     pub pad: u8,
+    /// With `resize = "crop"`: the centre crop's share of the resized shorter side
+    /// (timm's `crop_pct`; 0.875 = resize to 256, crop 224). 1 crops nothing extra.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub crop_pct: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(v: &f64) -> bool {
+    *v == 1.0
 }
 
 /// 8-bit pixels of the output colour mode, borrowed when the image already has it.
@@ -128,6 +140,21 @@ impl Transform {
         let (tw, th) = (self.width, self.height);
         let out = match self.resize {
             ResizeMode::Exact => resize_buffer(&buf, (w, h), pt, (tw, th), self.interpolation, None),
+            ResizeMode::Crop if self.crop_pct < 1.0 => {
+                // torchvision's Resize(shorter) then CenterCrop: resize the whole image,
+                // then cut whole pixels, so results match PyTorch preprocessing exactly.
+                let scale = (f64::from(tw) / f64::from(w)).max(f64::from(th) / f64::from(h)) / self.crop_pct.max(0.05);
+                let (rw, rh) = (((f64::from(w) * scale).round() as u32).max(tw), ((f64::from(h) * scale).round() as u32).max(th));
+                let resized = resize_buffer(&buf, (w, h), pt, (rw, rh), self.interpolation, None);
+                let c = self.color.channels();
+                let (ox, oy) = ((f64::from(rw - tw) / 2.0).round() as usize, (f64::from(rh - th) / 2.0).round() as usize);
+                let mut out = Vec::with_capacity((tw * th) as usize * c);
+                for y in 0..th as usize {
+                    let start = ((oy + y) * rw as usize + ox) * c;
+                    out.extend_from_slice(&resized[start..start + tw as usize * c]);
+                }
+                out
+            }
             ResizeMode::Crop => {
                 let scale = (f64::from(tw) / f64::from(w)).max(f64::from(th) / f64::from(h));
                 let (cw, ch) = (f64::from(tw) / scale, f64::from(th) / scale);
@@ -182,7 +209,7 @@ mod tests {
     }
 
     fn t(resize: ResizeMode, w: u32, h: u32) -> Transform {
-        Transform { color: ColorMode::Rgb, width: w, height: h, resize, interpolation: Interpolation::Bilinear, pad: 7 }
+        Transform { color: ColorMode::Rgb, width: w, height: h, resize, interpolation: Interpolation::Bilinear, pad: 7, crop_pct: 1.0 }
     }
 
     #[test]

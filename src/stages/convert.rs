@@ -48,7 +48,7 @@ pub struct ConvertKind;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum Encoding {
+pub enum Encoding {
     #[default]
     Index,
     OneHot,
@@ -57,7 +57,7 @@ enum Encoding {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum Dtype {
+pub enum Dtype {
     #[default]
     U8,
     F32,
@@ -113,7 +113,7 @@ impl StageKind for ConvertKind {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
@@ -140,37 +140,54 @@ impl StageKind for ConvertKind {
     }
 }
 
-#[derive(Debug, Serialize)]
-struct ShardInfo {
-    file: String,
-    rows: usize,
+/// One safetensors file of a split.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub file: String,
+    pub rows: usize,
     /// Item id of every row, in order (augmented copies as `id#augN`).
-    ids: Vec<String>,
+    pub ids: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct SplitInfo {
-    rows: usize,
-    items: usize,
-    shards: Vec<ShardInfo>,
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SplitInfo {
+    pub rows: usize,
+    pub items: usize,
+    pub shards: Vec<ShardInfo>,
 }
 
-#[derive(Debug, Serialize)]
-struct Manifest {
-    format: &'static str,
-    layout: &'static str,
-    dtype: Dtype,
-    channels: usize,
-    height: u32,
-    width: u32,
-    encoding: Encoding,
-    classes: Vec<String>,
+/// `manifest.json`: what the shards hold and how to read them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardManifest {
+    pub format: String,
+    pub layout: String,
+    pub dtype: Dtype,
+    pub channels: usize,
+    pub height: u32,
+    pub width: u32,
+    pub encoding: Encoding,
+    pub classes: Vec<String>,
+    /// The preprocess stage's deterministic transform (what predict must redo on new images).
+    #[serde(default)]
+    pub transform: Option<crate::imaging::transform::Transform>,
     /// Mean and std per channel, as fractions of 255. Already applied when `dtype` is
     /// `f32`; to apply at load time when it is `u8`.
-    normalization: Option<super::preprocess::Normalize>,
-    normalization_applied: bool,
-    augmentation: Option<serde_json::Value>,
-    splits: BTreeMap<String, SplitInfo>,
+    pub normalization: Option<super::preprocess::Normalize>,
+    pub normalization_applied: bool,
+    /// `{ mode, spec, copies }` when the preprocess stage asked for augmentation.
+    pub augmentation: Option<serde_json::Value>,
+    pub splits: BTreeMap<String, SplitInfo>,
+}
+
+impl ShardManifest {
+    /// The augmentation to apply while training, when it is online.
+    pub fn online_augment(&self) -> Option<crate::imaging::augment::Augment> {
+        let a = self.augmentation.as_ref()?;
+        if a.get("mode")?.as_str()? != "online" {
+            return None;
+        }
+        serde_json::from_value(a.get("spec")?.clone()).ok()
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -283,9 +300,10 @@ impl Stage for ConvertStage {
             splits.insert(split.to_string(), SplitInfo { rows: rows.len(), items: members.len(), shards });
         }
 
-        let manifest = Manifest {
-            format: "kiln-shards/1",
-            layout: "NCHW",
+        let manifest = ShardManifest {
+            format: "kiln-shards/1".into(),
+            layout: "NCHW".into(),
+            transform: spec.as_ref().map(|s| s.transform.clone()),
             dtype: self.config.dtype,
             channels,
             height,

@@ -17,6 +17,7 @@ pub mod command;
 pub mod convert;
 pub mod label;
 pub mod preprocess;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -107,6 +108,9 @@ pub struct StageContext<'a> {
     pub seed: u64,
     /// Where an artifact stage writes its output; empty when the stage starts.
     pub out_dir: &'a Path,
+    /// A directory that survives an interrupted run of this same stage key (checkpoints to
+    /// resume from); removed once the stage's result is committed.
+    pub scratch: &'a Path,
     /// Upstream artifacts, by stage name.
     pub inputs: &'a BTreeMap<String, Artifact>,
     pub cache: &'a Cache,
@@ -173,6 +177,7 @@ impl StageRegistry {
         r.register(Arc::new(label::LabelKind));
         r.register(Arc::new(preprocess::PreprocessKind));
         r.register(Arc::new(convert::ConvertKind));
+        r.register(Arc::new(train::TrainKind));
         r
     }
 

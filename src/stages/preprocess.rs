@@ -67,6 +67,14 @@ pub struct Spec {
     pub augmentation: AugmentWhere,
 }
 
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(v: &f64) -> bool {
+    *v == 1.0
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
@@ -79,6 +87,8 @@ struct Config {
     interpolation: Interpolation,
     #[serde(default)]
     pad: u8,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    crop_pct: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     normalize: Option<Normalize>,
     #[serde(default)]
@@ -108,6 +118,12 @@ impl StageKind for PreprocessKind {
         if c.size[0] == 0 || c.size[1] == 0 || c.size[0] > 8192 || c.size[1] > 8192 {
             issues.push(Issue::new(span.clone(), format!("`size` {:?} must be between 1 and 8192 pixels on each side", c.size)));
         }
+        if !(c.crop_pct > 0.0 && c.crop_pct <= 1.0) || (c.crop_pct != 1.0 && c.resize != ResizeMode::Crop) {
+            issues.push(
+                Issue::new(span.clone(), format!("`crop_pct` {} needs resize = \"crop\" and a value in (0, 1]", c.crop_pct))
+                    .help("e.g. crop_pct = 0.875: resize to 256, centre crop 224"),
+            );
+        }
         if let Some(n) = &c.normalize {
             let channels = c.color.channels();
             if n.mean.len() != channels || n.std.len() != channels {
@@ -123,8 +139,15 @@ impl StageKind for PreprocessKind {
         if !issues.is_empty() {
             return Err(issues);
         }
-        let transform =
-            Transform { color: c.color, width: c.size[0], height: c.size[1], resize: c.resize, interpolation: c.interpolation, pad: c.pad };
+        let transform = Transform {
+            color: c.color,
+            width: c.size[0],
+            height: c.size[1],
+            resize: c.resize,
+            interpolation: c.interpolation,
+            pad: c.pad,
+            crop_pct: c.crop_pct,
+        };
         Ok(Arc::new(PreprocessStage { spec: Spec { transform, normalize: c.normalize, augment: c.augment, augmentation: c.augmentation } }))
     }
 }

@@ -1,0 +1,206 @@
+//! The train stage end to end through the CLI, on images kiln draws itself (no shared data):
+//! reproducible weights, resume after `kill -9`, exactly which stages rerun, clear errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const MANIFEST: &str = r#"
+[pipeline]
+name = "t"
+seed = 7
+
+[params]
+lr = 0.004
+
+[stages.collect]
+kind = "collect"
+[[stages.collect.sources]]
+type = "synthetic"
+count = 240
+size = 24
+
+[stages.preprocess]
+kind = "preprocess"
+inputs = ["collect"]
+color = "grayscale"
+size = [16, 16]
+normalize = { mean = [0.5], std = [0.25] }
+[stages.preprocess.augment]
+horizontal_flip = true
+rotation_range = 10.0
+
+[stages.convert]
+kind = "convert"
+inputs = ["preprocess"]
+split = { train = 0.7, val = 0.15, test = 0.15 }
+
+[stages.train]
+kind = "train"
+inputs = ["convert"]
+model = "cnn"
+cnn = { widths = [8, 16], hidden = 32, dropout = 0.1 }
+epochs = EPOCHS
+batch_size = 16
+lr = "${params.lr}"
+schedule = "cosine"
+device = "cpu"
+checkpoint_secs = CHECKPOINT
+"#;
+
+fn workspace(epochs: usize, checkpoint_secs: f64) -> tempfile::TempDir {
+    let ws = tempfile::tempdir().unwrap();
+    let text = MANIFEST.replace("EPOCHS", &epochs.to_string()).replace("CHECKPOINT", &format!("{checkpoint_secs:?}"));
+    std::fs::write(ws.path().join("kiln.toml"), text).unwrap();
+    ws
+}
+
+fn kiln(ws: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).arg("--no-progress").current_dir(ws).output().unwrap()
+}
+
+fn run_ok(ws: &Path, args: &[&str]) -> String {
+    let out = kiln(ws, args);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{args:?}:\n{text}");
+    text
+}
+
+/// `stage → ran|cached` from the run's stdout.
+fn outcomes(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let (stage, what) = (parts.next()?, parts.next()?);
+            matches!(what, "ran" | "cached").then(|| (stage.to_string(), what.to_string()))
+        })
+        .collect()
+}
+
+fn model_card(ws: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(ws.join("outputs/t/train/model.json")).unwrap()).unwrap()
+}
+
+fn scratch_progress(ws: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(ws.join("cache/scratch")).ok()?.flatten().map(|d| d.path().join("progress.json")).find(|p| p.is_file())
+}
+
+#[test]
+fn trains_reproducibly_and_writes_its_artifact() {
+    let a = workspace(3, 60.0);
+    let b = workspace(3, 60.0);
+    let out = run_ok(a.path(), &["run", "kiln.toml"]);
+    run_ok(b.path(), &["run", "kiln.toml"]);
+    assert!(outcomes(&out).iter().all(|(_, o)| o == "ran"), "{out}");
+    let (ca, cb) = (model_card(a.path()), model_card(b.path()));
+    assert_eq!(ca["weights_digest"], cb["weights_digest"], "same manifest and seed, same weights");
+    assert_eq!(ca["classes"].as_array().unwrap().len(), 4);
+    assert_eq!(ca["epochs_run"], 3);
+    assert_eq!(ca["input"]["mean"], serde_json::json!([0.5]));
+    assert_eq!(ca["input"]["transform"]["color"], "grayscale");
+    let dir = a.path().join("outputs/t/train");
+    for f in ["model.safetensors", "last.safetensors", "history.csv", "history.json", "curves.svg", "train_report.json"] {
+        assert!(dir.join(f).is_file(), "{f} is missing");
+    }
+    let csv = std::fs::read_to_string(dir.join("history.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    assert!(std::fs::read_to_string(dir.join("curves.svg")).unwrap().contains("<svg"));
+    // The checkpoint loads back into the same architecture.
+    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(weights["head.weight"].dims(), &[4, 32]);
+    assert!(weights.contains_key("stages.0.0.bn.running_var"));
+    // A finished stage leaves no resumable state behind.
+    assert!(scratch_progress(a.path()).is_none());
+}
+
+#[test]
+fn changing_lr_reruns_only_train_and_checkpoint_frequency_reruns_nothing() {
+    let ws = workspace(1, 60.0);
+    run_ok(ws.path(), &["run", "kiln.toml"]);
+    let path = ws.path().join("kiln.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("lr = 0.004", "lr = 0.002")).unwrap();
+    let out = run_ok(ws.path(), &["run", "kiln.toml"]);
+    let expect: Vec<(String, String)> = [("collect", "cached"), ("preprocess", "cached"), ("convert", "cached"), ("train", "ran")]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(outcomes(&out), expect, "{out}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("checkpoint_secs = 60.0", "checkpoint_secs = 5.0")).unwrap();
+    let out = run_ok(ws.path(), &["run", "kiln.toml"]);
+    assert!(outcomes(&out).iter().all(|(_, o)| o == "cached"), "{out}");
+}
+
+#[test]
+fn killed_mid_training_resumes_and_ends_with_the_same_weights() {
+    // Reference: uninterrupted.
+    let reference = workspace(4, 0.0);
+    run_ok(reference.path(), &["run", "kiln.toml"]);
+    let want = model_card(reference.path())["weights_digest"].clone();
+
+    let ws = workspace(4, 0.0);
+    run_ok(ws.path(), &["run", "kiln.toml", "convert"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["run", "kiln.toml", "--no-progress"])
+        .current_dir(ws.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill once a checkpoint inside the second epoch exists.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let at = scratch_progress(ws.path())
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|v| (v["epoch"].as_u64().unwrap_or(0), v["batch"].as_u64().unwrap_or(0)));
+        if at.is_some_and(|(e, b)| e >= 1 && b >= 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("training finished before it could be killed ({status})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let out = run_ok(ws.path(), &["run", "kiln.toml"]);
+    assert!(out.contains("resumed from a checkpoint at epoch 2"), "{out}");
+    assert_eq!(model_card(ws.path())["weights_digest"], want, "resuming gives the uninterrupted run's weights");
+}
+
+#[test]
+fn a_pretrained_model_on_mismatched_input_fails_before_training() {
+    let ws = workspace(1, 60.0);
+    let path = ws.path().join("kiln.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(ws.path().join("w.safetensors"), b"not really").unwrap();
+    let text = text.replace(
+        "model = \"cnn\"\ncnn = { widths = [8, 16], hidden = 32, dropout = 0.1 }",
+        "model = \"efficientnet_lite0\"\nweights = \"w.safetensors\"\nfinetune = \"head\"",
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = kiln(ws.path(), &["run", "kiln.toml"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success());
+    assert!(text.contains("expects 224x224 input but the shards are 16x16"), "{text}");
+}
+
+#[test]
+fn bad_train_settings_are_manifest_errors() {
+    let ws = workspace(1, 60.0);
+    let path = ws.path().join("kiln.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("model = \"cnn\"", "model = \"vgg\"").replace("device = \"cpu\"", "device = \"cpu\"\nfinetune = \"head\""),
+    )
+    .unwrap();
+    let out = kiln(ws.path(), &["run", "kiln.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("unknown model `vgg`"), "{err}");
+    assert!(err.contains("kiln.toml:"), "{err}");
+}
