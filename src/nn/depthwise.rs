@@ -23,20 +23,20 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    oh: usize,
-    ow: usize,
-    stride: usize,
-    padding: usize,
+pub(crate) struct Geometry {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub stride: usize,
+    pub padding: usize,
 }
 
 impl Geometry {
-    fn new(x: &[usize], w: &[usize], stride: usize, padding: usize) -> Result<Self> {
+    pub(crate) fn new(x: &[usize], w: &[usize], stride: usize, padding: usize) -> Result<Self> {
         let [n, c, h, wd] = x else { candle_core::bail!("depthwise conv: input must be [N, C, H, W], got {x:?}") };
         let [wc, 1, k, k2] = w else { candle_core::bail!("depthwise conv: kernel must be [C, 1, K, K], got {w:?}") };
         if wc != c || k != k2 {
@@ -61,7 +61,7 @@ impl Geometry {
 
     /// Calls `f(iy, ix0, ox_lo, ox_hi, tap)` for each output row and kernel tap that touch
     /// the image, where the input column of output column `ox` is `ix0 + ox * stride`.
-    fn for_taps(&self, oy: usize, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
+    pub(crate) fn for_taps(&self, oy: usize, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
         for ky in 0..self.k {
             let Some(iy) = self.row(oy, ky) else { continue };
             for kx in 0..self.k {
@@ -74,7 +74,7 @@ impl Geometry {
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),

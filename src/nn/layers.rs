@@ -82,6 +82,8 @@ impl Conv2d {
         };
         let y = if self.groups > 1 && self.groups == c_out && x.dim(1)? == c_out {
             depthwise::conv2d(&x, &self.weight, self.stride, padding)?
+        } else if self.groups == 1 {
+            super::conv::conv2d(&x, &self.weight, self.stride, padding)?
         } else {
             x.conv2d(&self.weight, padding, self.stride, 1, self.groups)?
         };
@@ -119,19 +121,16 @@ impl BatchNorm2d {
     pub fn forward(&self, x: &Tensor, cx: &Ctx) -> Result<Tensor> {
         let c = x.dim(1)?;
         let shape = (1, c, 1, 1);
-        let (mean, var) = if cx.train && self.trainable {
-            let mean = x.mean_keepdim((0, 2, 3))?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
+        if cx.train && self.trainable {
+            let (y, stats) = super::batchnorm::train_forward(x, &self.weight, &self.bias, self.eps)?;
             let n = (x.elem_count() / c) as f64;
-            let unbiased = (var.detach().flatten_all()? * (n / (n - 1.0).max(1.0)))?;
             let m = self.momentum;
-            self.running_mean.set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?)?;
-            self.running_var.set(&((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
-            (mean, var)
-        } else {
-            (self.running_mean.as_detached_tensor().reshape(shape)?, self.running_var.as_detached_tensor().reshape(shape)?)
-        };
+            let (mean, var) = (stats.get(0)?, (stats.get(1)? * (n / (n - 1.0).max(1.0)))?);
+            self.running_mean.set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?)?;
+            self.running_var.set(&((self.running_var.as_tensor() * (1.0 - m))? + (var * m)?)?)?;
+            return Ok(y);
+        }
+        let (mean, var) = (self.running_mean.as_detached_tensor().reshape(shape)?, self.running_var.as_detached_tensor().reshape(shape)?);
         let scale = self.weight.reshape(shape)?.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         x.broadcast_sub(&mean)?.broadcast_mul(&scale)?.broadcast_add(&self.bias.reshape(shape)?)
     }

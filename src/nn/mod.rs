@@ -8,6 +8,8 @@
 //! trains, dropout draws its masks from a seeded stream, and depthwise convolution is a
 //! custom op ([`depthwise`]).
 
+pub mod batchnorm;
+pub mod conv;
 pub mod depthwise;
 pub mod device;
 pub mod input;
