@@ -45,6 +45,8 @@ pub mod exec;
 pub mod graph;
 pub mod imaging;
 pub mod manifest;
+pub mod metrics;
+pub mod model;
 pub mod nn;
 pub mod report;
 pub mod rng;

@@ -21,7 +21,7 @@ fn workspace_with(pipeline: &str) -> tempfile::TempDir {
 fn quickstart_runs_then_is_all_cached() {
     let ws = workspace_with("quickstart.toml");
     let first = run(ws.path(), "pipelines/quickstart.toml");
-    assert_eq!(first.lines().filter(|l| l.contains(" ran (")).count(), 7, "{first}");
+    assert_eq!(first.lines().filter(|l| l.contains(" ran (")).count(), 8, "{first}");
     let second = run(ws.path(), "pipelines/quickstart.toml");
     assert!(second.lines().all(|l| l.trim_end().ends_with("cached")), "{second}");
     let manifest: serde_json::Value =

@@ -46,6 +46,10 @@ lr = "${params.lr}"
 schedule = "cosine"
 device = "cpu"
 checkpoint_secs = CHECKPOINT
+
+[stages.eval]
+kind = "eval"
+inputs = ["train", "convert"]
 "#;
 
 fn workspace(epochs: usize, checkpoint_secs: f64) -> tempfile::TempDir {
@@ -111,6 +115,24 @@ fn trains_reproducibly_and_writes_its_artifact() {
     assert!(weights.contains_key("stages.0.0.bn.running_var"));
     // A finished stage leaves no resumable state behind.
     assert!(scratch_progress(a.path()).is_none());
+
+    // eval: metrics agree with the per-item predictions it wrote.
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.path().join("outputs/t/eval/metrics.json")).unwrap()).unwrap();
+    let predictions = std::fs::read_to_string(a.path().join("outputs/t/eval/predictions.csv")).unwrap();
+    let rows: Vec<&str> = predictions.lines().skip(1).collect();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.path().join("outputs/t/convert/manifest.json")).unwrap()).unwrap();
+    assert_eq!(rows.len() as u64, manifest["splits"]["test"]["rows"].as_u64().unwrap());
+    assert_eq!(metrics["samples"].as_u64().unwrap(), rows.len() as u64);
+    let correct = rows.iter().filter(|r| r.ends_with(",1")).count();
+    assert!((metrics["accuracy"].as_f64().unwrap() - correct as f64 / rows.len() as f64).abs() < 1e-12);
+    let cm = metrics["confusion_matrix"].as_array().unwrap();
+    let diagonal: u64 = (0..4).map(|i| cm[i][i].as_u64().unwrap()).sum();
+    assert_eq!(diagonal as usize, correct);
+    for key in ["balanced_accuracy", "macro_avg", "weighted_avg", "log_loss", "ece", "top_k_accuracy", "per_class"] {
+        assert!(metrics.get(key).is_some(), "metrics.json lacks {key}");
+    }
 }
 
 #[test]
@@ -121,10 +143,11 @@ fn changing_lr_reruns_only_train_and_checkpoint_frequency_reruns_nothing() {
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replace("lr = 0.004", "lr = 0.002")).unwrap();
     let out = run_ok(ws.path(), &["run", "kiln.toml"]);
-    let expect: Vec<(String, String)> = [("collect", "cached"), ("preprocess", "cached"), ("convert", "cached"), ("train", "ran")]
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
+    let expect: Vec<(String, String)> =
+        [("collect", "cached"), ("preprocess", "cached"), ("convert", "cached"), ("train", "ran"), ("eval", "ran")]
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
     assert_eq!(outcomes(&out), expect, "{out}");
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replace("checkpoint_secs = 60.0", "checkpoint_secs = 5.0")).unwrap();

@@ -15,6 +15,7 @@ pub mod clean;
 pub mod collect;
 pub mod command;
 pub mod convert;
+pub mod eval;
 pub mod label;
 pub mod preprocess;
 pub mod train;
@@ -178,6 +179,7 @@ impl StageRegistry {
         r.register(Arc::new(preprocess::PreprocessKind));
         r.register(Arc::new(convert::ConvertKind));
         r.register(Arc::new(train::TrainKind));
+        r.register(Arc::new(eval::EvalKind));
         r
     }
 

@@ -11,6 +11,7 @@ use super::data::{Norm, Split};
 use super::{ClassWeights, Finetune, FinetuneMode, Monitor, TrainStage};
 use crate::dataset;
 use crate::digest::Digest;
+use crate::model::{InputCard, ModelCard};
 use crate::nn::layers::Ctx;
 use crate::nn::loss::{balanced_weights, cross_entropy};
 use crate::nn::models::{Network, block_of};
@@ -456,33 +457,6 @@ fn save_state(cx: &StageContext<'_>, ps: &ParamStore, opt: &Optimizer, progress:
     r
 }
 
-#[derive(Serialize)]
-struct ModelCard<'a> {
-    format: &'static str,
-    model: &'a str,
-    architecture: &'a crate::nn::models::Arch,
-    classes: &'a [String],
-    input: InputCard<'a>,
-    weights_digest: String,
-    best_epoch: Option<usize>,
-    epochs_run: usize,
-    metrics: Option<&'a EpochRecord>,
-    hyperparameters: serde_json::Value,
-    parameters: usize,
-    seed: u64,
-    device_kind: &'static str,
-}
-
-#[derive(Serialize)]
-struct InputCard<'a> {
-    channels: usize,
-    height: usize,
-    width: usize,
-    transform: Option<&'a crate::imaging::transform::Transform>,
-    mean: &'a [f32],
-    std: &'a [f32],
-}
-
 #[allow(clippy::too_many_arguments)]
 fn write_artifact(
     stage: &TrainStage,
@@ -510,26 +484,26 @@ fn write_artifact(
     let best_epoch = progress.best.map(|b| b.0);
     let best_record = best_epoch.and_then(|e| progress.history.iter().find(|r| r.epoch == e));
     let card = ModelCard {
-        format: "kiln-model/1",
-        model: &stage.config.model,
-        architecture: &stage.arch,
-        classes: &manifest.classes,
+        format: "kiln-model/1".into(),
+        model: stage.config.model.clone(),
+        architecture: stage.arch.clone(),
+        classes: manifest.classes.clone(),
         input: InputCard {
             channels: manifest.channels,
             height: manifest.height as usize,
             width: manifest.width as usize,
-            transform: manifest.transform.as_ref(),
-            mean: &norm.mean,
-            std: &norm.std,
+            transform: manifest.transform.clone(),
+            mean: norm.mean.clone(),
+            std: norm.std.clone(),
         },
         weights_digest: digest.clone(),
         best_epoch,
         epochs_run: progress.history.len(),
-        metrics: best_record,
+        metrics: best_record.map(|r| serde_json::to_value(r).expect("record serialises")),
         hyperparameters: stage.params(),
         parameters: ps.parameter_count(),
         seed: cx.seed,
-        device_kind: stage.config.device.kind(),
+        device_kind: stage.config.device.kind().into(),
     };
     dataset::write_json(cx, "model.json", &card)?;
     dataset::write_json(cx, "history.json", &progress.history)?;

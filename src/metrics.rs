@@ -1,0 +1,238 @@
+//! Classification metrics from predicted probabilities, with scikit-learn's definitions
+//! (`classification_report`, `confusion_matrix`, `balanced_accuracy_score`, `log_loss`,
+//! `top_k_accuracy_score`, `roc_auc_score`, `average_precision_score`).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ClassMetrics {
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    pub support: usize,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Averages {
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+}
+
+/// Everything `metrics.json` holds. Field order is the file's key order.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub samples: usize,
+    pub accuracy: f64,
+    pub balanced_accuracy: f64,
+    pub macro_avg: Averages,
+    pub weighted_avg: Averages,
+    pub log_loss: f64,
+    /// Top-k accuracy for k = 2, 3, 5 where k < classes.
+    pub top_k_accuracy: BTreeMap<String, f64>,
+    /// Expected calibration error over 15 equal-width confidence bins.
+    pub ece: f64,
+    /// Two classes only: ROC-AUC and average precision (PR-AUC) of the second class.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roc_auc: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pr_auc: Option<f64>,
+    pub per_class: BTreeMap<String, ClassMetrics>,
+    /// Rows are true classes, columns predicted, in class order.
+    pub confusion_matrix: Vec<Vec<usize>>,
+    pub classes: Vec<String>,
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { 0.0 }
+}
+
+pub fn argmax(p: &[f32]) -> usize {
+    p.iter().enumerate().fold(0, |best, (i, v)| if *v > p[best] { i } else { best })
+}
+
+/// `probs[i]` is the probability row of sample `i`, `labels[i]` its true class.
+pub fn report(probs: &[Vec<f32>], labels: &[u32], classes: &[String]) -> Report {
+    let k = classes.len();
+    let n = labels.len();
+    let mut cm = vec![vec![0usize; k]; k];
+    let preds: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
+    for (&l, &p) in labels.iter().zip(&preds) {
+        cm[l as usize][p] += 1;
+    }
+    let mut per_class = BTreeMap::new();
+    let (mut macro_p, mut macro_r, mut macro_f, mut w_p, mut w_r, mut w_f) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    let mut recalls = Vec::new();
+    for c in 0..k {
+        let tp = cm[c][c] as f64;
+        let support: usize = cm[c].iter().sum();
+        let predicted: usize = cm.iter().map(|row| row[c]).sum();
+        let precision = ratio(tp, predicted as f64);
+        let recall = ratio(tp, support as f64);
+        let f1 = ratio(2.0 * precision * recall, precision + recall);
+        if support > 0 {
+            recalls.push(recall);
+        }
+        macro_p += precision;
+        macro_r += recall;
+        macro_f += f1;
+        let w = support as f64;
+        w_p += w * precision;
+        w_r += w * recall;
+        w_f += w * f1;
+        per_class.insert(classes[c].clone(), ClassMetrics { precision, recall, f1, support });
+    }
+    let correct: usize = (0..k).map(|c| cm[c][c]).sum();
+    let eps = 1e-15f64;
+    let log_loss =
+        probs.iter().zip(labels).map(|(p, &l)| -(f64::from(p[l as usize]).clamp(eps, 1.0 - eps)).ln()).sum::<f64>() / n.max(1) as f64;
+    let mut top_k = BTreeMap::new();
+    for t in [2usize, 3, 5] {
+        if t < k {
+            let hits = probs
+                .iter()
+                .zip(labels)
+                .filter(|(p, l)| {
+                    let target = p[**l as usize];
+                    // Rank of the true class: how many classes score strictly higher.
+                    p.iter().filter(|v| **v > target).count() < t
+                })
+                .count();
+            top_k.insert(format!("top_{t}"), ratio(hits as f64, n as f64));
+        }
+    }
+    let (roc_auc, pr_auc) = if k == 2 {
+        let scores: Vec<(f64, bool)> = probs.iter().zip(labels).map(|(p, &l)| (f64::from(p[1]), l == 1)).collect();
+        (roc_auc(&scores), average_precision(&scores))
+    } else {
+        (None, None)
+    };
+    Report {
+        samples: n,
+        accuracy: ratio(correct as f64, n as f64),
+        balanced_accuracy: ratio(recalls.iter().sum(), recalls.len() as f64),
+        macro_avg: Averages { precision: macro_p / k as f64, recall: macro_r / k as f64, f1: macro_f / k as f64 },
+        weighted_avg: Averages { precision: ratio(w_p, n as f64), recall: ratio(w_r, n as f64), f1: ratio(w_f, n as f64) },
+        log_loss,
+        top_k_accuracy: top_k,
+        ece: ece(probs, labels, 15),
+        roc_auc,
+        pr_auc,
+        per_class,
+        confusion_matrix: cm,
+        classes: classes.to_vec(),
+    }
+}
+
+fn ece(probs: &[Vec<f32>], labels: &[u32], bins: usize) -> f64 {
+    let mut conf = vec![0f64; bins];
+    let mut acc = vec![0f64; bins];
+    let mut count = vec![0usize; bins];
+    for (p, &l) in probs.iter().zip(labels) {
+        let pred = argmax(p);
+        let c = f64::from(p[pred]);
+        let b = ((c * bins as f64).ceil() as usize).clamp(1, bins) - 1;
+        conf[b] += c;
+        acc[b] += f64::from(u8::from(pred == l as usize));
+        count[b] += 1;
+    }
+    let n = labels.len().max(1) as f64;
+    (0..bins).filter(|&b| count[b] > 0).map(|b| (count[b] as f64 / n) * (acc[b] / count[b] as f64 - conf[b] / count[b] as f64).abs()).sum()
+}
+
+/// Area under the ROC curve, ties counted half (the Mann–Whitney statistic).
+fn roc_auc(scores: &[(f64, bool)]) -> Option<f64> {
+    let mut s = scores.to_vec();
+    s.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (pos, neg) = (s.iter().filter(|x| x.1).count(), s.iter().filter(|x| !x.1).count());
+    if pos == 0 || neg == 0 {
+        return None;
+    }
+    // Average ranks over ties.
+    let mut rank_sum = 0f64;
+    let mut i = 0;
+    while i < s.len() {
+        let mut j = i;
+        while j + 1 < s.len() && s[j + 1].0 == s[i].0 {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        rank_sum += s[i..=j].iter().filter(|x| x.1).count() as f64 * avg;
+        i = j + 1;
+    }
+    Some((rank_sum - (pos * (pos + 1)) as f64 / 2.0) / (pos * neg) as f64)
+}
+
+/// Average precision: Σ (R_n − R_{n−1}) · P_n over descending score thresholds.
+fn average_precision(scores: &[(f64, bool)]) -> Option<f64> {
+    let mut s = scores.to_vec();
+    s.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let pos = s.iter().filter(|x| x.1).count();
+    if pos == 0 {
+        return None;
+    }
+    let (mut tp, mut fp, mut ap, mut prev_recall) = (0usize, 0usize, 0f64, 0f64);
+    let mut i = 0;
+    while i < s.len() {
+        let mut j = i;
+        while j < s.len() && s[j].0 == s[i].0 {
+            if s[j].1 {
+                tp += 1
+            } else {
+                fp += 1
+            }
+            j += 1;
+        }
+        let recall = tp as f64 / pos as f64;
+        ap += (recall - prev_recall) * tp as f64 / (tp + fp) as f64;
+        prev_recall = recall;
+        i = j;
+    }
+    Some(ap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(k: usize) -> Vec<String> {
+        (0..k).map(|i| format!("c{i}")).collect()
+    }
+
+    /// Hand-computed: true [0,0,1,1,2], predicted [0,1,1,1,0].
+    #[test]
+    fn per_class_and_averages_match_hand_computation() {
+        let one = |c: usize| {
+            let mut p = vec![0.1f32; 3];
+            p[c] = 0.8;
+            p
+        };
+        let probs = vec![one(0), one(1), one(1), one(1), one(0)];
+        let r = report(&probs, &[0, 0, 1, 1, 2], &names(3));
+        assert_eq!(r.confusion_matrix, vec![vec![1, 1, 0], vec![0, 2, 0], vec![1, 0, 0]]);
+        assert!((r.accuracy - 0.6).abs() < 1e-12);
+        let c0 = &r.per_class["c0"];
+        assert_eq!((c0.precision, c0.recall, c0.support), (0.5, 0.5, 2));
+        let c1 = &r.per_class["c1"];
+        assert!((c1.precision - 2.0 / 3.0).abs() < 1e-12 && c1.recall == 1.0);
+        assert!((c1.f1 - 0.8).abs() < 1e-12);
+        assert_eq!(r.per_class["c2"].f1, 0.0);
+        assert!((r.balanced_accuracy - 0.5).abs() < 1e-12);
+        assert!((r.macro_avg.f1 - (0.5 + 0.8) / 3.0).abs() < 1e-12);
+        assert!((r.weighted_avg.f1 - (2.0 * 0.5 + 2.0 * 0.8) / 5.0).abs() < 1e-12);
+        assert!((r.log_loss - (-(0.8f64.ln()) * 3.0 - (0.1f64.ln()) * 2.0) / 5.0).abs() < 1e-6);
+        // Every true class is first or tied for second: ties do not rank above it.
+        assert_eq!(r.top_k_accuracy["top_2"], 1.0);
+    }
+
+    #[test]
+    fn binary_auc_and_average_precision() {
+        // scikit-learn: roc_auc_score([0,0,1,1],[0.1,0.4,0.35,0.8]) = 0.75, average_precision = 0.8333…
+        let probs: Vec<Vec<f32>> = [0.1f32, 0.4, 0.35, 0.8].iter().map(|p| vec![1.0 - p, *p]).collect();
+        let r = report(&probs, &[0, 0, 1, 1], &names(2));
+        assert!((r.roc_auc.unwrap() - 0.75).abs() < 1e-9);
+        assert!((r.pr_auc.unwrap() - 5.0 / 6.0).abs() < 1e-6);
+    }
+}

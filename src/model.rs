@@ -1,0 +1,84 @@
+//! A trained model as the train stage leaves it: `model.json` (the card) beside
+//! `model.safetensors`. Evaluation and prediction load it through here, so they see the
+//! same architecture, classes and preprocessing that training used.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::imaging::transform::Transform;
+use crate::nn::layers::{Ctx, softmax};
+use crate::nn::models::{Arch, Network};
+use crate::nn::{ParamStore, read_weights};
+
+/// What a network takes: the preprocess transform, then per-channel normalisation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InputCard {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub transform: Option<Transform>,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelCard {
+    pub format: String,
+    pub model: String,
+    pub architecture: Arch,
+    pub classes: Vec<String>,
+    pub input: InputCard,
+    pub weights_digest: String,
+    pub best_epoch: Option<usize>,
+    pub epochs_run: usize,
+    pub metrics: Option<serde_json::Value>,
+    pub hyperparameters: serde_json::Value,
+    pub parameters: usize,
+    pub seed: u64,
+    pub device_kind: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read model card {path}: {why}")]
+    Card { path: String, why: String },
+    #[error("cannot load weights {path}: {why}")]
+    Weights { path: String, why: String },
+    #[error("model forward pass: {0}")]
+    Forward(#[from] candle_core::Error),
+}
+
+pub struct TrainedModel {
+    pub card: ModelCard,
+    pub net: Box<dyn Network>,
+    pub device: Device,
+}
+
+impl TrainedModel {
+    pub fn load(card_path: &Path, weights_path: &Path, device: Device) -> Result<Self, ModelError> {
+        let card_err = |why: String| ModelError::Card { path: card_path.display().to_string(), why };
+        let text = std::fs::read_to_string(card_path).map_err(|e| card_err(e.to_string()))?;
+        let card: ModelCard = serde_json::from_str(&text).map_err(|e| card_err(e.to_string()))?;
+        let w_err = |why: String| ModelError::Weights { path: weights_path.display().to_string(), why };
+        let mut ps = ParamStore::new(device.clone(), card.seed);
+        let net = card
+            .architecture
+            .build(&mut ps, card.input.channels, [card.input.width as u32, card.input.height as u32], card.classes.len())
+            .map_err(|e| w_err(e.to_string()))?;
+        let tensors = read_weights(weights_path).map_err(|e| w_err(e.to_string()))?;
+        let loaded = ps.load(&tensors, |_| false).map_err(|e| w_err(e.to_string()))?;
+        if loaded.len() != ps.len() {
+            let missing: Vec<&str> = ps.names().filter(|n| !loaded.iter().any(|l| l == n)).take(5).collect();
+            return Err(w_err(format!("{} of {} tensors are missing (first: {})", ps.len() - loaded.len(), ps.len(), missing.join(", "))));
+        }
+        Ok(TrainedModel { card, net, device })
+    }
+
+    /// Class probabilities `[N, classes]` for a normalised batch `[N, C, H, W]`.
+    pub fn probabilities(&self, x: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
+        let logits = self.net.forward(&x.to_device(&self.device)?, &mut Ctx::eval())?;
+        Ok(softmax(&logits)?.to_device(&Device::Cpu)?.to_vec2()?)
+    }
+}
