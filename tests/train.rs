@@ -195,7 +195,7 @@ fn killed_mid_training_resumes_and_ends_with_the_same_weights() {
 }
 
 #[test]
-fn a_pretrained_model_on_mismatched_input_fails_before_training() {
+fn a_pretrained_model_on_mismatched_input_is_a_manifest_error() {
     let ws = workspace(1, 60.0);
     let path = ws.path().join("kiln.toml");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -205,10 +205,22 @@ fn a_pretrained_model_on_mismatched_input_fails_before_training() {
         "model = \"efficientnet_lite0\"\nweights = \"w.safetensors\"\nfinetune = \"head\"",
     );
     std::fs::write(&path, text).unwrap();
-    let out = kiln(ws.path(), &["run", "kiln.toml"]);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success());
-    assert!(text.contains("expects 224x224 input but the shards are 16x16"), "{text}");
+    let out = kiln(ws.path(), &["status", "kiln.toml"]);
+    // Undo the diagnostic's line wrapping.
+    let text = String::from_utf8_lossy(&out.stderr).replace('│', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    assert_eq!(out.status.code(), Some(2), "found when the manifest loads, before anything runs: {text}");
+    assert!(text.contains("expects 224x224 input but stage `preprocess` writes 16x16"), "{text}");
+    assert!(text.contains("expects RGB input but stage `preprocess` writes grayscale"), "{text}");
+    assert!(text.contains("kiln.toml:"), "{text}");
+    // `input` accepts another size and normalisation, but a colour model still needs colour.
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("finetune = \"head\"", "finetune = \"head\"\ninput = { size = [16, 16], mean = [0.5], std = [0.25] }");
+    std::fs::write(&path, text).unwrap();
+    let out = kiln(ws.path(), &["status", "kiln.toml"]);
+    let text = String::from_utf8_lossy(&out.stderr).replace('│', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text.contains("1 problem") && text.contains("expects RGB input"), "{text}");
 }
 
 #[test]

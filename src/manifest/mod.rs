@@ -87,6 +87,11 @@ impl Manifest {
         {
             issues.append(&mut graph_issues);
         }
+        if let Some(m) = &manifest
+            && issues.is_empty()
+        {
+            issues.extend(plan_checks(m));
+        }
         match manifest {
             Some(m) if issues.is_empty() => Ok(m),
             _ => Err(fail(issues)),
@@ -338,6 +343,42 @@ fn parse_stage<'i>(
         uses,
         stage,
     })
+}
+
+struct Plan<'a> {
+    manifest: &'a Manifest,
+    stage: &'a StageDecl,
+}
+
+impl crate::stages::PlanView for Plan<'_> {
+    fn ancestor(&self, kind: &str) -> Option<(String, serde_json::Value)> {
+        // Breadth-first over `inputs`, so the nearest one wins.
+        let mut queue: std::collections::VecDeque<&StageDecl> = std::collections::VecDeque::from([self.stage]);
+        let mut seen = std::collections::HashSet::new();
+        while let Some(decl) = queue.pop_front() {
+            for input in &decl.inputs {
+                let Some(up) = self.manifest.stage(input.get_ref()) else { continue };
+                if !seen.insert(up.name.as_str()) {
+                    continue;
+                }
+                if up.kind == kind {
+                    return Some((up.name.clone(), up.stage.params()));
+                }
+                queue.push_back(up);
+            }
+        }
+        None
+    }
+}
+
+fn plan_checks(m: &Manifest) -> Vec<Issue> {
+    m.stages
+        .iter()
+        .flat_map(|decl| {
+            let problems = decl.stage.check_plan(&Plan { manifest: m, stage: decl });
+            problems.into_iter().map(|p| Issue::new(decl.span.clone(), format!("stage `{}`: {p}", decl.name)))
+        })
+        .collect()
 }
 
 fn looks_like_path(s: &str) -> bool {

@@ -89,7 +89,19 @@ pub trait Stage: Send + Sync + fmt::Debug {
         Vec::new()
     }
 
+    /// Checks against upstream stages' settings when the manifest loads, before anything
+    /// runs (a pretrained model against the preprocessing that feeds it). Returns problems.
+    fn check_plan(&self, _plan: &dyn PlanView) -> Vec<String> {
+        Vec::new()
+    }
+
     fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError>;
+}
+
+/// What [`Stage::check_plan`] may see of the rest of the pipeline.
+pub trait PlanView {
+    /// The nearest upstream stage of `kind` (following `inputs`): its name and parameters.
+    fn ancestor(&self, kind: &str) -> Option<(String, serde_json::Value)>;
 }
 
 /// An upstream stage's output, readable in place from the cache.

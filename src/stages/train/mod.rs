@@ -275,6 +275,52 @@ impl Stage for TrainStage {
         self.deps.clone()
     }
 
+    /// A pretrained model's input must match what preprocess produces: found here, when
+    /// the manifest loads, rather than after hours of upstream work.
+    fn check_plan(&self, plan: &dyn super::PlanView) -> Vec<String> {
+        let Some((name, pre)) = plan.ancestor("preprocess") else { return Vec::new() };
+        let preset = self.arch.preset().filter(|_| self.config.weights.is_some());
+        let over = self.config.input.as_ref();
+        let mut problems = Vec::new();
+        // The preprocess stage's parameters are its `Spec`: the transform, then normalize.
+        let t = &pre["transform"];
+        let size = t["width"].as_u64().zip(t["height"].as_u64()).map(|(w, h)| [w as u32, h as u32]);
+        if let (Some(want), Some(have)) = (over.and_then(|o| o.size).or(preset.as_ref().map(|p| p.size)), size)
+            && want != have
+        {
+            problems.push(format!(
+                "model `{}` expects {}x{} input but stage `{name}` writes {}x{}: set `size = [{}, {}]` there, or `input = {{ size = [{}, {}] }}` here to accept it",
+                self.config.model, want[0], want[1], have[0], have[1], want[0], want[1], have[0], have[1]
+            ));
+        }
+        if let Some(p) = &preset
+            && p.channels == 3
+            && t["color"] == "grayscale"
+        {
+            problems.push(format!(
+                "model `{}` expects RGB input but stage `{name}` writes grayscale: set `color = \"rgb\"` there",
+                self.config.model
+            ));
+        }
+        let want_norm = match (over.and_then(|o| o.mean.clone()), over.and_then(|o| o.std.clone())) {
+            (Some(m), Some(s)) => Some((m, s)),
+            _ => preset.map(|p| (p.mean, p.std)),
+        };
+        let have_norm: Option<(Vec<f32>, Vec<f32>)> = pre
+            .get("normalize")
+            .and_then(|n| Some((serde_json::from_value(n["mean"].clone()).ok()?, serde_json::from_value(n["std"].clone()).ok()?)));
+        if let (Some((wm, ws)), Some((hm, hs))) = (&want_norm, &have_norm) {
+            let close = wm.len() == hm.len() && wm.iter().chain(ws).zip(hm.iter().chain(hs)).all(|(a, b)| (a - b).abs() < 1e-3);
+            if !close {
+                problems.push(format!(
+                    "model `{}` expects normalize = {{ mean = {wm:?}, std = {ws:?} }} but stage `{name}` uses mean = {hm:?}, std = {hs:?}: change it there, or set `input = {{ mean = …, std = … }}` here to accept it",
+                    self.config.model
+                ));
+            }
+        }
+        problems
+    }
+
     fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError> {
         fit::run(self, cx)
     }
