@@ -136,6 +136,37 @@ fn trains_reproducibly_and_writes_its_artifact() {
 }
 
 #[test]
+fn early_stopping_ends_the_run_and_keeps_the_best_epoch() {
+    let ws = workspace(6, 60.0);
+    let path = ws.path().join("kiln.toml");
+    // No later epoch can beat the first by 0.5 accuracy: patience 2 stops after epoch 3.
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("device = \"cpu\"", "device = \"cpu\"\nearly_stopping = { patience = 2, min_delta = 0.5 }");
+    std::fs::write(&path, text).unwrap();
+    let out = run_ok(ws.path(), &["run", "kiln.toml"]);
+    assert!(out.contains("stopped early after epoch 3"), "{out}");
+    let card = model_card(ws.path());
+    assert_eq!((card["epochs_run"].as_u64(), card["best_epoch"].as_u64()), (Some(3), Some(1)));
+}
+
+#[test]
+fn thread_count_does_not_change_the_weights() {
+    let one = workspace(2, 60.0);
+    let two = workspace(2, 60.0);
+    for (ws, threads) in [(&one, "1"), (&two, "2")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["run", "kiln.toml", "--no-progress"])
+            .env("RAYON_NUM_THREADS", threads)
+            .current_dir(ws.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(model_card(one.path())["weights_digest"], model_card(two.path())["weights_digest"]);
+}
+
+#[test]
 fn changing_lr_reruns_only_train_and_checkpoint_frequency_reruns_nothing() {
     let ws = workspace(1, 60.0);
     run_ok(ws.path(), &["run", "kiln.toml"]);
