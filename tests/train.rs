@@ -151,6 +151,32 @@ fn early_stopping_ends_the_run_and_keeps_the_best_epoch() {
 }
 
 #[test]
+fn last_n_blocks_trains_only_the_top_of_a_pretrained_model() {
+    let base = workspace(1, 60.0);
+    run_ok(base.path(), &["run", "kiln.toml"]);
+    let ws = workspace(2, 60.0);
+    std::fs::copy(base.path().join("outputs/t/train/model.safetensors"), ws.path().join("pre.safetensors")).unwrap();
+    let path = ws.path().join("kiln.toml");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "device = \"cpu\"",
+        "device = \"cpu\"\nweights = \"pre.safetensors\"\nfinetune = { last_n_blocks = 1 }\nbackbone_lr_scale = 0.1",
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = run_ok(ws.path(), &["run", "kiln.toml"]);
+    // The last block is the 32-unit hidden layer (16·4·4·32 + 32), plus the new head (32·4 + 4).
+    assert!(out.contains("8356 trainable"), "{out}");
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let (before, after) = (load(&ws.path().join("pre.safetensors")), load(&ws.path().join("outputs/t/train/model.safetensors")));
+    let same = |name: &str| {
+        let d = (&before[name] - &after[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        d == 0.0
+    };
+    assert!(same("stages.0.0.conv.weight") && same("stages.1.0.bn.weight"), "frozen blocks keep their weights");
+    assert!(same("stages.1.0.bn.running_mean"), "frozen batch norm keeps its statistics");
+    assert!(!same("hidden.weight"), "the last block trains");
+}
+
+#[test]
 fn thread_count_does_not_change_the_weights() {
     let one = workspace(2, 60.0);
     let two = workspace(2, 60.0);
