@@ -138,12 +138,11 @@ impl Cache {
         Ok(path)
     }
 
-    /// The resumable working directory of one stage key (`scratch/<key>/`), created if
-    /// needed. Unlike `tmp/`, it survives an interrupted run so the next run can resume.
-    pub fn scratch_dir(&self, key: &Digest) -> Result<PathBuf, CacheError> {
-        let path = self.dir.join("scratch").join(key.to_hex());
-        std::fs::create_dir_all(&path).map_err(CacheError::io("create scratch directory", &path))?;
-        Ok(path)
+    /// The resumable working directory of one stage key (`scratch/<key>/`; a stage that
+    /// wants one creates it). Unlike `tmp/`, it survives an interrupted run so the next
+    /// run can resume.
+    pub fn scratch_dir(&self, key: &Digest) -> PathBuf {
+        self.dir.join("scratch").join(key.to_hex())
     }
 
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {

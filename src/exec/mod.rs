@@ -404,7 +404,7 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
         }
     }
     let outputs_dir = manifest.outputs_dir();
-    let scratch = cache.scratch_dir(&digest)?;
+    let scratch = cache.scratch_dir(&digest);
     let attached = std::sync::Mutex::new(Vec::new());
     let stage_cx = StageContext {
         attached: &attached,

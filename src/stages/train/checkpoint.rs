@@ -38,6 +38,7 @@ fn fail(what: &str, path: &Path, e: impl std::fmt::Display) -> StageError {
 }
 
 pub fn save(dir: &Path, progress: &mut Progress, tensors: &BTreeMap<String, Tensor>) -> Result<(), StageError> {
+    std::fs::create_dir_all(dir).map_err(|e| fail("create", dir, e))?;
     let name = format!("state-{}-{}.safetensors", progress.epoch, progress.batch);
     let tmp = dir.join(format!("{name}.tmp"));
     crate::nn::save_weights(tensors, &tmp).map_err(|e| fail("write", &tmp, e))?;
@@ -61,6 +62,7 @@ pub fn load(dir: &Path) -> Option<(Progress, BTreeMap<String, Tensor>)> {
 }
 
 pub fn save_best(dir: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(), StageError> {
+    std::fs::create_dir_all(dir).map_err(|e| fail("create", dir, e))?;
     let tmp = dir.join("best.safetensors.tmp");
     crate::nn::save_weights(tensors, &tmp).map_err(|e| fail("write", &tmp, e))?;
     std::fs::rename(&tmp, dir.join("best.safetensors")).map_err(|e| fail("write", &tmp, e))
