@@ -58,6 +58,13 @@ fn channel_stats(x: &[f32], n: usize, c: usize, plane: usize) -> Vec<(f64, f64)>
         .collect()
 }
 
+/// Per-channel pairs as a `[2, C]` tensor: firsts, then seconds.
+fn two_rows(pairs: &[(f64, f64)]) -> (CpuStorage, Shape) {
+    let mut out: Vec<f32> = pairs.iter().map(|p| p.0 as f32).collect();
+    out.extend(pairs.iter().map(|p| p.1 as f32));
+    (CpuStorage::F32(out), Shape::from((2, pairs.len())))
+}
+
 fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
     match l.dims() {
         &[n, c, h, w] => Ok((n, c, h * w)),
@@ -74,10 +81,7 @@ impl CustomOp1 for Stats {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, plane) = dims(l)?;
-        let st = channel_stats(slice(s, l)?, n, c, plane);
-        let mut out: Vec<f32> = st.iter().map(|s| s.0 as f32).collect();
-        out.extend(st.iter().map(|s| s.1 as f32));
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+        Ok(two_rows(&channel_stats(slice(s, l)?, n, c, plane)))
     }
 }
 
@@ -163,9 +167,7 @@ impl candle_core::CustomOp2 for ParamGrads {
                 (dxhat, dsum)
             })
             .collect();
-        let mut out: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
-        out.extend(sums.iter().map(|s| s.1 as f32));
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+        Ok(two_rows(&sums))
     }
 }
 

@@ -215,17 +215,8 @@ impl CustomOp2 for GradWeight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn data(shape: &[usize], salt: usize) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| (((i * 7919 + salt * 104_729) % 1000) as f32 / 500.0) - 1.0).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    }
+    use crate::nn::test_support::{data, max_diff};
+    use candle_core::Var;
 
     /// Forward and both gradients by definition (plain loops), for the kernel sizes,
     /// strides and odd sizes EfficientNet uses. (candle's own grouped-convolution backward

@@ -224,3 +224,20 @@ pub fn weights_digest(tensors: &BTreeMap<String, Tensor>) -> Result<String> {
     }
     Ok(h.finalize().to_hex().to_string())
 }
+
+/// Deterministic test tensors and comparisons shared by the op tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use candle_core::{Device, Tensor};
+
+    /// Values in [-1, 1) that differ by position and `salt`.
+    pub fn data(shape: &[usize], salt: usize) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| (((i * 7919 + salt * 104_729) % 1000) as f32 / 500.0) - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+}
