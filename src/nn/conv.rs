@@ -14,6 +14,9 @@ use super::Result;
 use super::depthwise::{Geometry, slice};
 
 /// `x`: `[N, C, H, W]`, `w`: `[Cout, C, K, K]`, symmetric zero padding.
+///
+/// The columns are laid out `[C·K·K, N·OH·OW]`, so the whole batch is one matrix multiply
+/// `W[Cout, C·K·K] · cols` (a batched multiply would copy `W` once per image).
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let (n, c, h, wd) = x.dims4()?;
     let (c_out, c_in, k, _) = w.dims4()?;
@@ -21,13 +24,9 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
         return x.conv2d(w, padding, stride, 1, 1);
     }
     let (oh, ow) = ((h + 2 * padding - k) / stride + 1, (wd + 2 * padding - k) / stride + 1);
-    let cols = if k == 1 && stride == 1 && padding == 0 {
-        x.reshape((n, c, h * wd))?
-    } else {
-        x.contiguous()?.apply_op1(Im2Col { k, stride, padding })?
-    };
-    let y = w.reshape((c_out, c * k * k))?.broadcast_matmul(&cols)?;
-    y.reshape((n, c_out, oh, ow))
+    let cols = x.contiguous()?.apply_op1(Im2Col { k, stride, padding })?;
+    let y = w.reshape((c_out, c * k * k))?.matmul(&cols)?;
+    y.reshape((c_out, n, oh, ow))?.permute((1, 0, 2, 3))?.contiguous()
 }
 
 struct Im2Col {
@@ -46,31 +45,36 @@ impl CustomOp1 for Im2Col {
         let g = Geometry::new(l.dims(), &[c, 1, self.k, self.k], self.stride, self.padding)?;
         let x = slice(s, l)?;
         let (plane_in, cols, taps) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
-        let mut out = vec![0f32; g.n * g.c * taps * cols];
-        // One (image, channel) plane fills `taps` consecutive rows.
-        out.par_chunks_mut(taps * cols).enumerate().for_each(|(p, rows)| {
-            let x = &x[p * plane_in..(p + 1) * plane_in];
-            for oy in 0..g.oh {
-                g.for_taps(oy, |iy, ix0, lo, hi, t| {
-                    let dst = &mut rows[t * cols + oy * g.ow..t * cols + (oy + 1) * g.ow];
-                    let src = &x[iy * g.w..(iy + 1) * g.w];
-                    if g.stride == 1 {
-                        dst[lo..hi].copy_from_slice(&src[ix0..ix0 + hi - lo]);
-                    } else {
-                        for (j, d) in dst[lo..hi].iter_mut().enumerate() {
-                            *d = src[ix0 + j * g.stride];
+        let width = g.n * cols;
+        let mut out = vec![0f32; g.c * taps * width];
+        // One channel fills `taps` consecutive rows; image `n` fills columns [n·L, (n+1)·L).
+        out.par_chunks_mut(taps * width).enumerate().for_each(|(ch, rows)| {
+            for img in 0..g.n {
+                let x = &x[(img * g.c + ch) * plane_in..(img * g.c + ch + 1) * plane_in];
+                for oy in 0..g.oh {
+                    g.for_taps(oy, |iy, ix0, lo, hi, t| {
+                        let at = t * width + img * cols + oy * g.ow;
+                        let dst = &mut rows[at..at + g.ow];
+                        let src = &x[iy * g.w..(iy + 1) * g.w];
+                        if g.stride == 1 {
+                            dst[lo..hi].copy_from_slice(&src[ix0..ix0 + hi - lo]);
+                        } else {
+                            for (j, d) in dst[lo..hi].iter_mut().enumerate() {
+                                *d = src[ix0 + j * g.stride];
+                            }
                         }
-                    }
-                });
+                    });
+                }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((g.n, g.c * taps, cols))))
+        Ok((CpuStorage::F32(out), Shape::from((g.c * taps, width))))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (h, w) = (x.dim(2)?, x.dim(3)?);
-        let c = x.dim(1)?;
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Col2Im { k: self.k, stride: self.stride, padding: self.padding, c, h, w })?))
+        let (n, c, h, w) = x.dims4()?;
+        let gx = grad.contiguous()?.apply_op1_no_bwd(&Col2Im { k: self.k, stride: self.stride, padding: self.padding, n, c, h, w })?;
+        // Col2Im writes channel-major planes, [C, N, H, W].
+        Ok(Some(gx.permute((1, 0, 2, 3))?.contiguous()?))
     }
 }
 
@@ -79,6 +83,7 @@ struct Col2Im {
     k: usize,
     stride: usize,
     padding: usize,
+    n: usize,
     c: usize,
     h: usize,
     w: usize,
@@ -90,27 +95,32 @@ impl CustomOp1 for Col2Im {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let n = l.dims()[0];
+        let n = self.n;
         let g = Geometry::new(&[n, self.c, self.h, self.w], &[self.c, 1, self.k, self.k], self.stride, self.padding)?;
         let (plane_in, cols, taps) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
-        if l.dims() != [n, g.c * taps, cols] {
+        let width = n * cols;
+        if l.dims() != [g.c * taps, width] {
             candle_core::bail!("col2im: gradient shape {:?} does not fit", l.dims());
         }
         let gc = slice(s, l)?;
-        let mut out = vec![0f32; n * g.c * plane_in];
-        out.par_chunks_mut(plane_in).enumerate().for_each(|(p, gx)| {
-            let rows = &gc[p * taps * cols..(p + 1) * taps * cols];
-            for oy in 0..g.oh {
-                g.for_taps(oy, |iy, ix0, lo, hi, t| {
-                    let src = &rows[t * cols + oy * g.ow..t * cols + (oy + 1) * g.ow];
-                    let dst = &mut gx[iy * g.w..(iy + 1) * g.w];
-                    for (j, v) in src[lo..hi].iter().enumerate() {
-                        dst[ix0 + j * g.stride] += v;
-                    }
-                });
+        let mut out = vec![0f32; g.c * n * plane_in];
+        out.par_chunks_mut(n * plane_in).enumerate().for_each(|(ch, planes)| {
+            let rows = &gc[ch * taps * width..(ch + 1) * taps * width];
+            for img in 0..n {
+                let gx = &mut planes[img * plane_in..(img + 1) * plane_in];
+                for oy in 0..g.oh {
+                    g.for_taps(oy, |iy, ix0, lo, hi, t| {
+                        let at = t * width + img * cols + oy * g.ow;
+                        let src = &rows[at..at + g.ow];
+                        let dst = &mut gx[iy * g.w..(iy + 1) * g.w];
+                        for (j, v) in src[lo..hi].iter().enumerate() {
+                            dst[ix0 + j * g.stride] += v;
+                        }
+                    });
+                }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((n, g.c, g.h, g.w))))
+        Ok((CpuStorage::F32(out), Shape::from((g.c, n, g.h, g.w))))
     }
 }
 
