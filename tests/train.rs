@@ -177,6 +177,30 @@ fn last_n_blocks_trains_only_the_top_of_a_pretrained_model() {
 }
 
 #[test]
+fn head_fine_tuning_memoises_backbone_features_across_runs() {
+    let base = workspace(1, 60.0);
+    run_ok(base.path(), &["run", "kiln.toml"]);
+    let ws = workspace(2, 60.0);
+    std::fs::copy(base.path().join("outputs/t/train/model.safetensors"), ws.path().join("pre.safetensors")).unwrap();
+    let path = ws.path().join("kiln.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("device = \"cpu\"", "device = \"cpu\"\nweights = \"pre.safetensors\"\nfinetune = \"head\"");
+    std::fs::write(&path, text).unwrap();
+    let first = run_ok(ws.path(), &["run", "kiln.toml"]);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.path().join("outputs/t/convert/manifest.json")).unwrap()).unwrap();
+    let rows = manifest["splits"]["train"]["rows"].as_u64().unwrap() + manifest["splits"]["val"]["rows"].as_u64().unwrap();
+    assert!(first.contains(&format!("backbone features: {rows} computed, 0 memoised")), "{first}");
+    // Only the head's settings change: the backbone's features come from the memo.
+    let text = std::fs::read_to_string(&path).unwrap().replace("lr = 0.004", "lr = 0.002");
+    std::fs::write(&path, text).unwrap();
+    let second = run_ok(ws.path(), &["run", "kiln.toml"]);
+    assert!(second.contains(&format!("backbone features: 0 computed, {rows} memoised")), "{second}");
+    assert_eq!(model_card(ws.path())["hyperparameters"]["finetune"], "head");
+}
+
+#[test]
 fn thread_count_does_not_change_the_weights() {
     let one = workspace(2, 60.0);
     let two = workspace(2, 60.0);

@@ -143,6 +143,10 @@ fn count_correct(logits: &Tensor, labels: &[u32]) -> candle_core::Result<u64> {
     Ok(pred.iter().zip(labels).filter(|(p, l)| p == l).count() as u64)
 }
 
+/// Bump when a backbone's numerics change (padding, batch-norm formula, convolution
+/// kernels): memoised features of the old code must not be reused.
+const FEATURES_VERSION: u32 = 1;
+
 /// Backbone features of every row, memoised per (model weights, input normalisation, row
 /// bytes): a second run, or another head on the same backbone, computes none.
 fn features(
@@ -152,11 +156,13 @@ fn features(
     split: &Split,
     norm: &Norm,
     device: &Device,
+    computed: &mut usize,
 ) -> Result<(Tensor, Vec<u32>), StageError> {
     let weights_tree = stage.deps.first().and_then(|d| cx.dep_scan(d.get_ref())).map(|s| s.tree.digest());
     let mut h = blake3::Hasher::new();
-    h.update(b"kiln-features/1\0");
-    h.update(stage.config.model.as_bytes());
+    h.update(b"kiln-features\0");
+    h.update(&FEATURES_VERSION.to_le_bytes());
+    h.update(serde_json::to_string(&stage.arch).expect("architecture serialises").as_bytes());
     h.update(weights_tree.map(|d| d.0).unwrap_or_default().as_slice());
     h.update(serde_json::to_string(&(&norm.mean, &norm.std)).expect("floats serialise").as_bytes());
     let op = Digest(*h.finalize().as_bytes());
@@ -180,6 +186,7 @@ fn features(
         found.push(v.map(|b| b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()));
     }
     let misses: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
+    *computed += misses.len();
     if !misses.is_empty() {
         let progress = cx.reporter.progress(&format!("{}: backbone features", cx.stage), misses.len() as u64, "images");
         for chunk in misses.chunks(32) {
@@ -277,10 +284,11 @@ pub fn run(stage: &TrainStage, cx: &StageContext<'_>) -> Result<(), StageError> 
         if augment.is_some() {
             cx.reporter.warn(&format!("{}: head fine-tuning trains on memoised features of the unaugmented images", cx.stage));
         }
-        Inputs::Features {
-            train: features(cx, stage, net.as_ref(), &train, &norm, &device)?,
-            val: features(cx, stage, net.as_ref(), &val, &norm, &device)?,
-        }
+        let mut computed = 0;
+        let train = features(cx, stage, net.as_ref(), &train, &norm, &device, &mut computed)?;
+        let val = features(cx, stage, net.as_ref(), &val, &norm, &device, &mut computed)?;
+        summary.push(format!("backbone features: {computed} computed, {} memoised", train.1.len() + val.1.len() - computed));
+        Inputs::Features { train, val }
     } else {
         Inputs::Images { train, val }
     };
