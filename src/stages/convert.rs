@@ -180,6 +180,15 @@ pub struct ShardManifest {
 }
 
 impl ShardManifest {
+    /// The manifest of an upstream convert artifact.
+    pub fn read(cx: &StageContext<'_>, input: &str, artifact: &super::Artifact) -> Result<ShardManifest, StageError> {
+        let path = cx
+            .input_file(artifact, "manifest.json")
+            .ok_or_else(|| StageError::Failed(format!("input `{input}` has no manifest.json: is it a convert stage?")))?;
+        let bytes = std::fs::read(&path).map_err(|e| StageError::Failed(format!("cannot read {}: {e}", path.display())))?;
+        serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("input `{input}`: manifest.json: {e}")))
+    }
+
     /// The augmentation to apply while training, when it is online.
     pub fn online_augment(&self) -> Option<crate::imaging::augment::Augment> {
         let a = self.augmentation.as_ref()?;

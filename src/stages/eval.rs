@@ -19,7 +19,8 @@ use toml::Spanned;
 use toml::de::DeValue;
 
 use super::convert::ShardManifest;
-use super::train::data::{Norm, Split};
+use super::preprocess::Normalize;
+use super::train::data::Split;
 use super::{Artifact, ParseContext, Stage, StageContext, StageError, StageKind, parse_config};
 use crate::dataset;
 use crate::manifest::Issue;
@@ -95,9 +96,7 @@ impl Stage for EvalStage {
         let device = self.config.device.open().map_err(|e| StageError::Failed(format!("open device: {e}")))?;
         let model = TrainedModel::load(&path(model_art, "model.json")?, &path(model_art, "model.safetensors")?, device.clone())
             .map_err(|e| StageError::Failed(format!("input `{model_input}`: {e}")))?;
-        let manifest: ShardManifest =
-            serde_json::from_slice(&std::fs::read(path(data_art, "manifest.json")?).map_err(|e| StageError::Failed(e.to_string()))?)
-                .map_err(|e| StageError::Failed(format!("input `{data_input}`: manifest.json: {e}")))?;
+        let manifest = ShardManifest::read(cx, data_input, data_art)?;
         if manifest.classes != model.card.classes {
             return Err(StageError::Failed(format!(
                 "the model from `{model_input}` knows classes {:?}, the shards of `{data_input}` have {:?}",
@@ -115,7 +114,7 @@ impl Stage for EvalStage {
         if split.is_empty() {
             return Err(StageError::Failed(format!("split `{}` of `{data_input}` is empty", self.config.split)));
         }
-        let norm = Norm { mean: input.mean.clone(), std: input.std.clone() };
+        let norm = Normalize { mean: input.mean.clone(), std: input.std.clone() };
         let progress = cx.reporter.progress(&format!("{}: predicting", cx.stage), split.len() as u64, "images");
         let mut probs = Vec::with_capacity(split.len());
         let rows: Vec<usize> = (0..split.len()).collect();

@@ -44,6 +44,20 @@ pub struct Normalize {
     pub std: Vec<f32>,
 }
 
+impl Normalize {
+    /// Pixels as fractions of 255, unchanged.
+    pub fn identity(channels: usize) -> Self {
+        Normalize { mean: vec![0.0; channels], std: vec![1.0; channels] }
+    }
+
+    /// Equal to within 1e-3 per value (presets are written as rounded decimals).
+    pub fn approx_eq(&self, other: &Normalize) -> bool {
+        self.mean.len() == other.mean.len()
+            && self.std.len() == other.std.len()
+            && self.mean.iter().chain(&self.std).zip(other.mean.iter().chain(&other.std)).all(|(a, b)| (a - b).abs() < 1e-3)
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AugmentWhere {

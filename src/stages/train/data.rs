@@ -7,6 +7,7 @@ use crate::imaging::augment::Augment;
 use crate::imaging::transform::{ColorMode, into_pixels, normalize_chw, to_image};
 use crate::rng::Rng;
 use crate::stages::convert::{Dtype, Encoding, ShardManifest};
+use crate::stages::preprocess::Normalize;
 use crate::stages::{Artifact, StageContext, StageError};
 
 /// Pixels as the shards store them.
@@ -23,13 +24,6 @@ pub struct Split {
     pub labels: Vec<u32>,
     pub ids: Vec<String>,
     pub shape: [usize; 3],
-}
-
-/// How byte pixels become network input.
-#[derive(Debug, Clone)]
-pub struct Norm {
-    pub mean: Vec<f32>,
-    pub std: Vec<f32>,
 }
 
 impl Split {
@@ -107,7 +101,7 @@ impl Split {
     pub fn batch(
         &self,
         rows: &[usize],
-        norm: &Norm,
+        norm: &Normalize,
         augment: Option<(&Augment, u64, u64)>,
         device: &Device,
     ) -> candle_core::Result<Tensor> {

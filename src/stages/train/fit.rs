@@ -7,7 +7,7 @@ use candle_core::{D, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, Progress};
-use super::data::{Norm, Split};
+use super::data::Split;
 use super::{ClassWeights, Finetune, FinetuneMode, Monitor, TrainStage};
 use crate::dataset;
 use crate::digest::Digest;
@@ -20,6 +20,7 @@ use crate::nn::schedule::Schedule;
 use crate::nn::{ParamStore, read_weights, weights_digest};
 use crate::rng::Rng;
 use crate::stages::convert::{Dtype, ShardManifest};
+use crate::stages::preprocess::Normalize;
 use crate::stages::{Stage, StageContext, StageError};
 
 /// One epoch's figures (deterministic: no timings, so equal runs write equal histories).
@@ -61,13 +62,10 @@ fn candle(what: &str) -> impl Fn(candle_core::Error) -> StageError + '_ {
 
 /// The model input: the preset of a pretrained model (or the manifest's override) must
 /// match what preprocess produced; byte shards are normalised with it at load time.
-pub(super) fn resolve_input(stage: &TrainStage, m: &ShardManifest) -> Result<Norm, StageError> {
+pub(super) fn resolve_input(stage: &TrainStage, m: &ShardManifest) -> Result<Normalize, StageError> {
     let c = m.channels;
-    let data_norm = m.normalization.as_ref().map(|n| Norm { mean: n.mean.clone(), std: n.std.clone() });
-    let preset = stage.arch.preset().filter(|_| stage.config.weights.is_some());
-    let over = stage.config.input.as_ref();
-    let want_size = over.and_then(|o| o.size).or(preset.as_ref().map(|p| p.size));
-    if let Some(size) = want_size
+    let want = stage.expected_input();
+    if let Some(size) = want.size
         && size != [m.width, m.height]
     {
         return Err(StageError::Failed(format!(
@@ -75,27 +73,19 @@ pub(super) fn resolve_input(stage: &TrainStage, m: &ShardManifest) -> Result<Nor
             stage.config.model, size[0], size[1], m.width, m.height, size[0], size[1], m.width, m.height
         )));
     }
-    if let Some(p) = &preset
-        && p.channels != c
+    if let Some(channels) = want.channels
+        && channels != c
     {
         return Err(StageError::Failed(format!(
-            "model `{}` expects {} channels but the shards have {c}: set `color = \"rgb\"` in the preprocess stage",
-            stage.config.model, p.channels
+            "model `{}` expects {channels} channels but the shards have {c}: set `color = \"rgb\"` in the preprocess stage",
+            stage.config.model
         )));
     }
-    let want_norm = match (over.and_then(|o| o.mean.clone()), over.and_then(|o| o.std.clone())) {
-        (Some(mean), Some(std)) => Some(Norm { mean, std }),
-        (None, None) => preset.map(|p| Norm { mean: p.mean, std: p.std }),
-        _ => return Err(StageError::Failed("`input` needs both `mean` and `std`, or neither".into())),
-    };
-    let close = |a: &Norm, b: &Norm| {
-        a.mean.len() == b.mean.len() && a.mean.iter().chain(&a.std).zip(b.mean.iter().chain(&b.std)).all(|(x, y)| (x - y).abs() < 1e-3)
-    };
-    match (want_norm, data_norm) {
+    match (want.norm.map_err(StageError::Failed)?, m.normalization.clone()) {
         (Some(w), _) if w.mean.len() != c || w.std.len() != c => {
             Err(StageError::Failed(format!("input normalisation has {} values, the shards have {c} channels", w.mean.len())))
         }
-        (Some(w), Some(d)) if !close(&w, &d) => Err(StageError::Failed(format!(
+        (Some(w), Some(d)) if !w.approx_eq(&d) => Err(StageError::Failed(format!(
             "model `{}` expects normalize = {{ mean = {:?}, std = {:?} }} but preprocess used mean = {:?}, std = {:?}: change the preprocess stage, or set `input = {{ mean = …, std = … }}` here to accept it",
             stage.config.model, w.mean, w.std, d.mean, d.std
         ))),
@@ -105,7 +95,7 @@ pub(super) fn resolve_input(stage: &TrainStage, m: &ShardManifest) -> Result<Nor
         ))),
         (Some(w), _) => Ok(w),
         (None, Some(d)) => Ok(d),
-        (None, None) => Ok(Norm { mean: vec![0.0; c], std: vec![1.0; c] }),
+        (None, None) => Ok(Normalize::identity(c)),
     }
 }
 
@@ -114,7 +104,7 @@ struct Eval {
     accuracy: f64,
 }
 
-fn evaluate(net: &dyn Network, inputs: &Inputs, norm: &Norm, batch: usize, device: &Device) -> candle_core::Result<Option<Eval>> {
+fn evaluate(net: &dyn Network, inputs: &Inputs, norm: &Normalize, batch: usize, device: &Device) -> candle_core::Result<Option<Eval>> {
     let n = inputs.val_len();
     if n == 0 {
         return Ok(None);
@@ -154,7 +144,7 @@ fn features(
     stage: &TrainStage,
     net: &dyn Network,
     split: &Split,
-    norm: &Norm,
+    norm: &Normalize,
     device: &Device,
     computed: &mut usize,
 ) -> Result<(Tensor, Vec<u32>), StageError> {
@@ -216,13 +206,7 @@ fn strip_optim(t: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
 pub fn run(stage: &TrainStage, cx: &StageContext<'_>) -> Result<(), StageError> {
     let cfg = &stage.config;
     let (input, artifact) = dataset::single_input(cx)?;
-    let manifest_path = cx
-        .input_file(artifact, "manifest.json")
-        .ok_or_else(|| StageError::Failed(format!("input `{input}` has no manifest.json: is it a convert stage?")))?;
-    let manifest: ShardManifest = serde_json::from_slice(
-        &std::fs::read(&manifest_path).map_err(|e| StageError::Failed(format!("cannot read {}: {e}", manifest_path.display())))?,
-    )
-    .map_err(|e| StageError::Failed(format!("input `{input}`: manifest.json: {e}")))?;
+    let manifest = ShardManifest::read(cx, input, artifact)?;
     let norm = resolve_input(stage, &manifest)?;
     let classes = manifest.classes.len();
     if classes < 2 {
@@ -470,7 +454,7 @@ fn write_artifact(
     stage: &TrainStage,
     cx: &StageContext<'_>,
     manifest: &ShardManifest,
-    norm: &Norm,
+    norm: &Normalize,
     ps: &ParamStore,
     progress: &Progress,
     mut summary: Vec<String>,

@@ -40,6 +40,7 @@ use crate::nn::device::DeviceChoice;
 use crate::nn::models::{Arch, CnnConfig};
 use crate::nn::optim::OptimizerKind;
 use crate::nn::schedule::ScheduleKind;
+use crate::stages::preprocess::Normalize;
 
 pub use fit::EpochRecord;
 
@@ -263,6 +264,31 @@ impl StageKind for TrainKind {
     }
 }
 
+/// What the network must be fed: a pretrained model's preset, overridden by `input`.
+struct ExpectedInput {
+    size: Option<[u32; 2]>,
+    channels: Option<usize>,
+    /// `Err` when `input` gives only one of `mean` and `std`.
+    norm: Result<Option<Normalize>, String>,
+}
+
+impl TrainStage {
+    fn expected_input(&self) -> ExpectedInput {
+        let preset = self.arch.preset().filter(|_| self.config.weights.is_some());
+        let over = self.config.input.as_ref();
+        let norm = match (over.and_then(|o| o.mean.clone()), over.and_then(|o| o.std.clone())) {
+            (Some(mean), Some(std)) => Ok(Some(Normalize { mean, std })),
+            (None, None) => Ok(preset.as_ref().map(|p| Normalize { mean: p.mean.clone(), std: p.std.clone() })),
+            _ => Err("`input` needs both `mean` and `std`, or neither".to_string()),
+        };
+        ExpectedInput {
+            size: over.and_then(|o| o.size).or(preset.as_ref().map(|p| p.size)),
+            channels: preset.as_ref().map(|p| p.channels),
+            norm,
+        }
+    }
+}
+
 impl Stage for TrainStage {
     fn params(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(&self.config).expect("train config serialises");
@@ -279,13 +305,12 @@ impl Stage for TrainStage {
     /// the manifest loads, rather than after hours of upstream work.
     fn check_plan(&self, plan: &dyn super::PlanView) -> Vec<String> {
         let Some((name, pre)) = plan.ancestor("preprocess") else { return Vec::new() };
-        let preset = self.arch.preset().filter(|_| self.config.weights.is_some());
-        let over = self.config.input.as_ref();
+        let want = self.expected_input();
         let mut problems = Vec::new();
         // The preprocess stage's parameters are its `Spec`: the transform, then normalize.
         let t = &pre["transform"];
         let size = t["width"].as_u64().zip(t["height"].as_u64()).map(|(w, h)| [w as u32, h as u32]);
-        if let (Some(want), Some(have)) = (over.and_then(|o| o.size).or(preset.as_ref().map(|p| p.size)), size)
+        if let (Some(want), Some(have)) = (want.size, size)
             && want != have
         {
             problems.push(format!(
@@ -293,30 +318,21 @@ impl Stage for TrainStage {
                 self.config.model, want[0], want[1], have[0], have[1], want[0], want[1], have[0], have[1]
             ));
         }
-        if let Some(p) = &preset
-            && p.channels == 3
-            && t["color"] == "grayscale"
-        {
+        if want.channels == Some(3) && t["color"] == "grayscale" {
             problems.push(format!(
                 "model `{}` expects RGB input but stage `{name}` writes grayscale: set `color = \"rgb\"` there",
                 self.config.model
             ));
         }
-        let want_norm = match (over.and_then(|o| o.mean.clone()), over.and_then(|o| o.std.clone())) {
-            (Some(m), Some(s)) => Some((m, s)),
-            _ => preset.map(|p| (p.mean, p.std)),
-        };
-        let have_norm: Option<(Vec<f32>, Vec<f32>)> = pre
-            .get("normalize")
-            .and_then(|n| Some((serde_json::from_value(n["mean"].clone()).ok()?, serde_json::from_value(n["std"].clone()).ok()?)));
-        if let (Some((wm, ws)), Some((hm, hs))) = (&want_norm, &have_norm) {
-            let close = wm.len() == hm.len() && wm.iter().chain(ws).zip(hm.iter().chain(hs)).all(|(a, b)| (a - b).abs() < 1e-3);
-            if !close {
-                problems.push(format!(
-                    "model `{}` expects normalize = {{ mean = {wm:?}, std = {ws:?} }} but stage `{name}` uses mean = {hm:?}, std = {hs:?}: change it there, or set `input = {{ mean = …, std = … }}` here to accept it",
-                    self.config.model
-                ));
-            }
+        // A half-given `input` normalisation is reported when the stage runs.
+        let have: Option<Normalize> = pre.get("normalize").and_then(|n| serde_json::from_value(n.clone()).ok());
+        if let (Ok(Some(w)), Some(h)) = (&want.norm, &have)
+            && !w.approx_eq(h)
+        {
+            problems.push(format!(
+                "model `{}` expects normalize = {{ mean = {:?}, std = {:?} }} but stage `{name}` uses mean = {:?}, std = {:?}: change it there, or set `input = {{ mean = …, std = … }}` here to accept it",
+                self.config.model, w.mean, w.std, h.mean, h.std
+            ));
         }
         problems
     }
