@@ -120,12 +120,14 @@ fn trains_reproducibly_and_writes_its_artifact() {
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(a.path().join("outputs/t/eval/metrics.json")).unwrap()).unwrap();
     let predictions = std::fs::read_to_string(a.path().join("outputs/t/eval/predictions.csv")).unwrap();
+    let header: Vec<&str> = predictions.lines().next().unwrap().split(',').collect();
+    let correct_col = header.iter().position(|h| *h == "correct").unwrap();
     let rows: Vec<&str> = predictions.lines().skip(1).collect();
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(a.path().join("outputs/t/convert/manifest.json")).unwrap()).unwrap();
     assert_eq!(rows.len() as u64, manifest["splits"]["test"]["rows"].as_u64().unwrap());
     assert_eq!(metrics["samples"].as_u64().unwrap(), rows.len() as u64);
-    let correct = rows.iter().filter(|r| r.ends_with(",1")).count();
+    let correct = rows.iter().filter(|r| r.split(',').nth(correct_col) == Some("1")).count();
     assert!((metrics["accuracy"].as_f64().unwrap() - correct as f64 / rows.len() as f64).abs() < 1e-12);
     let cm = metrics["confusion_matrix"].as_array().unwrap();
     let diagonal: u64 = (0..4).map(|i| cm[i][i].as_u64().unwrap()).sum();

@@ -113,7 +113,7 @@ impl StageKind for ConvertKind {
     }
 
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
@@ -147,6 +147,9 @@ pub struct ShardInfo {
     pub rows: usize,
     /// Item id of every row, in order (augmented copies as `id#augN`).
     pub ids: Vec<String>,
+    /// Where each row's image came from (the item's `source`), for people.
+    #[serde(default)]
+    pub sources: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -304,7 +307,8 @@ impl Stage for ConvertStage {
                     .collect::<Result<_, StageError>>()?;
                 layout.write(cx, &file, chunk, &pixels)?;
                 let ids = chunk.iter().map(|(i, k)| k.map_or_else(|| i.id.clone(), |k| format!("{}#aug{k}", i.id))).collect();
-                shards.push(ShardInfo { file, rows: chunk.len(), ids });
+                let sources = chunk.iter().map(|(i, _)| i.source.clone()).collect();
+                shards.push(ShardInfo { file, rows: chunk.len(), ids, sources });
             }
             splits.insert(split.to_string(), SplitInfo { rows: rows.len(), items: members.len(), shards });
         }

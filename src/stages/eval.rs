@@ -9,8 +9,10 @@
 //!
 //! Writes `metrics.json` (accuracy, balanced accuracy, per-class and macro/weighted
 //! precision, recall and F1, confusion matrix, top-k accuracy, log loss, calibration error,
-//! and ROC-AUC / PR-AUC for two classes) and `predictions.csv` (one row per item: id, true
-//! and predicted class, the predicted probability, whether it was right).
+//! and ROC-AUC / PR-AUC for two classes), `predictions.csv` (one row per item: id, source,
+//! true and predicted class, the top probability, whether it was right, then the
+//! probability of every class), and `mistakes.json` with `mistakes/*.png`: the most
+//! confident wrong predictions and the images the model saw.
 
 use std::sync::Arc;
 
@@ -59,7 +61,7 @@ impl StageKind for EvalKind {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
@@ -126,21 +128,10 @@ impl Stage for EvalStage {
         progress.finish();
         let report = metrics::report(&probs, &split.labels, &manifest.classes);
         dataset::write_json(cx, "metrics.json", &report)?;
-        let mut csv = String::from("id,label,predicted,p_max,correct\n");
-        for ((id, &label), p) in split.ids.iter().zip(&split.labels).zip(&probs) {
-            let pred = metrics::argmax(p);
-            let field = |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
-            csv.push_str(&format!(
-                "{},{},{},{:.6},{}\n",
-                field(id),
-                field(&manifest.classes[label as usize]),
-                field(&manifest.classes[pred]),
-                p[pred],
-                u8::from(pred == label as usize)
-            ));
-        }
-        std::fs::write(cx.out_dir.join("predictions.csv"), csv)
-            .map_err(|e| StageError::Failed(format!("cannot write predictions.csv: {e}")))?;
+        write_predictions(cx, &split, &probs, &manifest.classes)?;
+        let mistakes = confident_mistakes(&split, &probs, &manifest.classes, MISTAKES);
+        write_thumbnails(cx, &split, &mistakes, manifest.normalization.as_ref().filter(|_| manifest.normalization_applied))?;
+        dataset::write_json(cx, "mistakes.json", &mistakes)?;
         cx.reporter.summary(
             cx.stage,
             &[format!(
@@ -150,4 +141,115 @@ impl Stage for EvalStage {
         );
         Ok(())
     }
+}
+
+/// How many of the most confident mistakes `mistakes.json` lists (with thumbnails).
+const MISTAKES: usize = 24;
+
+/// One wrong prediction, for people: what it was, what the model said, how sure it was.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Mistake {
+    pub id: String,
+    pub source: String,
+    pub label: String,
+    pub predicted: String,
+    pub p_predicted: f32,
+    pub p_label: f32,
+    /// The thumbnail in the artifact, `mistakes/NN.png`.
+    pub thumbnail: String,
+    #[serde(skip)]
+    row: usize,
+}
+
+fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")).into() } else { s.into() }
+}
+
+fn write_predictions(cx: &StageContext<'_>, split: &Split, probs: &[Vec<f32>], classes: &[String]) -> Result<(), StageError> {
+    let mut csv = String::from("id,source,label,predicted,p_max,correct");
+    for c in classes {
+        csv.push_str(&format!(",{}", csv_field(&format!("p_{c}"))));
+    }
+    csv.push('\n');
+    for (row, p) in probs.iter().enumerate() {
+        let label = split.labels[row] as usize;
+        let pred = metrics::argmax(p);
+        csv.push_str(&format!(
+            "{},{},{},{},{:.6},{}",
+            csv_field(&split.ids[row]),
+            csv_field(split.sources.get(row).map_or("", String::as_str)),
+            csv_field(&classes[label]),
+            csv_field(&classes[pred]),
+            p[pred],
+            u8::from(pred == label)
+        ));
+        // Shortest round-trip text: a reader gets kiln's exact f32 probabilities back.
+        for v in p {
+            csv.push_str(&format!(",{v}"));
+        }
+        csv.push('\n');
+    }
+    std::fs::write(cx.out_dir.join("predictions.csv"), csv).map_err(|e| StageError::Failed(format!("cannot write predictions.csv: {e}")))
+}
+
+/// The `n` wrong predictions with the highest predicted probability; ties by id, so the
+/// list is deterministic.
+fn confident_mistakes(split: &Split, probs: &[Vec<f32>], classes: &[String], n: usize) -> Vec<Mistake> {
+    let mut wrong: Vec<(usize, usize, f32)> = probs
+        .iter()
+        .enumerate()
+        .filter_map(|(row, p)| {
+            let pred = metrics::argmax(p);
+            (pred != split.labels[row] as usize).then_some((row, pred, p[pred]))
+        })
+        .collect();
+    wrong.sort_by(|a, b| b.2.total_cmp(&a.2).then_with(|| split.ids[a.0].cmp(&split.ids[b.0])));
+    wrong
+        .into_iter()
+        .take(n)
+        .enumerate()
+        .map(|(k, (row, pred, p))| {
+            let label = split.labels[row] as usize;
+            Mistake {
+                id: split.ids[row].clone(),
+                source: split.sources.get(row).cloned().unwrap_or_default(),
+                label: classes[label].clone(),
+                predicted: classes[pred].clone(),
+                p_predicted: p,
+                p_label: probs[row][label],
+                thumbnail: format!("mistakes/{k:02}.png"),
+                row,
+            }
+        })
+        .collect()
+}
+
+/// Each mistake's image as the model saw it (after preprocessing), as PNG.
+fn write_thumbnails(cx: &StageContext<'_>, split: &Split, mistakes: &[Mistake], applied: Option<&Normalize>) -> Result<(), StageError> {
+    if mistakes.is_empty() {
+        return Ok(());
+    }
+    let dir = cx.out_dir.join("mistakes");
+    std::fs::create_dir_all(&dir).map_err(|e| StageError::Failed(format!("cannot create {}: {e}", dir.display())))?;
+    let [c, h, w] = split.shape;
+    for m in mistakes {
+        let chw = split.row_bytes(m.row, applied);
+        let (color, pixels) = match c {
+            1 => (image::ExtendedColorType::L8, chw),
+            3 => {
+                let mut hwc = vec![0u8; chw.len()];
+                for ch in 0..3 {
+                    for p in 0..h * w {
+                        hwc[p * 3 + ch] = chw[ch * h * w + p];
+                    }
+                }
+                (image::ExtendedColorType::Rgb8, hwc)
+            }
+            _ => return Ok(()),
+        };
+        let path = cx.out_dir.join(&m.thumbnail);
+        image::save_buffer_with_format(&path, &pixels, w as u32, h as u32, color, image::ImageFormat::Png)
+            .map_err(|e| StageError::Failed(format!("cannot write {}: {e}", path.display())))?;
+    }
+    Ok(())
 }

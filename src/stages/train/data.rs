@@ -23,6 +23,8 @@ pub struct Split {
     pub pixels: Pixels,
     pub labels: Vec<u32>,
     pub ids: Vec<String>,
+    /// Each row's source (empty for shards written before sources were recorded).
+    pub sources: Vec<String>,
     pub shape: [usize; 3],
 }
 
@@ -50,6 +52,7 @@ impl Split {
             },
             labels: Vec::new(),
             ids: Vec::new(),
+            sources: Vec::new(),
             shape,
         };
         let Some(info) = m.splits.get(split) else { return Ok(out) };
@@ -84,6 +87,7 @@ impl Split {
                 Encoding::MultiHot => return Err(fail("multi-label (multi_hot) shards cannot train a single-label classifier yet".into())),
             }
             out.ids.extend(shard.ids.iter().cloned());
+            out.sources.extend((0..shard.rows).map(|r| shard.sources.get(r).cloned().unwrap_or_default()));
         }
         if out.labels.len() * row
             != match &out.pixels {
@@ -94,6 +98,25 @@ impl Split {
             return Err(fail(format!("split `{split}`: labels and images disagree in length")));
         }
         Ok(out)
+    }
+
+    /// Row `r` as CHW bytes; f32 rows are mapped back through the normalisation that
+    /// convert applied (`applied`), or read as fractions of 1.
+    pub fn row_bytes(&self, r: usize, applied: Option<&Normalize>) -> Vec<u8> {
+        let row_len = self.row_len();
+        let plane = self.shape[1] * self.shape[2];
+        match &self.pixels {
+            Pixels::U8(v) => v[r * row_len..(r + 1) * row_len].to_vec(),
+            Pixels::F32(v) => v[r * row_len..(r + 1) * row_len]
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| {
+                    let ch = i / plane;
+                    let x = applied.map_or(x, |n| x * n.std[ch] + n.mean[ch]);
+                    (x * 255.0).round().clamp(0.0, 255.0) as u8
+                })
+                .collect(),
+        }
     }
 
     /// Network input for `rows`: normalised CHW floats, augmented when `augment` is given
