@@ -43,6 +43,34 @@ pub struct LockedStage {
     pub upstream: BTreeMap<String, Digest>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub outs: BTreeMap<String, Digest>,
+    /// Headline numbers of the stage's `metrics.json`, so `git diff` of the lock shows them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The numbers worth a line in the lock: numeric leaves of a metrics document down to
+/// two levels (`accuracy`, `macro_avg.f1`, `top_k_accuracy.3`), keyed by dotted path.
+/// Deeper values (per-class tables) and arrays (confusion matrices) stay in the file.
+pub fn headline_metrics(doc: &serde_json::Value) -> BTreeMap<String, f64> {
+    fn walk(prefix: &str, v: &serde_json::Value, depth: usize, out: &mut BTreeMap<String, f64>) {
+        match v {
+            serde_json::Value::Number(n) => {
+                if let Some(x) = n.as_f64() {
+                    out.insert(prefix.to_string(), x);
+                }
+            }
+            serde_json::Value::Object(map) if depth < 2 => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    walk(&key, v, depth + 1, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk("", doc, 0, &mut out);
+    out
 }
 
 fn is_empty_object(v: &serde_json::Value) -> bool {
@@ -70,6 +98,7 @@ impl LockedStage {
             deps: key.deps.clone(),
             upstream: key.upstream.clone(),
             outs,
+            metrics: BTreeMap::new(),
         }
     }
 }
@@ -132,5 +161,37 @@ mod tests {
         let back: LockFile = toml::from_str(&text).unwrap();
         assert_eq!(back, lock);
         assert_eq!(back.to_toml(), text, "writing is deterministic");
+    }
+
+    #[test]
+    fn headline_metrics_take_two_levels_of_numbers() {
+        let doc = serde_json::json!({
+            "accuracy": 0.9, "samples": 10, "classes": ["a", "b"],
+            "macro_avg": {"f1": 0.8, "note": "x"},
+            "per_class": {"a": {"f1": 0.7}},
+            "confusion_matrix": [[1, 2], [3, 4]]
+        });
+        let m = headline_metrics(&doc);
+        let keys: Vec<&str> = m.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["accuracy", "macro_avg.f1", "samples"]);
+        assert_eq!(m["macro_avg.f1"], 0.8);
+        let mut lock = LockFile::empty();
+        let key = CacheKey {
+            format: KEY_FORMAT,
+            kind: "eval".into(),
+            implementation: 1,
+            params: serde_json::json!({"split": "test"}),
+            uses: BTreeMap::new(),
+            seed: 0,
+            deps: BTreeMap::new(),
+            upstream: BTreeMap::new(),
+            outs: vec![],
+        };
+        let mut stage = LockedStage::new(&key, Digest::of_bytes(b"a"), BTreeMap::new());
+        stage.metrics = m;
+        lock.stages.insert("eval".into(), stage);
+        let text = lock.to_toml();
+        assert!(text.contains("[stages.eval.metrics]") && text.contains("\"macro_avg.f1\" = 0.8"), "{text}");
+        assert_eq!(toml::from_str::<LockFile>(&text).unwrap(), lock);
     }
 }

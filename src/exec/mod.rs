@@ -46,6 +46,9 @@ pub struct RunOptions {
     pub fail_fast: bool,
     /// Wait for another process holding the cache instead of failing.
     pub wait: bool,
+    /// Record the run in the lock file. Off for `--set` experiments: the lock stays the
+    /// record of the manifest as written, and the run record keeps the experiment.
+    pub write_lock: bool,
 }
 
 impl Default for RunOptions {
@@ -57,6 +60,7 @@ impl Default for RunOptions {
             jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
             fail_fast: false,
             wait: true,
+            write_lock: true,
         }
     }
 }
@@ -65,6 +69,8 @@ impl Default for RunOptions {
 pub struct RunSummary {
     /// Every selected stage in run order.
     pub stages: Vec<(String, StageOutcome)>,
+    /// The lock file as this run leaves it (also when it was not written).
+    pub lock: LockFile,
 }
 
 impl RunSummary {
@@ -168,7 +174,7 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
     let forced: Vec<bool> = (0..manifest.stages.len()).map(|i| opts.force && (targets.is_empty() || targets.contains(&i))).collect();
     let shared = Shared { manifest, cache: &cache, previous: &previous, reporter, forced };
     let mut fatal: Option<Error> = None;
-    let mut lock_writer = LockWriter { path: &lock_path, last: None, pending: false };
+    let mut lock_writer = LockWriter { path: opts.write_lock.then_some(lock_path.as_path()), last: None, pending: false };
 
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<(usize, Result<Done, StageError>)>();
@@ -272,7 +278,7 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
     lock_writer.flush(&lock)?;
     prune_outputs(manifest)?;
     cache.state().flush()?;
-    Ok(RunSummary { stages })
+    Ok(RunSummary { stages, lock })
 }
 
 /// Lock writes coalesce: a 1000-stage pipeline would otherwise rewrite a 1000-entry file
@@ -282,7 +288,8 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
 const LOCK_WRITE_INTERVAL: Duration = Duration::from_millis(100);
 
 struct LockWriter<'a> {
-    path: &'a std::path::Path,
+    /// `None`: keep the lock in memory only.
+    path: Option<&'a std::path::Path>,
     last: Option<Instant>,
     pending: bool,
 }
@@ -295,7 +302,9 @@ impl LockWriter<'_> {
 
     fn flush(&mut self, lock: &LockFile) -> Result<(), Error> {
         if self.pending {
-            lock.write(self.path)?;
+            if let Some(path) = self.path {
+                lock.write(path)?;
+            }
             self.pending = false;
             self.last = Some(Instant::now());
         }
@@ -358,7 +367,7 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
         return Ok(Done {
             outcome: StageOutcome::Cached { restored },
             artifact: entry.artifact,
-            locked: LockedStage::new(&key, entry.artifact, entry.outs),
+            locked: locked_stage(cache, &key, entry.artifact, entry.outs)?,
         });
     }
 
@@ -434,7 +443,33 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
     cache.put_entry(&entry)?;
     // Only now is the resumable state worthless: a crash before the entry keeps it.
     let _ = remove_path(&scratch);
-    Ok(Done { outcome: StageOutcome::ran(started.elapsed()), artifact, locked: LockedStage::new(&key, artifact, outs) })
+    Ok(Done { outcome: StageOutcome::ran(started.elapsed()), artifact, locked: locked_stage(cache, &key, artifact, outs)? })
+}
+
+/// The lock record of a finished stage, with the headline numbers of its `metrics.json`.
+fn locked_stage(
+    cache: &Cache,
+    key: &crate::cache::CacheKey,
+    artifact: Digest,
+    outs: BTreeMap<String, Digest>,
+) -> Result<LockedStage, StageError> {
+    let mut locked = LockedStage::new(key, artifact, outs);
+    let tree = cache.get_tree(&artifact)?.ok_or(CacheError::MissingTree { digest: artifact })?;
+    // `metrics.json` at the top of the artifact, or at the top of a declared output
+    // directory (a command stage's `outs = ["metrics"]`).
+    let metrics_file = tree
+        .entries()
+        .iter()
+        .filter(|e| e.path == "metrics.json" || e.path.strip_suffix("/metrics.json").is_some_and(|dir| !dir.contains('/')))
+        .min_by_key(|e| e.path.len());
+    if let Some(entry) = metrics_file {
+        let path = cache.blob_path(&entry.digest);
+        // A metrics file that is not JSON is the stage's business, not a reason to fail.
+        if let Ok(doc) = std::fs::read(&path).map_err(|_| ()).and_then(|b| serde_json::from_slice(&b).map_err(|_| ())) {
+            locked.metrics = crate::cache::lockfile::headline_metrics(&doc);
+        }
+    }
+    Ok(locked)
 }
 
 /// Moves what an artifact stage wrote into the store and adds the blobs it attached.
