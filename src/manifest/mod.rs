@@ -16,6 +16,7 @@
 
 pub mod diagnostic;
 mod interpolate;
+pub mod overrides;
 mod paths;
 
 use std::ops::Range;
@@ -27,6 +28,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 pub use diagnostic::{Issue, ManifestError};
+pub use overrides::Override;
 pub use paths::{contains as path_contains, normalize_dep, normalize_out, overlaps as paths_overlap};
 
 use crate::stages::{ParseContext, Stage, StageRegistry};
@@ -46,6 +48,8 @@ pub struct Manifest {
     pub params: serde_json::Value,
     /// Stages, sorted by name.
     pub stages: Vec<StageDecl>,
+    /// `--set` values applied on top of the file (its `source` shows them as comments).
+    pub overrides: Vec<Override>,
 }
 
 /// One `[stages.NAME]` table after validation.
@@ -77,10 +81,26 @@ impl Manifest {
         Self::from_str(path, text, registry)
     }
 
+    /// [`Manifest::load`], with `--set` overrides applied.
+    pub fn load_with(path: &Path, registry: &StageRegistry, overrides: &[Override]) -> Result<Manifest, crate::Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io {
+            action: "read manifest",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_str_with(path, text, registry, overrides)
+    }
+
     pub fn from_str(path: &Path, text: String, registry: &StageRegistry) -> Result<Manifest, crate::Error> {
+        Self::from_str_with(path, text, registry, &[])
+    }
+
+    pub fn from_str_with(path: &Path, text: String, registry: &StageRegistry, overrides: &[Override]) -> Result<Manifest, crate::Error> {
+        let (text, placed) = overrides::append(&text, overrides);
         let source: Arc<str> = Arc::from(text);
         let fail = |issues: Vec<Issue>| crate::Error::Manifest(Box::new(ManifestError::new(path, &source, issues)));
-        let (manifest, mut issues) = parse(path, &source, registry);
+        let (manifest, mut issues) = parse(path, &source, &placed, registry);
+        let manifest = manifest.map(|m| Manifest { overrides: overrides.to_vec(), ..m });
         // The graph checks run on every stage that parsed, even when others did not.
         if let Some(m) = &manifest
             && let Err(mut graph_issues) = crate::graph::Graph::build(m)
@@ -125,7 +145,7 @@ struct RawPipeline {
 
 /// The manifest built from everything that parsed (`None` when the TOML itself is
 /// broken), and every problem found.
-fn parse(path: &Path, src: &str, registry: &StageRegistry) -> (Option<Manifest>, Vec<Issue>) {
+fn parse(path: &Path, src: &str, placed: &[overrides::Placed], registry: &StageRegistry) -> (Option<Manifest>, Vec<Issue>) {
     let (doc, errors) = DeTable::parse_recoverable(src);
     if !errors.is_empty() {
         let whole = 0..src.len();
@@ -134,6 +154,7 @@ fn parse(path: &Path, src: &str, registry: &StageRegistry) -> (Option<Manifest>,
     let doc_span = doc.span();
     let mut doc = doc.into_inner();
     let mut issues = Vec::new();
+    overrides::apply(&mut doc, src, placed, &mut issues);
 
     for (key, _) in doc.iter() {
         if !["pipeline", "params", "stages"].contains(&key.get_ref().as_ref()) {
@@ -226,6 +247,7 @@ fn parse(path: &Path, src: &str, registry: &StageRegistry) -> (Option<Manifest>,
         cache_dir,
         params: params_json,
         stages,
+        overrides: Vec::new(),
     };
     (Some(manifest), issues)
 }
