@@ -34,15 +34,18 @@
 //! | `cache/blobs`, `trees`, `stages`   | [`cache`]               |
 //! | `cache/state.redb`                 | [`cache::state`]        |
 //! | `cache/run.lock`                   | [`cache::guard`]        |
+//! | `cache/runs/rN.json`               | [`runs`] (run records)  |
 //! | `outputs/NAME/STAGE/`              | [`exec`] (views into the cache) |
 //! | `…/items.jsonl`, `…/dataset.json`  | [`dataset`]             |
 
 pub mod cache;
 pub mod cli;
+pub mod compare;
 pub mod dataset;
 pub mod digest;
 pub mod exec;
 pub mod graph;
+pub mod html_report;
 pub mod imaging;
 pub mod manifest;
 pub mod metrics;
@@ -50,6 +53,7 @@ pub mod model;
 pub mod nn;
 pub mod report;
 pub mod rng;
+pub mod runs;
 pub mod stages;
 pub mod stats;
 
@@ -97,6 +101,16 @@ pub enum Error {
     #[error(transparent)]
     LockFile(#[from] cache::lockfile::LockFileError),
 
+    #[error(transparent)]
+    Runs(#[from] runs::RunsError),
+
+    /// A command-line value kiln cannot use (the message names it and says what it expects).
+    #[error("{0}")]
+    Usage(String),
+
+    #[error("cannot read `{path}` at git revision `{rev}`: {message}")]
+    Git { rev: String, path: String, message: String },
+
     #[error("{failed} stage{} failed", if *failed == 1 { "" } else { "s" })]
     StagesFailed { failed: usize },
 
@@ -113,7 +127,8 @@ impl From<cache::StateError> for Error {
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Manifest(_) | Error::UnknownStage { .. } | Error::NoManifest { .. } => exit::USAGE,
+            Error::Manifest(_) | Error::UnknownStage { .. } | Error::NoManifest { .. } | Error::Usage(_) => exit::USAGE,
+            Error::Runs(runs::RunsError::Unknown { .. }) | Error::Git { .. } => exit::USAGE,
             Error::LockFile(cache::lockfile::LockFileError::Parse { .. }) => exit::USAGE,
             Error::Guard(cache::guard::GuardError::Busy { .. }) => exit::BUSY,
             Error::Corrupt { .. } => exit::CORRUPT,

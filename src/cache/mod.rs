@@ -90,6 +90,40 @@ pub struct Cache {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Reads files of committed artifacts without opening the cache for writing (no run guard,
+/// no state database): trees and blobs are immutable once committed, so a reader can run
+/// beside a `kiln run`.
+pub struct ArtifactReader {
+    dir: PathBuf,
+}
+
+impl ArtifactReader {
+    pub fn new(cache_dir: &Path) -> Self {
+        ArtifactReader { dir: cache_dir.to_path_buf() }
+    }
+
+    /// The bytes of `path` inside the artifact `tree`; `None` when the tree or the file is
+    /// not in this cache.
+    pub fn file(&self, tree: &Digest, path: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let hex = tree.to_hex();
+        let tree_file = self.dir.join("trees").join(&hex[..2]).join(&hex[2..]);
+        let bytes = match std::fs::read(&tree_file) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(CacheError::io("read", &tree_file)(e)),
+        };
+        let tree = Tree::decode(&bytes).map_err(|e| CacheError::Corrupt { path: tree_file.clone(), why: e.to_string() })?;
+        let Some(entry) = tree.entries().iter().find(|e| e.path == path) else { return Ok(None) };
+        let hex = entry.digest.to_hex();
+        let blob = self.dir.join("blobs").join(&hex[..2]).join(&hex[2..]);
+        match std::fs::read(&blob) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CacheError::io("read", &blob)(e)),
+        }
+    }
+}
+
 /// Written into every view: the digest of the tree it shows.
 const VIEW_MARKER: &str = ".kiln-view";
 

@@ -15,7 +15,8 @@ use crate::stats::WorkStats;
 
 #[derive(Debug, Args)]
 pub struct GcArgs {
-    /// A manifest using the cache to clean. Every `*.lock` beside it counts as a root.
+    /// A manifest using the cache to clean. Every `*.lock` beside it counts as a root, and
+    /// so does every recorded run (`kiln runs --drop` releases them).
     #[arg(value_name = "FILE")]
     words: Vec<String>,
     /// Say what would be removed; remove nothing.
@@ -37,7 +38,12 @@ pub fn gc(args: GcArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Result
     let (path, _) = split_manifest(&args.words)?;
     let manifest = load(&path)?;
     let (_guard, cache) = open_cache(&manifest, true, reporter, stats)?;
-    let roots = roots_beside(&manifest.path)?;
+    let mut roots = roots_beside(&manifest.path)?;
+    // Recorded runs stay comparable (`kiln metrics diff r1 r2`) until their records go.
+    let runs = crate::runs::RunLog::new(&manifest.cache_dir).list()?;
+    for run in &runs {
+        roots.keys.extend(run.stages.values().filter_map(|s| s.key));
+    }
     let report = collect_garbage(&cache, &roots, args.dry_run)?;
     let verb = if args.dry_run { "would remove" } else { "removed" };
     reporter.line(&format!(

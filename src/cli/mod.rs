@@ -2,9 +2,11 @@
 
 mod dag;
 mod gc;
+mod metrics;
 mod progress;
 mod report;
 mod run;
+mod runs;
 mod status;
 
 use std::io::IsTerminal;
@@ -56,8 +58,13 @@ enum Command {
     Gc(gc::GcArgs),
     /// Rehash the whole cache; remove and report anything corrupt.
     Verify(gc::VerifyArgs),
-    /// Show what a data stage found (clean findings, label balance, collect problems).
+    /// Show what a data stage found (clean findings, label balance, collect problems), or,
+    /// with no stage named, write the pipeline's HTML report.
     Report(report::ReportArgs),
+    /// List recorded runs with their changes and metrics; rank them with --sort.
+    Runs(runs::RunsArgs),
+    /// Show metrics, or compare two states (git revisions, runs, the workspace).
+    Metrics(metrics::MetricsArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -74,6 +81,8 @@ pub fn main() -> i32 {
         Command::Gc(args) => gc::gc(args, &reporter, stats.clone()),
         Command::Verify(args) => gc::verify(args, &reporter, stats.clone()),
         Command::Report(args) => report::report(args, &reporter),
+        Command::Runs(args) => runs::runs(args, &reporter),
+        Command::Metrics(args) => metrics::metrics(args, &reporter),
     };
     if let Some(path) = &cli.work_stats {
         let _ = std::fs::write(path, serde_json::to_vec_pretty(&stats.to_json()).unwrap_or_default());

@@ -1,4 +1,5 @@
-//! `kiln report [FILE] STAGE`: what a data stage found, for people.
+//! `kiln report [FILE] STAGE`: what a data stage found, for people; `kiln report [FILE]`:
+//! the HTML report of a run.
 
 use clap::Args;
 
@@ -8,17 +9,27 @@ use crate::Error;
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {
-    /// The manifest (optional), then the stage whose report to show.
-    #[arg(value_name = "FILE] [STAGE", required = true)]
+    /// The manifest (optional), then the stage whose report to show. With no stage, the
+    /// HTML report of a run is written.
+    #[arg(value_name = "FILE] [STAGE")]
     words: Vec<String>,
     /// Print the report file as it is (JSON).
     #[arg(long)]
     json: bool,
+    /// The run the HTML report describes (default: the latest; `kiln runs` lists them).
+    #[arg(long, value_name = "ID")]
+    run: Option<String>,
+    /// Where to write the HTML report (default: `outputs/<pipeline>-<run>.html`).
+    #[arg(long, short = 'o', value_name = "PATH")]
+    out: Option<std::path::PathBuf>,
 }
 
 pub fn report(args: ReportArgs, out: &CliReporter) -> Result<(), Error> {
     let (path, targets) = split_manifest(&args.words)?;
     let manifest = load(&path)?;
+    if targets.is_empty() {
+        return html(&manifest, &args, out);
+    }
     let stages = crate::exec::resolve_targets(&manifest, &targets)?;
     for i in stages {
         let decl = &manifest.stages[i];
@@ -75,5 +86,45 @@ pub fn report(args: ReportArgs, out: &CliReporter) -> Result<(), Error> {
             }
         }
     }
+    Ok(())
+}
+
+fn html(manifest: &crate::manifest::Manifest, args: &ReportArgs, out: &CliReporter) -> Result<(), Error> {
+    use crate::html_report::{ReportInput, StageRow, render};
+    let graph = crate::graph::Graph::build(manifest).map_err(|issues| crate::exec::manifest_error(manifest, issues))?;
+    let log = crate::runs::RunLog::new(&manifest.cache_dir);
+    let run = match &args.run {
+        Some(id) => Some(log.get(id)?),
+        None => log.list()?.into_iter().rev().find(|r| r.pipeline == manifest.name),
+    };
+    let reader = crate::cache::ArtifactReader::new(&manifest.cache_dir);
+    let (stages, title, overrides, tag) = match &run {
+        Some(r) => (
+            StageRow::from_run(r),
+            format!("{} — run {} ({} UTC)", manifest.name, r.id, super::runs::utc(r.started)),
+            r.overrides.iter().map(|o| o.to_arg()).collect(),
+            r.id.clone(),
+        ),
+        None => {
+            // No recorded run (a lock file from git, say): describe what the lock names.
+            let lock = crate::cache::lockfile::LockFile::read(&manifest.lock_path())?;
+            let stages = lock
+                .stages
+                .iter()
+                .map(|(n, s)| {
+                    (n.clone(), StageRow { outcome: "locked".into(), seconds: None, artifact: Some(s.artifact), key: Some(s.key) })
+                })
+                .collect();
+            (stages, format!("{} — lock file", manifest.name), Vec::new(), "lock".to_string())
+        }
+    };
+    let input = ReportInput { manifest, graph: &graph, stages, title, overrides, reader: &reader };
+    let page = render(&input)?;
+    let dest = args.out.clone().unwrap_or_else(|| manifest.root.join("outputs").join(format!("{}-{tag}.html", manifest.name)));
+    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io { action: "create", path: dir.to_path_buf(), source })?;
+    }
+    std::fs::write(&dest, page).map_err(|source| Error::Io { action: "write", path: dest.clone(), source })?;
+    out.line(&dest.display().to_string());
     Ok(())
 }
