@@ -102,9 +102,9 @@ impl ArtifactReader {
         ArtifactReader { dir: cache_dir.to_path_buf() }
     }
 
-    /// The bytes of `path` inside the artifact `tree`; `None` when the tree or the file is
-    /// not in this cache.
-    pub fn file(&self, tree: &Digest, path: &str) -> Result<Option<Vec<u8>>, CacheError> {
+    /// Where the blob of `path` inside the artifact `tree` is; `None` when the tree, the
+    /// file or its blob is not in this cache.
+    pub fn file_path(&self, tree: &Digest, path: &str) -> Result<Option<PathBuf>, CacheError> {
         let hex = tree.to_hex();
         let tree_file = self.dir.join("trees").join(&hex[..2]).join(&hex[2..]);
         let bytes = match std::fs::read(&tree_file) {
@@ -116,6 +116,13 @@ impl ArtifactReader {
         let Some(entry) = tree.entries().iter().find(|e| e.path == path) else { return Ok(None) };
         let hex = entry.digest.to_hex();
         let blob = self.dir.join("blobs").join(&hex[..2]).join(&hex[2..]);
+        Ok(blob.is_file().then_some(blob))
+    }
+
+    /// The bytes of `path` inside the artifact `tree`; `None` when the tree or the file is
+    /// not in this cache.
+    pub fn file(&self, tree: &Digest, path: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let Some(blob) = self.file_path(tree, path)? else { return Ok(None) };
         match std::fs::read(&blob) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
