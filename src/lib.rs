@@ -51,9 +51,11 @@ pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod nn;
+pub mod predict;
 pub mod report;
 pub mod rng;
 pub mod runs;
+pub mod serve;
 pub mod stages;
 pub mod stats;
 

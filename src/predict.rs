@@ -63,10 +63,9 @@ impl ModelFiles {
                 return Err(fail(format!("stage `{stage}` is a {} stage, not a train stage", decl.kind)));
             }
             let lock = LockFile::read(&manifest.lock_path()).map_err(|e| fail(e.to_string()))?;
-            let locked = lock
-                .stages
-                .get(stage)
-                .ok_or_else(|| fail(format!("the lock file has no result for `{stage}`: run `kiln run {}` first", manifest.path.display())))?;
+            let locked = lock.stages.get(stage).ok_or_else(|| {
+                fail(format!("the lock file has no result for `{stage}`: run `kiln run {}` first", manifest.path.display()))
+            })?;
             let reader = ArtifactReader::new(&manifest.cache_dir);
             let path = |file: &str| {
                 reader
@@ -112,7 +111,7 @@ impl Predictor {
             color: if input.channels == 1 { ColorMode::Grayscale } else { ColorMode::Rgb },
             width: input.width as u32,
             height: input.height as u32,
-            resize: ResizeMode::Stretch,
+            resize: ResizeMode::Exact,
             interpolation: Interpolation::Bilinear,
             pad: 0,
             crop_pct: 1.0,

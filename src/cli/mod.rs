@@ -3,6 +3,7 @@
 mod dag;
 mod gc;
 mod metrics;
+mod predict;
 mod progress;
 mod report;
 mod run;
@@ -65,6 +66,10 @@ enum Command {
     Runs(runs::RunsArgs),
     /// Show metrics, or compare two states (git revisions, runs, the workspace).
     Metrics(metrics::MetricsArgs),
+    /// Classify images with a trained model, with the preprocessing it was trained with.
+    Predict(predict::PredictArgs),
+    /// Serve a trained model over HTTP (POST /v1/predict, GET /v1/model, /healthz, /metrics).
+    Serve(predict::ServeArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -83,6 +88,8 @@ pub fn main() -> i32 {
         Command::Report(args) => report::report(args, &reporter),
         Command::Runs(args) => runs::runs(args, &reporter),
         Command::Metrics(args) => metrics::metrics(args, &reporter),
+        Command::Predict(args) => predict::predict(args, &reporter),
+        Command::Serve(args) => predict::serve(args, &reporter),
     };
     if let Some(path) = &cli.work_stats {
         let _ = std::fs::write(path, serde_json::to_vec_pretty(&stats.to_json()).unwrap_or_default());

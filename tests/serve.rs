@@ -1,0 +1,314 @@
+//! `kiln predict` and `kiln serve` end to end: a model trained on real image files gives,
+//! through predict and through the server, the probabilities eval computed from the shards
+//! (so inference preprocesses exactly like training); bad inputs get 4xx and the server
+//! stays up; SIGTERM shuts it down cleanly.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+const MANIFEST: &str = "pipelines/tiny.toml";
+
+fn kiln(ws: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(ws).output().unwrap()
+}
+
+fn ok(ws: &Path, args: &[&str]) -> String {
+    let out = kiln(ws, args);
+    assert!(out.status.success(), "kiln {args:?}:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two classes of photos-like images (dark and bright, with texture), of assorted sizes,
+/// as PNG and JPEG files in an ImageFolder tree.
+fn make_images(root: &Path) {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for (class, base) in [("dark", 60u8), ("bright", 180u8)] {
+        let dir = root.join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..36u32 {
+            let (w, h) = (24 + (i * 7) % 40, 20 + (i * 11) % 37);
+            let img = image::RgbImage::from_fn(w, h, |x, y| {
+                let n = (next() % 50) as u8;
+                let stripe = if (x / 4 + y / 4 + i) % 2 == 0 { 15 } else { 0 };
+                image::Rgb([base.saturating_add(n).saturating_add(stripe), base.saturating_add(n / 2), base.saturating_sub(n / 3)])
+            });
+            let ext = if i % 3 == 0 { "jpg" } else { "png" };
+            img.save(dir.join(format!("img_{i:02}.{ext}"))).unwrap();
+        }
+    }
+}
+
+fn workspace() -> tempfile::TempDir {
+    let ws = tempfile::tempdir().unwrap();
+    make_images(&ws.path().join("data"));
+    std::fs::create_dir(ws.path().join("pipelines")).unwrap();
+    std::fs::write(
+        ws.path().join(MANIFEST),
+        r#"
+[pipeline]
+name = "tiny"
+seed = 5
+root = ".."
+
+[stages.collect]
+kind = "collect"
+[[stages.collect.sources]]
+type = "dir"
+path = "data"
+layout = "class"
+
+[stages.label]
+kind = "label"
+inputs = ["collect"]
+from = "folder"
+classes = ["dark", "bright"]
+
+[stages.preprocess]
+kind = "preprocess"
+inputs = ["label"]
+color = "rgb"
+size = [16, 16]
+resize = "crop"
+normalize = { mean = [0.5, 0.5, 0.5], std = [0.25, 0.25, 0.25] }
+
+[stages.convert]
+kind = "convert"
+inputs = ["preprocess"]
+split = { train = 0.6, val = 0.1, test = 0.3 }
+
+[stages.train]
+kind = "train"
+inputs = ["convert"]
+model = "cnn"
+cnn = { widths = [8], hidden = 16, dropout = 0.0 }
+epochs = 2
+batch_size = 16
+device = "cpu"
+
+[stages.eval]
+kind = "eval"
+inputs = ["train", "convert"]
+"#,
+    )
+    .unwrap();
+    ws
+}
+
+/// Eval's probabilities by source path.
+fn eval_probabilities(ws: &Path) -> BTreeMap<String, Vec<f32>> {
+    let text = std::fs::read_to_string(ws.join("outputs/tiny/eval/predictions.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let source = header.iter().position(|h| *h == "source").unwrap();
+    let first_p = header.iter().position(|h| h.starts_with("p_") && *h != "p_max").unwrap();
+    lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[source].to_string(), f[first_p..].iter().map(|v| v.parse().unwrap()).collect())
+        })
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(ws: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["serve", &format!("{MANIFEST}:train"), "--addr", "127.0.0.1:0"])
+            .args(extra)
+            .current_dir(ws)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.split_whitespace().nth(2).unwrap_or_else(|| panic!("no address in {line:?}")).to_string();
+        assert!(addr.starts_with("http://127.0.0.1:"), "{line}");
+        Server { child, base: addr }
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY-free: kill(1) by pid through the shell's kill, SIGTERM.
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "the server did not stop on SIGTERM");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+}
+
+fn post(url: &str, content_type: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    let mut resp = agent().post(url).header("Content-Type", content_type).send(body).unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
+}
+
+fn get(url: &str) -> (u16, String) {
+    let mut resp = agent().get(url).call().unwrap();
+    (resp.status().as_u16(), resp.body_mut().read_to_string().unwrap())
+}
+
+fn multipart(parts: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "kiln-test-boundary-7d1e";
+    let mut body = Vec::new();
+    for (name, bytes) in parts {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n")
+                .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[test]
+fn predict_and_serve_match_eval_and_survive_bad_input() {
+    let ws = workspace();
+    let ws = ws.path();
+    ok(ws, &["run", MANIFEST]);
+    let from_eval = eval_probabilities(ws);
+    assert!(from_eval.len() >= 15, "{} test items", from_eval.len());
+
+    // kiln predict on the original files: the preprocessing redone from the model card
+    // matches what the preprocess stage did to those files for training and eval.
+    let predicted: serde_json::Value =
+        serde_json::from_str(&ok(ws, &["predict", &format!("{MANIFEST}:train"), "data", "--format", "json"])).unwrap();
+    let by_path: BTreeMap<String, Vec<f32>> = predicted["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let p = r["probabilities"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            (r["path"].as_str().unwrap().to_string(), p)
+        })
+        .collect();
+    assert_eq!(by_path.len(), 72);
+    for (source, p) in &from_eval {
+        let q = by_path.get(source).unwrap_or_else(|| panic!("predict did not see {source}"));
+        assert!(max_diff(p, q) < 1e-5, "{source}: eval {p:?} predict {q:?}");
+    }
+    // The model directory works as well as MANIFEST:STAGE, and the table format shows top-k.
+    let table = ok(ws, &["predict", "outputs/tiny/train", "data/dark/img_01.png", "--top-k", "2"]);
+    assert!(table.starts_with("data/dark/img_01.png  ") && table.split_whitespace().count() == 5, "{table}");
+
+    let server = Server::start(ws, &["--max-batch", "8", "--max-body", "200000", "--max-pixels", "1000000"]);
+    let base = server.base.clone();
+    assert_eq!(get(&format!("{base}/healthz")).0, 200);
+    let (status, model) = get(&format!("{base}/v1/model"));
+    assert_eq!(status, 200);
+    let model: serde_json::Value = serde_json::from_str(&model).unwrap();
+    assert_eq!(model["classes"], serde_json::json!(["dark", "bright"]));
+    assert_eq!(model["preprocessing"]["width"], 16);
+
+    // Each test image, raw: the server's probabilities are predict's.
+    for source in from_eval.keys().take(12) {
+        let bytes = std::fs::read(ws.join(source)).unwrap();
+        let (status, body) = post(&format!("{base}/v1/predict?top_k=1"), "application/octet-stream", &bytes);
+        assert_eq!(status, 200, "{body}");
+        let p: Vec<f32> = body["results"][0]["probabilities"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert!(max_diff(&p, &by_path[source]) < 1e-5, "{source}");
+        assert_eq!(body["results"][0]["top_k"].as_array().unwrap().len(), 1);
+    }
+    // Several images in one multipart request.
+    let images: Vec<(String, Vec<u8>)> = ["data/dark/img_00.jpg", "data/bright/img_05.png", "data/bright/img_09.jpg"]
+        .iter()
+        .map(|p| (p.to_string(), std::fs::read(ws.join(p)).unwrap()))
+        .collect();
+    let parts: Vec<(&str, &[u8])> = images.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+    let (ct, body) = multipart(&parts);
+    let (status, answer) = post(&format!("{base}/v1/predict"), &ct, &body);
+    assert_eq!(status, 200, "{answer}");
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    for (r, (name, _)) in results.iter().zip(&images) {
+        assert_eq!(r["name"].as_str(), Some(name.as_str()));
+        let p: Vec<f32> = r["probabilities"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert!(max_diff(&p, &by_path[name]) < 1e-5, "{name}");
+    }
+
+    // Bad input: a JSON error and a 4xx, never a crash.
+    let png = std::fs::read(ws.join("data/dark/img_01.png")).unwrap();
+    let mut bomb = Vec::new();
+    image::DynamicImage::ImageLuma8(image::GrayImage::new(2000, 1000))
+        .write_to(&mut std::io::Cursor::new(&mut bomb), image::ImageFormat::Png)
+        .unwrap();
+    assert!(bomb.len() < 200_000, "the bomb is small on the wire ({} bytes)", bomb.len());
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("empty body", Vec::new(), 400, "empty"),
+        ("not an image", b"hello, world".to_vec(), 400, "not_an_image"),
+        ("truncated PNG", png[..png.len() / 2].to_vec(), 400, "truncated"),
+        ("decompression bomb", bomb, 413, "too_many_pixels"),
+        ("oversized body", vec![0u8; 300_000], 413, "body_too_large"),
+    ];
+    for (what, bytes, want, reason) in &cases {
+        let (status, body) = post(&format!("{base}/v1/predict"), "application/octet-stream", bytes);
+        assert_eq!(status, *want, "{what}: {body}");
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{what}: {body}");
+        assert_eq!(body["reason"].as_str(), Some(*reason), "{what}: {body}");
+    }
+    // One bad part fails the request and names the part.
+    let (ct, body) = multipart(&[("good.png", &png), ("bad.png", b"nope")]);
+    let (status, answer) = post(&format!("{base}/v1/predict"), &ct, &body);
+    assert_eq!(status, 400);
+    assert!(answer["error"].as_str().unwrap().contains("bad.png"), "{answer}");
+
+    // Still up, and the metrics saw all of it.
+    assert_eq!(get(&format!("{base}/healthz")).0, 200);
+    let (_, metrics) = get(&format!("{base}/metrics"));
+    assert!(metrics.contains("kiln_requests_total{route=\"/v1/predict\",status=\"200\"} 13"), "{metrics}");
+    assert!(metrics.contains("kiln_requests_total{route=\"/v1/predict\",status=\"400\"} 4"), "{metrics}");
+    assert!(metrics.contains("kiln_requests_total{route=\"/v1/predict\",status=\"413\"} 2"), "{metrics}");
+    assert!(metrics.contains("kiln_errors_total{reason=\"not_an_image\"} 2"), "{metrics}");
+    assert!(metrics.contains("kiln_images_total 15"), "{metrics}");
+    assert!(metrics.contains("kiln_request_duration_seconds_count{route=\"/v1/predict\"} 19"), "{metrics}");
+
+    let status = server.terminate();
+    assert!(status.success(), "SIGTERM is a clean shutdown: {status:?}");
+}
+
+#[test]
+fn bad_model_specs_are_clear_errors() {
+    let ws = tempfile::tempdir().unwrap();
+    let out = kiln(ws.path(), &["predict", "nowhere", "x.png"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MANIFEST.toml:STAGE"));
+    let mut stderr = String::new();
+    let mut child =
+        Command::new(env!("CARGO_BIN_EXE_kiln")).args(["serve", "nowhere"]).current_dir(ws.path()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(2), "{stderr}");
+}
