@@ -3,9 +3,10 @@
 //!
 //! A record holds the `--set` overrides, every stage's key, artifact digest, parameters,
 //! outcome and headline metrics. Records are numbered `r1`, `r2`, … per cache; the number is
-//! claimed with `create_new`, so two writers can never share one. `kiln gc` keeps the
-//! entries that records name, so any two recorded runs stay comparable item by item until
-//! their records are dropped (`kiln runs --drop`).
+//! claimed with a hard link, so two writers can never share one. `kiln gc` keeps the
+//! entries that experiment records (`--set`, `--sweep`) name, so experiments stay comparable
+//! item by item until their records are dropped (`kiln runs --drop`); plain runs are kept
+//! by the lock file like before, and their superseded results are collected.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -16,7 +16,8 @@ use crate::stats::WorkStats;
 #[derive(Debug, Args)]
 pub struct GcArgs {
     /// A manifest using the cache to clean. Every `*.lock` beside it counts as a root, and
-    /// so does every recorded run (`kiln runs --drop` releases them).
+    /// so does every recorded experiment (`--set`/`--sweep` run; `kiln runs --drop`
+    /// releases them).
     #[arg(value_name = "FILE")]
     words: Vec<String>,
     /// Say what would be removed; remove nothing.
@@ -39,9 +40,11 @@ pub fn gc(args: GcArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Result
     let manifest = load(&path)?;
     let (_guard, cache) = open_cache(&manifest, true, reporter, stats)?;
     let mut roots = roots_beside(&manifest.path)?;
-    // Recorded runs stay comparable (`kiln metrics diff r1 r2`) until their records go.
+    // Experiments (`--set`, `--sweep`) have no lock file to keep them: their records do,
+    // so they stay comparable (`kiln metrics diff r1 r2`) until `kiln runs --drop`. Plain
+    // runs are what the lock file records; their superseded results go like any other.
     let runs = crate::runs::RunLog::new(&manifest.cache_dir).list()?;
-    for run in &runs {
+    for run in runs.iter().filter(|r| !r.overrides.is_empty()) {
         roots.keys.extend(run.stages.values().filter_map(|s| s.key));
     }
     let report = collect_garbage(&cache, &roots, args.dry_run)?;
