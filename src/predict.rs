@@ -95,7 +95,7 @@ pub struct Predictor {
 }
 
 /// One class and its probability.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Scored {
     pub class: String,
     pub probability: f32,

@@ -312,3 +312,35 @@ fn bad_model_specs_are_clear_errors() {
     child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(2), "{stderr}");
 }
+
+#[test]
+fn watch_swaps_in_a_new_result_of_the_stage() {
+    let ws = workspace();
+    let ws = ws.path();
+    ok(ws, &["run", MANIFEST]);
+    let server = Server::start(ws, &["--watch"]);
+    let digest = |base: &str| -> String {
+        let (_, body) = get(&format!("{base}/v1/model"));
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["weights_digest"].as_str().unwrap().to_string()
+    };
+    let before = digest(&server.base);
+    let path = ws.join(MANIFEST);
+    std::fs::write(&path, std::fs::read_to_string(&path).unwrap().replace("batch_size = 16", "batch_size = 8")).unwrap();
+    ok(ws, &["run", MANIFEST]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let after = loop {
+        let now = digest(&server.base);
+        if now != before {
+            break now;
+        }
+        assert!(std::time::Instant::now() < deadline, "the server kept the old model");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.join("outputs/tiny/train/model.json")).unwrap()).unwrap();
+    assert_eq!(after, card["weights_digest"].as_str().unwrap(), "the new model is the stage's new result");
+    let image = std::fs::read(ws.join("data/dark/img_01.png")).unwrap();
+    let (status, body) = post(&format!("{}/v1/predict", server.base), "image/png", &image);
+    assert_eq!((status, body["model"].as_str()), (200, Some(card["weights_digest"].as_str().unwrap())));
+    assert!(server.terminate().success());
+}

@@ -72,6 +72,10 @@ pub struct ServeArgs {
     top_k: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Reload the model when its files change (for `FILE:STAGE`: when the lock file names a
+    /// new result of the stage); requests in flight finish on the model they started with.
+    #[arg(long)]
+    watch: bool,
 }
 
 fn load(spec: &str, device: &str, limits: DecodeLimits) -> Result<Predictor, Error> {
@@ -186,7 +190,21 @@ pub fn serve(args: ServeArgs, out: &CliReporter) -> Result<(), Error> {
         top_k: args.top_k.max(1),
     };
     let classes = predictor.model.card.classes.len();
-    crate::serve::serve(predictor, config, |addr| {
+    let slot: crate::serve::ModelSlot = std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(predictor)));
+    if args.watch {
+        let device = args.device.clone();
+        crate::serve::watch(
+            slot.clone(),
+            args.model.clone(),
+            move |files| {
+                let choice: DeviceChoice = device.parse()?;
+                let device = choice.open().map_err(|e| e.to_string())?;
+                Predictor::load(files, device, limits).map_err(|e| e.to_string())
+            },
+            Duration::from_secs(1),
+        );
+    }
+    crate::serve::serve(slot, config, |addr| {
         out.line(&format!("listening on http://{addr} ({classes} classes)"));
     })
     .map_err(|e| Error::Usage(e.to_string()))

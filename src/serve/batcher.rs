@@ -29,6 +29,8 @@ pub type Reply = Result<Vec<f32>, String>;
 
 pub struct Job {
     pub image: Vec<f32>,
+    /// The model the image was prepared for: a reload mid-request must not mix models.
+    pub predictor: Arc<Predictor>,
     pub reply: oneshot::Sender<Reply>,
 }
 
@@ -48,19 +50,19 @@ pub enum Refused {
 
 impl Batcher {
     /// Starts the inference thread. It ends when every `Batcher` clone is dropped.
-    pub fn start(predictor: Arc<Predictor>, config: BatchConfig, stats: Arc<ServerStats>) -> (Batcher, std::thread::JoinHandle<()>) {
+    pub fn start(config: BatchConfig, stats: Arc<ServerStats>) -> (Batcher, std::thread::JoinHandle<()>) {
         let (tx, rx) = sync_channel(config.queue.max(1));
         let worker_stats = stats.clone();
         let handle = std::thread::Builder::new()
             .name("kiln-inference".into())
-            .spawn(move || run(predictor, config, rx, worker_stats))
+            .spawn(move || run(config, rx, worker_stats))
             .expect("spawn the inference thread");
         (Batcher { tx, stats }, handle)
     }
 
-    pub fn submit(&self, image: Vec<f32>) -> Result<oneshot::Receiver<Reply>, Refused> {
+    pub fn submit(&self, image: Vec<f32>, predictor: Arc<Predictor>) -> Result<oneshot::Receiver<Reply>, Refused> {
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Job { image, reply }) {
+        match self.tx.try_send(Job { image, predictor, reply }) {
             Ok(()) => {
                 self.stats.queue_depth.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(rx)
@@ -71,7 +73,7 @@ impl Batcher {
     }
 }
 
-fn run(predictor: Arc<Predictor>, config: BatchConfig, rx: Receiver<Job>, stats: Arc<ServerStats>) {
+fn run(config: BatchConfig, rx: Receiver<Job>, stats: Arc<ServerStats>) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let deadline = Instant::now() + config.max_wait;
@@ -84,20 +86,29 @@ fn run(predictor: Arc<Predictor>, config: BatchConfig, rx: Receiver<Job>, stats:
             }
         }
         stats.queue_depth.fetch_sub(jobs.len() as i64, std::sync::atomic::Ordering::Relaxed);
-        stats.observe_batch(jobs.len());
-        let images: Vec<Vec<f32>> = jobs.iter_mut().map(|j| std::mem::take(&mut j.image)).collect();
-        let result = predictor.probabilities(&images);
-        match result {
-            Ok(probs) => {
-                for (job, p) in jobs.into_iter().zip(probs) {
-                    let _ = job.reply.send(Ok(p));
-                }
+        // Normally one group; two only while a reload is under way.
+        while !jobs.is_empty() {
+            let model = jobs[0].predictor.clone();
+            let (group, rest): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| Arc::ptr_eq(&j.predictor, &model));
+            jobs = rest;
+            infer(&model, group, &stats);
+        }
+    }
+}
+
+fn infer(predictor: &Predictor, mut jobs: Vec<Job>, stats: &ServerStats) {
+    stats.observe_batch(jobs.len());
+    let images: Vec<Vec<f32>> = jobs.iter_mut().map(|j| std::mem::take(&mut j.image)).collect();
+    match predictor.probabilities(&images) {
+        Ok(probs) => {
+            for (job, p) in jobs.into_iter().zip(probs) {
+                let _ = job.reply.send(Ok(p));
             }
-            Err(e) => {
-                tracing::error!("inference failed: {e}");
-                for job in jobs {
-                    let _ = job.reply.send(Err(e.to_string()));
-                }
+        }
+        Err(e) => {
+            tracing::error!("inference failed: {e}");
+            for job in jobs {
+                let _ = job.reply.send(Err(e.to_string()));
             }
         }
     }

@@ -43,9 +43,12 @@ pub struct ServeConfig {
     pub top_k: usize,
 }
 
+/// The model being served; `--watch` swaps in a new one without stopping.
+pub type ModelSlot = Arc<std::sync::RwLock<Arc<Predictor>>>;
+
 #[derive(Clone)]
 struct AppState {
-    predictor: Arc<Predictor>,
+    model: ModelSlot,
     batcher: Batcher,
     stats: Arc<ServerStats>,
     top_k: usize,
@@ -66,21 +69,9 @@ pub struct ImageResult {
     /// The multipart field's file name (or field name); absent for a raw body.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    pub top_k: Vec<ScoredOwned>,
+    pub top_k: Vec<Scored>,
     /// Every class's probability, in the model's class order.
     pub probabilities: Vec<f32>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct ScoredOwned {
-    pub class: String,
-    pub probability: f32,
-}
-
-impl From<Scored> for ScoredOwned {
-    fn from(s: Scored) -> Self {
-        ScoredOwned { class: s.class, probability: s.probability }
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,14 +150,19 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.stats.render()).into_response()
 }
 
+fn current(slot: &ModelSlot) -> Arc<Predictor> {
+    slot.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+}
+
 async fn model_info(State(state): State<AppState>) -> Response {
-    let card = &state.predictor.model.card;
+    let predictor = current(&state.model);
+    let card = &predictor.model.card;
     axum::Json(serde_json::json!({
         "model": card.model,
         "architecture": card.architecture,
         "classes": card.classes,
         "input": card.input,
-        "preprocessing": state.predictor.transform,
+        "preprocessing": predictor.transform,
         "metrics": card.metrics,
         "weights_digest": card.weights_digest,
         "parameters": card.parameters,
@@ -175,7 +171,9 @@ async fn model_info(State(state): State<AppState>) -> Response {
 }
 
 async fn predict(State(state): State<AppState>, Query(q): Query<PredictQuery>, req: Request) -> Result<Response, ApiError> {
-    let top_k = q.top_k.unwrap_or(state.top_k).clamp(1, state.predictor.model.card.classes.len());
+    // One model for the whole request, even if a reload lands meanwhile.
+    let model = current(&state.model);
+    let top_k = q.top_k.unwrap_or(state.top_k).clamp(1, model.model.card.classes.len());
     let is_multipart = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -214,7 +212,7 @@ async fn predict(State(state): State<AppState>, Query(q): Query<PredictQuery>, r
     }
 
     // Decode and preprocess off the async threads, all images of the request at once.
-    let predictor = state.predictor.clone();
+    let predictor = model.clone();
     let prepared = tokio::task::spawn_blocking(move || {
         use rayon::prelude::*;
         inputs.into_par_iter().map(|(name, bytes)| (name, predictor.prepare(&bytes))).collect::<Vec<_>>()
@@ -226,7 +224,7 @@ async fn predict(State(state): State<AppState>, Query(q): Query<PredictQuery>, r
     for (k, (name, image)) in prepared.into_iter().enumerate() {
         let what = name.clone().map_or_else(|| "image".to_string(), |n| format!("part {k} (`{n}`)"));
         let image = image.map_err(|e| ApiError::from_input(&e, &what))?;
-        let rx = state.batcher.submit(image).map_err(|r| match r {
+        let rx = state.batcher.submit(image, model.clone()).map_err(|r| match r {
             Refused::Busy => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "queue_full", "server busy: the request queue is full, retry later")
             }
@@ -241,10 +239,10 @@ async fn predict(State(state): State<AppState>, Query(q): Query<PredictQuery>, r
             .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down"))?
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference", e))?;
         state.stats.images.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let top = state.predictor.top_k(&probs, top_k).into_iter().map(ScoredOwned::from).collect();
+        let top = model.top_k(&probs, top_k);
         results.push(ImageResult { name, top_k: top, probabilities: probs });
     }
-    Ok(axum::Json(serde_json::json!({ "model": state.predictor.digest, "results": results })).into_response())
+    Ok(axum::Json(serde_json::json!({ "model": model.digest, "results": results })).into_response())
 }
 
 fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
@@ -254,11 +252,10 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
 }
 
 /// Serves until SIGTERM or Ctrl-C; `ready` gets the bound address (port 0 picks one).
-pub fn serve(predictor: Predictor, config: ServeConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
-    let predictor = Arc::new(predictor);
+pub fn serve(model: ModelSlot, config: ServeConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
     let stats = Arc::new(ServerStats::default());
-    let (batcher, worker) = Batcher::start(predictor.clone(), config.batch, stats.clone());
-    let state = AppState { predictor, batcher, stats, top_k: config.top_k, max_body: config.max_body };
+    let (batcher, worker) = Batcher::start(config.batch, stats.clone());
+    let state = AppState { model, batcher, stats, top_k: config.top_k, max_body: config.max_body };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("kiln-http").build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.addr).await.map_err(|source| ServeError::Bind { addr: config.addr, source })?;
@@ -296,3 +293,44 @@ pub const DEFAULT_MAX_BODY: usize = 16 << 20;
 
 /// Default batching: up to 32 images, waiting at most 2 ms for company.
 pub const DEFAULT_BATCH: BatchConfig = BatchConfig { max_batch: 32, max_wait: Duration::from_millis(2), queue: 1024 };
+
+/// `--watch`: every `interval`, resolves `spec` again (a `FILE:STAGE` follows the lock file)
+/// and, when the model files changed, loads the new model and swaps it in. A model that
+/// fails to load is logged and the old one keeps serving.
+pub fn watch(
+    slot: ModelSlot,
+    spec: String,
+    load: impl Fn(&crate::predict::ModelFiles) -> Result<Predictor, String> + Send + 'static,
+    interval: Duration,
+) {
+    let fingerprint = |files: &crate::predict::ModelFiles| -> Option<(std::path::PathBuf, std::path::PathBuf, Vec<u64>)> {
+        let stamp = |p: &std::path::Path| {
+            let m = std::fs::metadata(p).ok()?;
+            let mtime = m.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos() as u64;
+            Some([m.len(), mtime])
+        };
+        Some((files.card.clone(), files.weights.clone(), [stamp(&files.card)?, stamp(&files.weights)?].concat()))
+    };
+    let mut last = crate::predict::ModelFiles::resolve(&spec).ok().and_then(|f| fingerprint(&f));
+    std::thread::Builder::new()
+        .name("kiln-watch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                let Ok(files) = crate::predict::ModelFiles::resolve(&spec) else { continue };
+                let now = fingerprint(&files);
+                if now.is_none() || now == last {
+                    continue;
+                }
+                match load(&files) {
+                    Ok(p) => {
+                        tracing::warn!("reloaded the model: weights {}", &p.digest[..p.digest.len().min(16)]);
+                        *slot.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(p);
+                        last = now;
+                    }
+                    Err(e) => tracing::warn!("--watch: keeping the current model: {e}"),
+                }
+            }
+        })
+        .expect("spawn the watcher");
+}
