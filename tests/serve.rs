@@ -225,7 +225,7 @@ fn predict_and_serve_match_eval_and_survive_bad_input() {
     let table = ok(ws, &["predict", "outputs/tiny/train", "data/dark/img_01.png", "--top-k", "2"]);
     assert!(table.starts_with("data/dark/img_01.png  ") && table.split_whitespace().count() == 5, "{table}");
 
-    let server = Server::start(ws, &["--max-batch", "8", "--max-body", "200000", "--max-pixels", "1000000"]);
+    let server = Server::start(ws, &["--max-batch", "8", "--max-body", "50000", "--max-pixels", "1000000"]);
     let base = server.base.clone();
     assert_eq!(get(&format!("{base}/healthz")).0, 200);
     let (status, model) = get(&format!("{base}/v1/model"));
@@ -266,13 +266,13 @@ fn predict_and_serve_match_eval_and_survive_bad_input() {
     image::DynamicImage::ImageLuma8(image::GrayImage::new(2000, 1000))
         .write_to(&mut std::io::Cursor::new(&mut bomb), image::ImageFormat::Png)
         .unwrap();
-    assert!(bomb.len() < 200_000, "the bomb is small on the wire ({} bytes)", bomb.len());
+    assert!(bomb.len() < 50_000, "the bomb is small on the wire ({} bytes)", bomb.len());
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         ("empty body", Vec::new(), 400, "empty"),
         ("not an image", b"hello, world".to_vec(), 400, "not_an_image"),
         ("truncated PNG", png[..png.len() / 2].to_vec(), 400, "truncated"),
         ("decompression bomb", bomb, 413, "too_many_pixels"),
-        ("oversized body", vec![0u8; 300_000], 413, "body_too_large"),
+        ("oversized body", vec![0u8; 60_000], 413, "body_too_large"),
     ];
     for (what, bytes, want, reason) in &cases {
         let (status, body) = post(&format!("{base}/v1/predict"), "application/octet-stream", bytes);
@@ -298,6 +298,37 @@ fn predict_and_serve_match_eval_and_survive_bad_input() {
 
     let status = server.terminate();
     assert!(status.success(), "SIGTERM is a clean shutdown: {status:?}");
+
+    // A second server, unbatched, with a queue of 2.
+    let server = Server::start(ws, &["--max-batch", "1", "--queue", "2"]);
+    // Real photographs from ../shared/datasets (larger than the first server's body limit),
+    // when present: the server and predict agree.
+    let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets/photos");
+    if photos.is_dir() {
+        let predicted: serde_json::Value =
+            serde_json::from_str(&ok(ws, &["predict", "outputs/tiny/train", photos.to_str().unwrap(), "--format", "json"])).unwrap();
+        let results = predicted["results"].as_array().unwrap();
+        assert!(results.len() >= 3, "{predicted}");
+        for r in results {
+            let bytes = std::fs::read(r["path"].as_str().unwrap()).unwrap();
+            let (status, body) = post(&format!("{}/v1/predict", server.base), "application/octet-stream", &bytes);
+            assert_eq!(status, 200, "{}: {body}", r["path"]);
+            assert_eq!(body["results"][0]["probabilities"], r["probabilities"], "{}", r["path"]);
+        }
+    } else {
+        eprintln!("skipping the photo comparison: {} is absent", photos.display());
+    }
+
+    // A full queue is refused with 503 and nothing else breaks: one request of 40 images
+    // fills a queue of 2 far faster than one-image batches drain it.
+    let many: Vec<(String, Vec<u8>)> = (0..40).map(|i| (format!("copy{i}.png"), png.clone())).collect();
+    let parts: Vec<(&str, &[u8])> = many.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+    let (ct, body) = multipart(&parts);
+    let (status, answer) = post(&format!("{}/v1/predict", server.base), &ct, &body);
+    assert_eq!((status, answer["reason"].as_str()), (503, Some("queue_full")), "{answer}");
+    let (status, _) = post(&format!("{}/v1/predict", server.base), "image/png", &png);
+    assert_eq!(status, 200, "the server recovers once the queue drains");
+    assert!(server.terminate().success());
 }
 
 #[test]
