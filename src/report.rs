@@ -20,6 +20,9 @@ pub enum StageOutcome {
     /// Taken from the cache; `restored` counts workspace outputs that had to be put back.
     Cached {
         restored: usize,
+        /// The result came from the remote cache.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pulled: bool,
     },
     Ran {
         seconds_millis: u64,
@@ -47,8 +50,13 @@ impl StageOutcome {
     /// The one-word status plus detail shown by `kiln run`.
     pub fn describe(&self) -> String {
         match self {
-            StageOutcome::Cached { restored: 0 } => "cached".into(),
-            StageOutcome::Cached { restored } => format!("cached (restored {restored} output{})", if *restored == 1 { "" } else { "s" }),
+            StageOutcome::Cached { restored: 0, pulled: false } => "cached".into(),
+            StageOutcome::Cached { restored: 0, pulled: true } => "cached (from remote)".into(),
+            StageOutcome::Cached { restored, pulled } => format!(
+                "cached ({}restored {restored} output{})",
+                if *pulled { "from remote, " } else { "" },
+                if *restored == 1 { "" } else { "s" }
+            ),
             StageOutcome::Ran { seconds_millis } => format!("ran ({:.1}s)", *seconds_millis as f64 / 1000.0),
             StageOutcome::Failed { reason } => format!("failed ({reason})"),
             StageOutcome::Skipped { upstream } => format!("skipped (upstream `{upstream}` failed)"),

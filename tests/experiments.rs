@@ -128,7 +128,20 @@ fn set_runs_only_downstream_stages_and_diff_shows_flipped_items() {
     if let Some(browser) = ["chromium", "chromium-browser", "google-chrome"].iter().find(|b| which(b)) {
         let shot = ws.join("shot.png");
         let out = Command::new(browser)
-            .args(["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,2400"])
+            // This machine's network is closed: without these flags Chromium's background
+            // connections are refused, many at a time.
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--window-size=1200,2400",
+            ])
+            .arg(format!("--user-data-dir={}", ws.join("chromium-profile").display()))
             .arg(format!("--screenshot={}", shot.display()))
             .arg(format!("file://{}", page_path.display()))
             .output()

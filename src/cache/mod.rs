@@ -19,6 +19,7 @@ pub mod gc;
 pub mod guard;
 pub mod key;
 pub mod lockfile;
+pub mod remote;
 pub mod state;
 pub mod tree;
 

@@ -5,6 +5,7 @@ mod gc;
 mod metrics;
 mod predict;
 mod progress;
+mod remote;
 mod report;
 mod run;
 mod runs;
@@ -70,6 +71,10 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Serve a trained model over HTTP (POST /v1/predict, GET /v1/model, /healthz, /metrics).
     Serve(predict::ServeArgs),
+    /// Upload the lock file's results to [cache.remote].
+    Push(remote::RemoteArgs),
+    /// Download the lock file's results from [cache.remote] into the local cache.
+    Pull(remote::RemoteArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -90,6 +95,8 @@ pub fn main() -> i32 {
         Command::Metrics(args) => metrics::metrics(args, &reporter),
         Command::Predict(args) => predict::predict(args, &reporter),
         Command::Serve(args) => predict::serve(args, &reporter),
+        Command::Push(args) => remote::push(args, &reporter, stats.clone()),
+        Command::Pull(args) => remote::pull(args, &reporter, stats.clone()),
     };
     if let Some(path) = &cli.work_stats {
         let _ = std::fs::write(path, serde_json::to_vec_pretty(&stats.to_json()).unwrap_or_default());

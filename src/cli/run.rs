@@ -50,6 +50,9 @@ pub struct RunArgs {
     /// like a `--set` run, and the results are ranked at the end.
     #[arg(long, value_name = "KEY=V1,V2,...")]
     sweep: Vec<String>,
+    /// Do not use `[cache.remote]` for this run.
+    #[arg(long)]
+    no_remote: bool,
     /// The metric that ranks a sweep (default: accuracy, else the first one).
     #[arg(long, value_name = "METRIC")]
     sort: Option<String>,
@@ -161,6 +164,7 @@ fn run_once(
         fail_fast: args.fail_fast,
         wait: !args.no_wait,
         write_lock: manifest.overrides.is_empty(),
+        remote: !args.no_remote,
         ..RunOptions::default()
     };
     if let Some(j) = args.jobs {

@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub fail_fast: bool,
     /// Wait for another process holding the cache instead of failing.
     pub wait: bool,
+    /// Use `[cache.remote]` when the manifest has one (`--no-remote` turns it off).
+    pub remote: bool,
     /// Record the run in the lock file. Off for `--set` experiments: the lock stays the
     /// record of the manifest as written, and the run record keeps the experiment.
     pub write_lock: bool,
@@ -61,6 +63,7 @@ impl Default for RunOptions {
             fail_fast: false,
             wait: true,
             write_lock: true,
+            remote: true,
         }
     }
 }
@@ -93,6 +96,7 @@ struct Shared<'a> {
     reporter: &'a dyn Reporter,
     /// Per stage: run it even if cached.
     forced: Vec<bool>,
+    remote: Option<&'a crate::cache::remote::Remote>,
 }
 
 /// The stage indices named by `targets`, or an error naming the unknown one.
@@ -172,7 +176,17 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
         (0..n).filter(|&i| selected[i] && waiting[i] == 0).map(|i| Reverse((position[i], i))).collect();
     let targets = resolve_targets(manifest, &opts.targets)?;
     let forced: Vec<bool> = (0..manifest.stages.len()).map(|i| opts.force && (targets.is_empty() || targets.contains(&i))).collect();
-    let shared = Shared { manifest, cache: &cache, previous: &previous, reporter, forced };
+    let remote = match (&manifest.remote, opts.remote) {
+        (Some(config), true) => match crate::cache::remote::Remote::open(config) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                reporter.warn(&format!("{e}; continuing with the local cache only"));
+                None
+            }
+        },
+        _ => None,
+    };
+    let shared = Shared { manifest, cache: &cache, previous: &previous, reporter, forced, remote: remote.as_ref() };
     let mut fatal: Option<Error> = None;
     let mut lock_writer = LockWriter { path: opts.write_lock.then_some(lock_path.as_path()), last: None, pending: false };
 
@@ -276,6 +290,22 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
     // Also drops lock entries of stages the manifest no longer has.
     lock_writer.pending |= lock != previous;
     lock_writer.flush(&lock)?;
+    if let Some(r) = &remote {
+        let t = &r.transfers;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        reporter.summary(
+            "remote",
+            &[format!(
+                "{}: downloaded {} objects ({:.1} MB), uploaded {} objects ({:.1} MB){}",
+                r.url(),
+                load(&t.downloaded_objects),
+                load(&t.downloaded_bytes) as f64 / 1e6,
+                load(&t.uploaded_objects),
+                load(&t.uploaded_bytes) as f64 / 1e6,
+                if r.is_online() { "" } else { "; unreachable, so the run used the local cache only" }
+            )],
+        );
+    }
     prune_outputs(manifest)?;
     cache.state().flush()?;
     Ok(RunSummary { stages, lock })
@@ -359,16 +389,28 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
     let digest = key.digest();
 
     let force = cx.forced[i];
-    if !force
-        && let Some(entry) = cache.get_entry(&digest)?
-        && cache.entry_is_complete(&entry)?
-    {
-        let restored = restore_outputs(manifest, cache, &entry, cx.reporter)?;
-        return Ok(Done {
-            outcome: StageOutcome::Cached { restored },
-            artifact: entry.artifact,
-            locked: locked_stage(cache, &key, entry.artifact, entry.outs)?,
-        });
+    if !force {
+        let local = match cache.get_entry(&digest)? {
+            Some(entry) if cache.entry_is_complete(&entry)? => Some(entry),
+            _ => None,
+        };
+        let warn = |m: &str| cx.reporter.warn(m);
+        let (found, pulled) = match (local, cx.remote) {
+            (Some(entry), _) => (Some(entry), false),
+            (None, Some(remote)) => match remote.fetch(cache, &digest, &warn) {
+                crate::cache::remote::Fetched::Entry(entry) => (Some(*entry), true),
+                crate::cache::remote::Fetched::Miss => (None, false),
+            },
+            (None, None) => (None, false),
+        };
+        if let Some(entry) = found {
+            let restored = restore_outputs(manifest, cache, &entry, cx.reporter)?;
+            return Ok(Done {
+                outcome: StageOutcome::Cached { restored, pulled },
+                artifact: entry.artifact,
+                locked: locked_stage(cache, &key, entry.artifact, entry.outs)?,
+            });
+        }
     }
 
     if tracing::enabled!(tracing::Level::INFO) {
@@ -443,6 +485,9 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
     cache.put_entry(&entry)?;
     // Only now is the resumable state worthless: a crash before the entry keeps it.
     let _ = remove_path(&scratch);
+    if let Some(remote) = cx.remote {
+        remote.push(cache, &entry, &|m: &str| cx.reporter.warn(m));
+    }
     Ok(Done { outcome: StageOutcome::ran(started.elapsed()), artifact, locked: locked_stage(cache, &key, artifact, outs)? })
 }
 

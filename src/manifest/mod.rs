@@ -50,6 +50,8 @@ pub struct Manifest {
     pub stages: Vec<StageDecl>,
     /// `--set` values applied on top of the file (its `source` shows them as comments).
     pub overrides: Vec<Override>,
+    /// `[cache.remote]`: a shared S3-compatible cache.
+    pub remote: Option<crate::cache::remote::RemoteConfig>,
 }
 
 /// One `[stages.NAME]` table after validation.
@@ -157,11 +159,11 @@ fn parse(path: &Path, src: &str, placed: &[overrides::Placed], registry: &StageR
     overrides::apply(&mut doc, src, placed, &mut issues);
 
     for (key, _) in doc.iter() {
-        if !["pipeline", "params", "stages"].contains(&key.get_ref().as_ref()) {
+        if !["pipeline", "params", "stages", "cache"].contains(&key.get_ref().as_ref()) {
             issues.push(
                 Issue::new(key.span(), format!("unknown top-level key `{}`", key.get_ref()))
                     .label("unknown key")
-                    .help("expected one of `pipeline`, `params`, `stages`"),
+                    .help("expected one of `pipeline`, `params`, `stages`, `cache`"),
             );
         }
     }
@@ -175,6 +177,35 @@ fn parse(path: &Path, src: &str, placed: &[overrides::Placed], registry: &StageR
             })
         }
         None => RawPipeline::default(),
+    };
+
+    let remote = match doc.remove("cache") {
+        Some(value) => {
+            let span = value.span();
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct RawCache {
+                remote: Option<crate::cache::remote::RemoteConfig>,
+            }
+            match RawCache::deserialize(ValueDeserializer::from(value)) {
+                Ok(c) => {
+                    if let Some(r) = &c.remote
+                        && !r.url.starts_with("s3://")
+                    {
+                        issues.push(Issue::new(span, format!("`cache.remote.url` = \"{}\": expected s3://BUCKET[/PREFIX]", r.url)));
+                    }
+                    c.remote
+                }
+                Err(e) => {
+                    issues.push(
+                        Issue::from_toml(&e, span)
+                            .help("e.g. `[cache.remote]` with `url = \"s3://bucket/prefix\"` and `endpoint = \"http://127.0.0.1:3900\"`"),
+                    );
+                    None
+                }
+            }
+        }
+        None => None,
     };
 
     let params_de = doc.remove("params");
@@ -248,6 +279,7 @@ fn parse(path: &Path, src: &str, placed: &[overrides::Placed], registry: &StageR
         params: params_json,
         stages,
         overrides: Vec::new(),
+        remote,
     };
     (Some(manifest), issues)
 }

@@ -15,8 +15,8 @@ use toml::de::{DeArray, DeTable, DeValue};
 use super::Issue;
 use super::diagnostic::did_you_mean;
 
-/// One `KEY=VALUE` from the command line. `KEY` is `STAGE.FIELD[.SUB…]`, `params.NAME[.SUB…]`
-/// or `pipeline.FIELD`; `VALUE` is TOML (`5e-4`, `[32, 64]`, `true`, `"text"`), and anything
+/// One `KEY=VALUE` from the command line. `KEY` is `STAGE.FIELD[.SUB…]`, `params.NAME[.SUB…]`,
+/// `pipeline.FIELD` or `cache.remote.FIELD`; `VALUE` is TOML (`5e-4`, `[32, 64]`, `true`, `"text"`), and anything
 /// that does not parse as TOML is taken as a string (`--set train.model=resnet18`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Override {
@@ -106,7 +106,7 @@ pub(super) fn apply<'i>(doc: &mut DeTable<'i>, src: &'i str, placed: &[Placed], 
         };
         let parts: Vec<&str> = p.key.split('.').collect();
         let (table_path, field): (Vec<&str>, &str) = match parts.as_slice() {
-            ["params" | "pipeline", _, ..] => (parts[..parts.len() - 1].to_vec(), parts[parts.len() - 1]),
+            ["params" | "pipeline" | "cache", _, ..] => (parts[..parts.len() - 1].to_vec(), parts[parts.len() - 1]),
             [stage, _, ..] => {
                 let stages: Vec<String> = doc
                     .get("stages")
