@@ -56,6 +56,7 @@ pub mod report;
 pub mod rng;
 pub mod runs;
 pub mod serve;
+pub mod slurm;
 pub mod stages;
 pub mod stats;
 

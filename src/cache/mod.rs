@@ -139,10 +139,17 @@ impl Cache {
     /// Opens (creating if needed) the cache at `dir`. Callers that write must hold the
     /// run guard ([`guard::RunGuard`]).
     pub fn open(dir: &Path, stats: Arc<WorkStats>) -> Result<Cache, CacheError> {
+        Self::open_with_state(dir, &dir.join("state.redb"), stats)
+    }
+
+    /// Opens the cache with its file-state index and memo store at `state`. A Slurm job
+    /// uses a private one: the scheduling kiln holds the cache's own for the whole run, and
+    /// blobs, trees and entries are committed by atomic rename, so both can write.
+    pub fn open_with_state(dir: &Path, state: &Path, stats: Arc<WorkStats>) -> Result<Cache, CacheError> {
         for sub in ["blobs", "trees", "stages", "tmp"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(CacheError::io("create cache directory", &dir.join(sub)))?;
         }
-        let state = StateDb::open(&dir.join("state.redb"), stats)?;
+        let state = StateDb::open(state, stats)?;
         Ok(Cache { dir: dir.to_path_buf(), state })
     }
 

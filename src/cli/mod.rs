@@ -75,6 +75,9 @@ enum Command {
     Push(remote::RemoteArgs),
     /// Download the lock file's results from [cache.remote] into the local cache.
     Pull(remote::RemoteArgs),
+    /// Internal: run one stage on a Slurm node for a scheduling `kiln run`.
+    #[command(name = "__run-stage", hide = true)]
+    RunStage(run::RunStageArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -97,6 +100,7 @@ pub fn main() -> i32 {
         Command::Serve(args) => predict::serve(args, &reporter),
         Command::Push(args) => remote::push(args, &reporter, stats.clone()),
         Command::Pull(args) => remote::pull(args, &reporter, stats.clone()),
+        Command::RunStage(args) => run::run_stage(args, &reporter, stats.clone()),
     };
     if let Some(path) = &cli.work_stats {
         let _ = std::fs::write(path, serde_json::to_vec_pretty(&stats.to_json()).unwrap_or_default());

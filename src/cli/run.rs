@@ -50,6 +50,10 @@ pub struct RunArgs {
     /// like a `--set` run, and the results are ranked at the end.
     #[arg(long, value_name = "KEY=V1,V2,...")]
     sweep: Vec<String>,
+    /// Where stages run: `local` (threads of this process) or `slurm` (one `sbatch` job
+    /// per stage; workspace and cache on a shared filesystem). Default: `[pipeline] executor`.
+    #[arg(long, value_enum)]
+    executor: Option<crate::exec::Executor>,
     /// Do not use `[cache.remote]` for this run.
     #[arg(long)]
     no_remote: bool,
@@ -165,8 +169,18 @@ fn run_once(
         wait: !args.no_wait,
         write_lock: manifest.overrides.is_empty(),
         remote: !args.no_remote,
+        executor: args.executor.unwrap_or(manifest.executor),
         ..RunOptions::default()
     };
+    if opts.executor == crate::exec::Executor::Slurm {
+        // Ctrl-C and SIGTERM must cancel the jobs, not orphan them: the workers see the
+        // flag, `scancel` their jobs and the run stops.
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(signal, flag.clone()).map_err(|e| Error::Usage(format!("cannot handle signals: {e}")))?;
+        }
+        opts.interrupted = Some(flag);
+    }
     if let Some(j) = args.jobs {
         opts.jobs = j.max(1);
     }
@@ -233,4 +247,35 @@ mod tests {
         assert!(sweep_grid(&["train.lr".into()]).is_err());
         assert!(sweep_grid(&["train.lr=1,,2".into()]).is_err());
     }
+}
+
+/// `kiln __run-stage FILE STAGE --key K --upstream NAME=DIGEST...`: what a Slurm job runs.
+#[derive(Debug, Args)]
+pub struct RunStageArgs {
+    manifest: std::path::PathBuf,
+    stage: String,
+    #[arg(long)]
+    key: String,
+    #[arg(long = "upstream", value_name = "NAME=DIGEST")]
+    upstream: Vec<String>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+pub fn run_stage(args: RunStageArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Result<(), Error> {
+    let set: Vec<Override> = args.set.iter().map(|a| Override::parse(a).map_err(Error::Usage)).collect::<Result<_, _>>()?;
+    let manifest = load_with(&args.manifest, &set)?;
+    let digest = |s: &str| s.parse::<crate::Digest>().map_err(|e| Error::Usage(format!("`{s}`: {e}")));
+    let key = digest(&args.key)?;
+    let mut upstream = std::collections::BTreeMap::new();
+    for u in &args.upstream {
+        let (name, d) = u.split_once('=').ok_or_else(|| Error::Usage(format!("--upstream `{u}`: expected NAME=DIGEST")))?;
+        upstream.insert(name.to_string(), digest(d)?);
+    }
+    let state = manifest.cache_dir.join("tmp").join(format!("node-{}-{}.redb", std::process::id(), key.short()));
+    let cache = crate::cache::Cache::open_with_state(&manifest.cache_dir, &state, stats)?;
+    let result = exec::run_one(&manifest, &args.stage, upstream, &key, &cache, reporter);
+    drop(cache);
+    let _ = std::fs::remove_file(&state);
+    result
 }

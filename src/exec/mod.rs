@@ -48,6 +48,10 @@ pub struct RunOptions {
     pub wait: bool,
     /// Use `[cache.remote]` when the manifest has one (`--no-remote` turns it off).
     pub remote: bool,
+    /// Where stages run.
+    pub executor: Executor,
+    /// Set by SIGINT/SIGTERM while Slurm jobs run: cancel them and stop.
+    pub interrupted: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Record the run in the lock file. Off for `--set` experiments: the lock stays the
     /// record of the manifest as written, and the run record keeps the experiment.
     pub write_lock: bool,
@@ -64,8 +68,20 @@ impl Default for RunOptions {
             wait: true,
             write_lock: true,
             remote: true,
+            executor: Executor::Local,
+            interrupted: None,
         }
     }
+}
+
+/// Where stages run: this process's threads, or Slurm jobs (`sbatch`) that run kiln on a
+/// node for one stage each, with the workspace and cache on a shared filesystem.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Executor {
+    #[default]
+    Local,
+    Slurm,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -97,6 +113,8 @@ struct Shared<'a> {
     /// Per stage: run it even if cached.
     forced: Vec<bool>,
     remote: Option<&'a crate::cache::remote::Remote>,
+    executor: Executor,
+    interrupted: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 /// The stage indices named by `targets`, or an error naming the unknown one.
@@ -186,7 +204,17 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
         },
         _ => None,
     };
-    let shared = Shared { manifest, cache: &cache, previous: &previous, reporter, forced, remote: remote.as_ref() };
+    let executor = if opts.executor == Executor::Local { manifest.executor } else { opts.executor };
+    let shared = Shared {
+        manifest,
+        cache: &cache,
+        previous: &previous,
+        reporter,
+        forced,
+        remote: remote.as_ref(),
+        executor,
+        interrupted: opts.interrupted.as_deref(),
+    };
     let mut fatal: Option<Error> = None;
     let mut lock_writer = LockWriter { path: opts.write_lock.then_some(lock_path.as_path()), last: None, pending: false };
 
@@ -258,7 +286,7 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
                     done.outcome
                 }
                 Err(e) => {
-                    stop |= opts.fail_fast;
+                    stop |= opts.fail_fast || shared.interrupted.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
                     StageOutcome::Failed { reason: e.to_string() }
                 }
             };
@@ -435,6 +463,38 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
         }
     }
 
+    let started = Instant::now();
+    let entry = match cx.executor {
+        Executor::Local => run_and_commit(manifest, decl, cache, cx.reporter, &key, &dep_trees, &upstream)?,
+        Executor::Slurm => {
+            crate::slurm::run_stage(manifest, decl, &digest, &upstream, cx.reporter, cx.interrupted)?;
+            // The job committed the result into the shared cache; take it from there.
+            match cache.get_entry(&digest)? {
+                Some(entry) if cache.entry_is_complete(&entry)? => entry,
+                _ => return Err(StageError::Failed(format!("the Slurm job for `{}` ended without a result in the cache", decl.name))),
+            }
+        }
+    };
+    if let Some(remote) = cx.remote {
+        remote.push(cache, &entry, &|m: &str| cx.reporter.warn(m));
+    }
+    let (artifact, outs) = (entry.artifact, entry.outs.clone());
+    Ok(Done { outcome: StageOutcome::ran(started.elapsed()), artifact, locked: locked_stage(cache, &key, artifact, outs)? })
+}
+
+/// Runs one stage in this process and commits its result: blobs, then tree, then entry.
+/// The local executor calls it for every stage; a Slurm job calls it (through
+/// [`run_one`]) for the one stage it was given.
+fn run_and_commit(
+    manifest: &Manifest,
+    decl: &crate::manifest::StageDecl,
+    cache: &Cache,
+    reporter: &dyn Reporter,
+    key: &crate::cache::CacheKey,
+    dep_trees: &BTreeMap<String, Option<crate::cache::Scan>>,
+    upstream: &BTreeMap<String, Digest>,
+) -> Result<StageEntry, StageError> {
+    let digest = key.digest();
     let inputs: BTreeMap<String, Artifact> = upstream
         .iter()
         .map(|(name, d)| {
@@ -459,7 +519,7 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
     let attached = std::sync::Mutex::new(Vec::new());
     let stage_cx = StageContext {
         attached: &attached,
-        deps: &dep_trees,
+        deps: dep_trees,
         stage: &decl.name,
         pipeline: &manifest.name,
         root: &manifest.root,
@@ -469,26 +529,55 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
         scratch: &scratch,
         inputs: &inputs,
         cache,
-        reporter: cx.reporter,
+        reporter,
     };
     let result = decl.stage.run(&stage_cx);
     let committed = result.and_then(|()| {
         if decl.stage.writes_workspace() {
-            commit_workspace_outs(manifest, cache, &workspace_outs, cx.reporter)
+            commit_workspace_outs(manifest, cache, &workspace_outs, reporter)
         } else {
-            commit_artifact(cache, &staging, attached.into_inner().unwrap_or_default(), cx.reporter)
+            commit_artifact(cache, &staging, attached.into_inner().unwrap_or_default(), reporter)
         }
     });
     let _ = remove_path(&staging);
     let (artifact, outs) = committed?;
-    let entry = StageEntry { key: key.clone(), artifact, outs: outs.clone(), duration_ms: started.elapsed().as_millis() as u64 };
+    let entry = StageEntry { key: key.clone(), artifact, outs, duration_ms: started.elapsed().as_millis() as u64 };
     cache.put_entry(&entry)?;
     // Only now is the resumable state worthless: a crash before the entry keeps it.
     let _ = remove_path(&scratch);
-    if let Some(remote) = cx.remote {
-        remote.push(cache, &entry, &|m: &str| cx.reporter.warn(m));
+    Ok(entry)
+}
+
+/// What a Slurm job runs on its node (`kiln __run-stage`): the one stage `name`, given the
+/// upstream artifacts the scheduling kiln resolved. The key is recomputed here and must be
+/// the one the scheduler expects, so node and scheduler can never disagree about what ran.
+pub fn run_one(
+    manifest: &Manifest,
+    name: &str,
+    upstream: BTreeMap<String, Digest>,
+    expected: &Digest,
+    cache: &Cache,
+    reporter: &dyn Reporter,
+) -> Result<(), Error> {
+    let i = resolve_targets(manifest, &[name.to_string()])?[0];
+    let decl = &manifest.stages[i];
+    let dep_trees = hash_deps(manifest, decl, cache, reporter).map_err(CacheError::from)?;
+    let mut deps = BTreeMap::new();
+    for (path, scan) in &dep_trees {
+        let scan = scan.as_ref().ok_or_else(|| Error::Usage(format!("stage `{name}`: dependency `{path}` is missing on this node")))?;
+        deps.insert(path.clone(), cache.put_tree(&scan.tree)?);
     }
-    Ok(Done { outcome: StageOutcome::ran(started.elapsed()), artifact, locked: locked_stage(cache, &key, artifact, outs)? })
+    let key = make_key(manifest, decl, deps, upstream.clone());
+    if key.digest() != *expected {
+        return Err(Error::Usage(format!(
+            "stage `{name}`: this node computes key {} but the scheduler expected {}; are the workspace and cache shared?",
+            key.digest().short(),
+            expected.short()
+        )));
+    }
+    run_and_commit(manifest, decl, cache, reporter, &key, &dep_trees, &upstream)
+        .map_err(|e| Error::Usage(format!("stage `{name}` failed: {e}")))?;
+    Ok(())
 }
 
 /// The lock record of a finished stage, with the headline numbers of its `metrics.json`.

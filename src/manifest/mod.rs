@@ -52,6 +52,8 @@ pub struct Manifest {
     pub overrides: Vec<Override>,
     /// `[cache.remote]`: a shared S3-compatible cache.
     pub remote: Option<crate::cache::remote::RemoteConfig>,
+    /// `[pipeline] executor`: where stages run unless `kiln run --executor` says otherwise.
+    pub executor: crate::exec::Executor,
 }
 
 /// One `[stages.NAME]` table after validation.
@@ -69,6 +71,9 @@ pub struct StageDecl {
     pub deps: Vec<Spanned<String>>,
     /// `[params]` entries referenced through `${params.NAME}`, with their values.
     pub uses: std::collections::BTreeMap<String, serde_json::Value>,
+    /// What a Slurm job for this stage asks for; not part of the key (it cannot change a
+    /// result).
+    pub resources: Option<crate::slurm::Resources>,
     pub stage: Arc<dyn Stage>,
 }
 
@@ -143,6 +148,8 @@ struct RawPipeline {
     seed: u64,
     cache: Option<String>,
     root: Option<String>,
+    #[serde(default)]
+    executor: crate::exec::Executor,
 }
 
 /// The manifest built from everything that parsed (`None` when the TOML itself is
@@ -280,6 +287,7 @@ fn parse(path: &Path, src: &str, placed: &[overrides::Placed], registry: &StageR
         stages,
         overrides: Vec::new(),
         remote,
+        executor: raw_pipeline.executor,
     };
     (Some(manifest), issues)
 }
@@ -320,6 +328,22 @@ fn parse_stage<'i>(
     issues.append(&mut resolver.issues);
     let uses = resolver.used;
 
+    let resources = match table.remove("resources") {
+        Some(value) => {
+            let span = value.span();
+            match crate::slurm::Resources::deserialize(ValueDeserializer::from(value)) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    issues.push(
+                        Issue::from_toml(&e, span)
+                            .help("e.g. `resources = { cpus = 2, mem = \"4G\", gpus = 1, time = \"01:00:00\", partition = \"gpu\" }`"),
+                    );
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let inputs = take_string_list(&mut table, "inputs", issues);
     let mut deps = take_string_list(&mut table, "deps", issues);
     if let Some(last) = declared.last_mut() {
@@ -395,6 +419,7 @@ fn parse_stage<'i>(
         inputs: stage_inputs,
         deps: normalized,
         uses,
+        resources,
         stage,
     })
 }
