@@ -229,23 +229,51 @@ impl Remote {
             self.corrupt(&entry_path, "it describes another key", warn);
             return Ok(Fetched::Miss);
         }
-        let tree = match cache.get_tree(&entry.artifact)? {
+        if !self.fetch_tree_async(cache, &entry.artifact, warn).await? {
+            return Ok(Fetched::Miss);
+        }
+        cache.put_entry(&entry)?;
+        Ok(Fetched::Entry(Box::new(entry)))
+    }
+
+    /// Brings an artifact (its tree and the blobs this cache lacks) from the remote, by
+    /// digest: how a node without a shared filesystem gets its inputs. False when the remote
+    /// lacks it or any object is corrupt.
+    pub fn fetch_tree(&self, cache: &Cache, artifact: &Digest, warn: &dyn Fn(&str)) -> bool {
+        if !self.is_online() {
+            return false;
+        }
+        match self.runtime.block_on(self.fetch_tree_async(cache, artifact, warn)) {
+            Ok(found) => found,
+            Err(e @ RemoteError::Cache(_)) => {
+                warn(&format!("remote artifact {}: {e}", artifact.short()));
+                false
+            }
+            Err(e) => {
+                self.degrade(&e, warn);
+                false
+            }
+        }
+    }
+
+    async fn fetch_tree_async(&self, cache: &Cache, artifact: &Digest, warn: &dyn Fn(&str)) -> Result<bool, RemoteError> {
+        let tree = match cache.get_tree(artifact)? {
             Some(t) => t,
             None => {
-                let tree_path = self.path("trees", &entry.artifact, "");
+                let tree_path = self.path("trees", artifact, "");
                 let Some(bytes) = self.get(&tree_path).await? else {
-                    warn(&format!("remote entry {} names a tree the remote lacks; ignoring it", key.short()));
-                    return Ok(Fetched::Miss);
+                    warn(&format!("the remote lacks artifact {}", artifact.short()));
+                    return Ok(false);
                 };
                 match Tree::decode(&bytes) {
-                    Ok(t) if t.digest() == entry.artifact => t,
+                    Ok(t) if t.digest() == *artifact => t,
                     Ok(_) => {
                         self.corrupt(&tree_path, "its digest does not match its name", warn);
-                        return Ok(Fetched::Miss);
+                        return Ok(false);
                     }
                     Err(e) => {
                         self.corrupt(&tree_path, &e.to_string(), warn);
-                        return Ok(Fetched::Miss);
+                        return Ok(false);
                     }
                 }
             }
@@ -274,12 +302,10 @@ impl Remote {
         for r in results {
             complete &= r?;
         }
-        if !complete {
-            return Ok(Fetched::Miss);
+        if complete {
+            cache.put_tree(&tree)?;
         }
-        cache.put_tree(&tree)?;
-        cache.put_entry(&entry)?;
-        Ok(Fetched::Entry(Box::new(entry)))
+        Ok(complete)
     }
 
     /// Uploads `entry` and what it names that the remote lacks: blobs, then the tree, then

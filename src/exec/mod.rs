@@ -468,10 +468,19 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
         Executor::Local => run_and_commit(manifest, decl, cache, cx.reporter, &key, &dep_trees, &upstream)?,
         Executor::Slurm => {
             crate::slurm::run_stage(manifest, decl, &digest, &upstream, cx.reporter, cx.interrupted)?;
-            // The job committed the result into the shared cache; take it from there.
-            match cache.get_entry(&digest)? {
-                Some(entry) if cache.entry_is_complete(&entry)? => entry,
-                _ => return Err(StageError::Failed(format!("the Slurm job for `{}` ended without a result in the cache", decl.name))),
+            // The job committed the result into the shared cache, or uploaded it to the
+            // remote when the node shares no filesystem with us.
+            let local = match cache.get_entry(&digest)? {
+                Some(entry) if cache.entry_is_complete(&entry)? => Some(entry),
+                _ => None,
+            };
+            let fetched = || match cx.remote.map(|r| r.fetch(cache, &digest, &|m: &str| cx.reporter.warn(m))) {
+                Some(crate::cache::remote::Fetched::Entry(entry)) => Some(*entry),
+                _ => None,
+            };
+            match local.or_else(fetched) {
+                Some(entry) => entry,
+                None => return Err(StageError::Failed(format!("the Slurm job for `{}` ended without a result in the cache", decl.name))),
             }
         }
     };
@@ -561,6 +570,25 @@ pub fn run_one(
 ) -> Result<(), Error> {
     let i = resolve_targets(manifest, &[name.to_string()])?[0];
     let decl = &manifest.stages[i];
+    // Nodes that share no filesystem with the scheduler get inputs and give results
+    // through the remote cache.
+    let remote = manifest.remote.as_ref().and_then(|c| match crate::cache::remote::Remote::open(c) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            reporter.warn(&e.to_string());
+            None
+        }
+    });
+    let warn = |m: &str| reporter.warn(m);
+    for (up, artifact) in &upstream {
+        let present = cache.get_tree(artifact)?.is_some_and(|t| t.entries().iter().all(|e| cache.has_blob(&e.digest)));
+        if !present && !remote.as_ref().is_some_and(|r| r.fetch_tree(cache, artifact, &warn)) {
+            return Err(Error::Usage(format!(
+                "stage `{name}`: the result of `{up}` ({}) is not in this node's cache; share the cache directory or configure [cache.remote]",
+                artifact.short()
+            )));
+        }
+    }
     let dep_trees = hash_deps(manifest, decl, cache, reporter).map_err(CacheError::from)?;
     let mut deps = BTreeMap::new();
     for (path, scan) in &dep_trees {
@@ -575,8 +603,13 @@ pub fn run_one(
             expected.short()
         )));
     }
-    run_and_commit(manifest, decl, cache, reporter, &key, &dep_trees, &upstream)
+    let entry = run_and_commit(manifest, decl, cache, reporter, &key, &dep_trees, &upstream)
         .map_err(|e| Error::Usage(format!("stage `{name}` failed: {e}")))?;
+    if let Some(r) = &remote
+        && !r.push(cache, &entry, &warn)
+    {
+        return Err(Error::Usage(format!("stage `{name}`: the result could not be uploaded to {}", r.url())));
+    }
     Ok(())
 }
 
