@@ -18,6 +18,11 @@
 //!    file-state index and the item memo store, and the lock file that goes into git.
 //! 5. **[`cli`]** is the command line: it renders progress and results, nothing else.
 //!
+//! Around them: [`cache::remote`] shares the cache through S3-compatible storage, and
+//! [`slurm`] runs stages as Slurm jobs; [`runs`] records every run, [`compare`] diffs two of
+//! them (or two git revisions of the lock), [`html_report`] renders one as a page;
+//! [`predict`] and [`serve`] use a trained model with its training-time preprocessing.
+//!
 //! The built-in data stages (collect, clean, preprocess, label, convert in [`stages`]) pass
 //! **[`dataset`]** artifacts: `items.jsonl` plus image blobs shared by digest. Their pixel
 //! work lives in **[`imaging`]** (decoding under limits, measures, perceptual hashes,

@@ -90,6 +90,11 @@ impl Cluster {
         c
     }
 
+    /// `kiln run` in `ws`, in the background.
+    fn spawn_run(&self, ws: &Path) -> Child {
+        self.cmd(env!("CARGO_BIN_EXE_kiln")).arg("run").current_dir(ws).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+
     fn kiln(&self, ws: &Path, args: &[&str]) -> Output {
         self.cmd(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(ws).output().unwrap()
     }
@@ -173,14 +178,7 @@ fn slurm_runs_give_local_results_and_cancelled_jobs_fail_with_slurms_reason() {
          [stages.after]\nkind = \"command\"\ninputs = [\"slow\"]\ncmd = \"cat slow.txt > after.txt\"\nouts = [\"after.txt\"]\n",
     )
     .unwrap();
-    let child = cluster
-        .cmd(env!("CARGO_BIN_EXE_kiln"))
-        .args(["run"])
-        .current_dir(ws)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = cluster.spawn_run(ws);
     let deadline = Instant::now() + Duration::from_secs(60);
     let job = loop {
         let out = cluster.cmd("squeue").args(["-h", "-n", "kiln-kiln-slow", "-t", "RUNNING", "-o", "%i"]).output().unwrap();
@@ -209,14 +207,7 @@ fn slurm_runs_give_local_results_and_cancelled_jobs_fail_with_slurms_reason() {
 
     // SIGTERM on `kiln run` cancels its jobs instead of leaving them to run.
     std::fs::write(ws.join("kiln.toml"), std::fs::read_to_string(ws.join("kiln.toml")).unwrap().replace("sleep 6", "sleep 30")).unwrap();
-    let child = cluster
-        .cmd(env!("CARGO_BIN_EXE_kiln"))
-        .args(["run"])
-        .current_dir(ws)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = cluster.spawn_run(ws);
     let running = |cluster: &Cluster| {
         let out = cluster.cmd("squeue").args(["-h", "-n", "kiln-kiln-slow", "-o", "%i"]).output().unwrap();
         !String::from_utf8_lossy(&out.stdout).trim().is_empty()
