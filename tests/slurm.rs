@@ -145,19 +145,8 @@ fn slurm_runs_give_local_results_and_cancelled_jobs_fail_with_slurms_reason() {
     assert_eq!(lines.len(), 8);
     assert!(lines.values().all(|o| o.starts_with("ran")), "{stdout}");
     assert_eq!(std::fs::read_dir(slurm.path().join("outputs/quickstart/.slurm")).unwrap().count(), 8, "one job log per stage");
-    // Same keys everywhere; same artifacts for every stage but train (its timings report
-    // differs) and eval (which reads train's artifact), whose metrics agree instead.
-    let (a, b) = (lock(local.path()), lock(slurm.path()));
-    for (name, stage) in a["stages"].as_table().unwrap() {
-        let other = &b["stages"][name];
-        if name != "eval" {
-            assert_eq!(stage["key"], other["key"], "{name}");
-        }
-        if name != "train" && name != "eval" {
-            assert_eq!(stage["artifact"], other["artifact"], "{name}");
-        }
-    }
-    assert_eq!(a["stages"]["eval"]["metrics"], b["stages"]["eval"]["metrics"]);
+    // The same keys and the same artifacts, byte for byte: the lock files are identical.
+    assert_eq!(lock(local.path()), lock(slurm.path()));
     assert_eq!(
         std::fs::read(local.path().join("outputs/quickstart/train/model.safetensors")).unwrap(),
         std::fs::read(slurm.path().join("outputs/quickstart/train/model.safetensors")).unwrap()

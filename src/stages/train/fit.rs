@@ -519,11 +519,11 @@ fn write_artifact(
         }
         Err(e) => cx.reporter.warn(&format!("{}: cannot draw learning curves: {e}", cx.stage)),
     }
+    // Only what the seed determines goes into the artifact: timings (in the summary line,
+    // the stage entry and the run record) would make every rerun a different artifact and
+    // defeat early cutoff for everything downstream.
     let report = serde_json::json!({
         "weights_digest": digest,
-        "train_seconds": train_seconds,
-        "images_trained_this_run": images_trained,
-        "images_per_second": if train_seconds > 0.0 { images_trained as f64 / train_seconds } else { 0.0 },
         "stopped_early": stopped_early,
         "best_epoch": best_epoch,
     });

@@ -19,8 +19,8 @@
 //!
 //! The artifact holds `model.safetensors` (best epoch by `monitor`), `last.safetensors`,
 //! `model.json` (classes, preprocessing, hyperparameters, metrics), `history.csv` and
-//! `history.json` (per-epoch figures), `curves.svg` and `train_report.json`. An interrupted
-//! run resumes from its last checkpoint (see [`checkpoint`]) and, on the CPU, ends with the
+//! `history.json` (per-epoch figures), `curves.svg` and `train_report.json` (best epoch,
+//! early stop; no timings, so the artifact is byte-reproducible). An interrupted run resumes from its last checkpoint (see [`checkpoint`]) and, on the CPU, ends with the
 //! same weights as an uninterrupted one.
 
 mod checkpoint;
@@ -203,7 +203,8 @@ impl StageKind for TrainKind {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: train_report.json holds no timings, so the artifact is reproducible.
+        2
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
