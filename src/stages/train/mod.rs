@@ -20,8 +20,9 @@
 //! The artifact holds `model.safetensors` (best epoch by `monitor`), `last.safetensors`,
 //! `model.json` (classes, preprocessing, hyperparameters, metrics), `history.csv` and
 //! `history.json` (per-epoch figures), `curves.svg` and `train_report.json` (best epoch,
-//! early stop; no timings, so the artifact is byte-reproducible). An interrupted run resumes from its last checkpoint (see [`checkpoint`]) and, on the CPU, ends with the
-//! same weights as an uninterrupted one.
+//! early stop; no timings, so the artifact is byte-reproducible). An interrupted run
+//! resumes from its last checkpoint (see [`checkpoint`]) and, on the CPU, ends with the same
+//! weights as an uninterrupted one.
 
 mod checkpoint;
 mod curves;
