@@ -91,6 +91,12 @@ pub struct Cache {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// `DIR/KIND/ab/cdef…`: where a blob or tree with this digest lives.
+fn object_path(dir: &Path, kind: &str, digest: &Digest) -> PathBuf {
+    let hex = digest.to_hex();
+    dir.join(kind).join(&hex[..2]).join(&hex[2..])
+}
+
 /// Reads files of committed artifacts without opening the cache for writing (no run guard,
 /// no state database): trees and blobs are immutable once committed, so a reader can run
 /// beside a `kiln run`.
@@ -106,8 +112,7 @@ impl ArtifactReader {
     /// Where the blob of `path` inside the artifact `tree` is; `None` when the tree, the
     /// file or its blob is not in this cache.
     pub fn file_path(&self, tree: &Digest, path: &str) -> Result<Option<PathBuf>, CacheError> {
-        let hex = tree.to_hex();
-        let tree_file = self.dir.join("trees").join(&hex[..2]).join(&hex[2..]);
+        let tree_file = object_path(&self.dir, "trees", tree);
         let bytes = match std::fs::read(&tree_file) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -115,8 +120,7 @@ impl ArtifactReader {
         };
         let tree = Tree::decode(&bytes).map_err(|e| CacheError::Corrupt { path: tree_file.clone(), why: e.to_string() })?;
         let Some(entry) = tree.entries().iter().find(|e| e.path == path) else { return Ok(None) };
-        let hex = entry.digest.to_hex();
-        let blob = self.dir.join("blobs").join(&hex[..2]).join(&hex[2..]);
+        let blob = object_path(&self.dir, "blobs", &entry.digest);
         Ok(blob.is_file().then_some(blob))
     }
 
@@ -195,8 +199,7 @@ impl Cache {
     }
 
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        let hex = digest.to_hex();
-        self.dir.join("blobs").join(&hex[..2]).join(&hex[2..])
+        object_path(&self.dir, "blobs", digest)
     }
 
     pub fn has_blob(&self, digest: &Digest) -> bool {
@@ -204,8 +207,7 @@ impl Cache {
     }
 
     fn tree_path(&self, digest: &Digest) -> PathBuf {
-        let hex = digest.to_hex();
-        self.dir.join("trees").join(&hex[..2]).join(&hex[2..])
+        object_path(&self.dir, "trees", digest)
     }
 
     pub fn entry_path(&self, key: &Digest) -> PathBuf {

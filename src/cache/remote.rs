@@ -171,10 +171,22 @@ impl Remote {
         RemoteError::Store { url: self.url.clone(), source }
     }
 
-    /// Marks the remote offline after an error that is not about one object.
-    fn degrade(&self, e: &RemoteError, warn: &dyn Fn(&str)) {
-        if !self.offline.swap(true, Ordering::Relaxed) {
-            warn(&format!("{e}; continuing with the local cache only"));
+    /// What every remote operation does with its outcome: a local cache problem concerns
+    /// this one object (warn, go on); anything else is the remote failing, which switches
+    /// it off for the rest of the command with one warning.
+    fn settle<T>(&self, result: Result<T, RemoteError>, what: &str, warn: &dyn Fn(&str)) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(e @ RemoteError::Cache(_)) => {
+                warn(&format!("{what}: {e}"));
+                None
+            }
+            Err(e) => {
+                if !self.offline.swap(true, Ordering::Relaxed) {
+                    warn(&format!("{e}; continuing with the local cache only"));
+                }
+                None
+            }
         }
     }
 
@@ -202,17 +214,8 @@ impl Remote {
         if !self.is_online() {
             return Fetched::Miss;
         }
-        match self.runtime.block_on(self.fetch_async(cache, key, warn)) {
-            Ok(f) => f,
-            Err(e @ RemoteError::Cache(_)) => {
-                warn(&format!("remote entry {}: {e}", key.short()));
-                Fetched::Miss
-            }
-            Err(e) => {
-                self.degrade(&e, warn);
-                Fetched::Miss
-            }
-        }
+        let result = self.runtime.block_on(self.fetch_async(cache, key, warn));
+        self.settle(result, &format!("remote entry {}", key.short()), warn).unwrap_or(Fetched::Miss)
     }
 
     async fn fetch_async(&self, cache: &Cache, key: &Digest, warn: &dyn Fn(&str)) -> Result<Fetched, RemoteError> {
@@ -243,17 +246,8 @@ impl Remote {
         if !self.is_online() {
             return false;
         }
-        match self.runtime.block_on(self.fetch_tree_async(cache, artifact, warn)) {
-            Ok(found) => found,
-            Err(e @ RemoteError::Cache(_)) => {
-                warn(&format!("remote artifact {}: {e}", artifact.short()));
-                false
-            }
-            Err(e) => {
-                self.degrade(&e, warn);
-                false
-            }
-        }
+        let result = self.runtime.block_on(self.fetch_tree_async(cache, artifact, warn));
+        self.settle(result, &format!("remote artifact {}", artifact.short()), warn).unwrap_or(false)
     }
 
     async fn fetch_tree_async(&self, cache: &Cache, artifact: &Digest, warn: &dyn Fn(&str)) -> Result<bool, RemoteError> {
@@ -314,17 +308,8 @@ impl Remote {
         if !self.is_online() {
             return false;
         }
-        match self.runtime.block_on(self.push_async(cache, entry)) {
-            Ok(()) => true,
-            Err(e @ RemoteError::Cache(_)) => {
-                warn(&format!("cannot upload stage entry {}: {e}", entry.key.digest().short()));
-                false
-            }
-            Err(e) => {
-                self.degrade(&e, warn);
-                false
-            }
-        }
+        let result = self.runtime.block_on(self.push_async(cache, entry));
+        self.settle(result, &format!("cannot upload stage entry {}", entry.key.digest().short()), warn).is_some()
     }
 
     async fn exists(&self, path: &ObjectPath) -> Result<bool, RemoteError> {

@@ -149,11 +149,16 @@ fn snapshot(manifest: &Manifest, state: &str) -> Result<Snapshot, Error> {
     Ok(Snapshot::from_lock(state, &lock))
 }
 
+/// `git -C DIR … REV:./NAME` addresses the lock file from its own directory.
+fn lock_dir_and_name(lock: &Path) -> (&Path, String) {
+    let dir = lock.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    (dir, lock.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+}
+
 /// The lock file as committed at git revision `rev`.
 fn git_lock(manifest: &Manifest, rev: &str) -> Result<LockFile, Error> {
     let lock = manifest.lock_path();
-    let dir = lock.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = lock.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let (dir, name) = lock_dir_and_name(&lock);
     let spec = format!("{rev}:./{name}");
     let fail = |message: String| Error::Git { rev: rev.to_string(), path: lock.display().to_string(), message };
     let output = std::process::Command::new("git")
@@ -172,8 +177,7 @@ fn git_lock(manifest: &Manifest, rev: &str) -> Result<LockFile, Error> {
 
 fn lock_in_git(manifest: &Manifest) -> bool {
     let lock = manifest.lock_path();
-    let dir = lock.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = lock.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let (dir, name) = lock_dir_and_name(&lock);
     std::process::Command::new("git")
         .arg("-C")
         .arg(dir)

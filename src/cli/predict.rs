@@ -16,6 +16,7 @@ use crate::predict::{ModelFiles, Predictor};
 use crate::report::Reporter;
 use crate::serve::batcher::BatchConfig;
 use crate::serve::{DEFAULT_MAX_BODY, ServeConfig};
+use crate::stages::eval::csv_field;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Format {
@@ -170,10 +171,6 @@ pub fn predict(args: PredictArgs, out: &CliReporter) -> Result<(), Error> {
         }
     }
     if failed > 0 { Err(Error::Usage(format!("{failed} of {} inputs could not be classified", rows.len()))) } else { Ok(()) }
-}
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
 }
 
 pub fn serve(args: ServeArgs, out: &CliReporter) -> Result<(), Error> {

@@ -81,11 +81,11 @@ pub fn print_table(records: &[RunRecord], sort: Option<&str>, sweep: bool, out: 
     {
         columns.insert(0, k.clone());
     }
-    let mut order: Vec<&RunRecord> = records.iter().collect();
+    let mut order: Vec<(&RunRecord, std::collections::BTreeMap<String, f64>)> = records.iter().map(|r| (r, r.metrics())).collect();
     if let Some(k) = &sort_key {
         let lower = lower_is_better(k);
-        order.sort_by(|a, b| {
-            let (x, y) = (a.metrics().get(k).copied(), b.metrics().get(k).copied());
+        order.sort_by(|(_, a), (_, b)| {
+            let (x, y) = (a.get(k).copied(), b.get(k).copied());
             match (x, y) {
                 (Some(x), Some(y)) if lower => x.total_cmp(&y),
                 (Some(x), Some(y)) => y.total_cmp(&x),
@@ -102,11 +102,10 @@ pub fn print_table(records: &[RunRecord], sort: Option<&str>, sweep: bool, out: 
     }
     header.push_str("  changes");
     out.line(&header);
-    for r in &order {
+    for (r, metrics) in &order {
         let ran = r.stages.values().filter(|s| s.outcome == "ran").count();
         let cached = r.stages.values().filter(|s| s.outcome == "cached").count();
         let failed = r.stages.values().any(|s| s.outcome == "failed");
-        let metrics = r.metrics();
         let mut line = format!("{:<5} {:<16} {ran:>6} {cached:>6}", r.id, utc(r.started));
         for c in &columns {
             match metrics.get(c) {
@@ -122,8 +121,8 @@ pub fn print_table(records: &[RunRecord], sort: Option<&str>, sweep: bool, out: 
         }
         out.line(&line);
     }
-    if let (Some(k), Some(best)) = (&sort_key, order.first())
-        && let Some(v) = best.metrics().get(k)
+    if let (Some(k), Some((best, metrics))) = (&sort_key, order.first())
+        && let Some(v) = metrics.get(k)
     {
         let changes: Vec<String> = best.overrides.iter().map(|o| o.to_arg()).collect();
         out.line(&format!("best by {k}: {} ({v:.4}) {}", best.id, changes.join(" ")));

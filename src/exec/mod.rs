@@ -417,28 +417,13 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
     let digest = key.digest();
 
     let force = cx.forced[i];
-    if !force {
-        let local = match cache.get_entry(&digest)? {
-            Some(entry) if cache.entry_is_complete(&entry)? => Some(entry),
-            _ => None,
-        };
-        let warn = |m: &str| cx.reporter.warn(m);
-        let (found, pulled) = match (local, cx.remote) {
-            (Some(entry), _) => (Some(entry), false),
-            (None, Some(remote)) => match remote.fetch(cache, &digest, &warn) {
-                crate::cache::remote::Fetched::Entry(entry) => (Some(*entry), true),
-                crate::cache::remote::Fetched::Miss => (None, false),
-            },
-            (None, None) => (None, false),
-        };
-        if let Some(entry) = found {
-            let restored = restore_outputs(manifest, cache, &entry, cx.reporter)?;
-            return Ok(Done {
-                outcome: StageOutcome::Cached { restored, pulled },
-                artifact: entry.artifact,
-                locked: locked_stage(cache, &key, entry.artifact, entry.outs)?,
-            });
-        }
+    if !force && let Some((entry, pulled)) = lookup(cx, &digest)? {
+        let restored = restore_outputs(manifest, cache, &entry, cx.reporter)?;
+        return Ok(Done {
+            outcome: StageOutcome::Cached { restored, pulled },
+            artifact: entry.artifact,
+            locked: locked_stage(cache, &key, entry.artifact, entry.outs)?,
+        });
     }
 
     if tracing::enabled!(tracing::Level::INFO) {
@@ -470,16 +455,8 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
             crate::slurm::run_stage(manifest, decl, &digest, &upstream, cx.reporter, cx.interrupted)?;
             // The job committed the result into the shared cache, or uploaded it to the
             // remote when the node shares no filesystem with us.
-            let local = match cache.get_entry(&digest)? {
-                Some(entry) if cache.entry_is_complete(&entry)? => Some(entry),
-                _ => None,
-            };
-            let fetched = || match cx.remote.map(|r| r.fetch(cache, &digest, &|m: &str| cx.reporter.warn(m))) {
-                Some(crate::cache::remote::Fetched::Entry(entry)) => Some(*entry),
-                _ => None,
-            };
-            match local.or_else(fetched) {
-                Some(entry) => entry,
+            match lookup(cx, &digest)? {
+                Some((entry, _)) => entry,
                 None => return Err(StageError::Failed(format!("the Slurm job for `{}` ended without a result in the cache", decl.name))),
             }
         }
@@ -489,6 +466,19 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
     }
     let (artifact, outs) = (entry.artifact, entry.outs.clone());
     Ok(Done { outcome: StageOutcome::ran(started.elapsed()), artifact, locked: locked_stage(cache, &key, artifact, outs)? })
+}
+
+/// A complete result for `key`: from the local cache, else from the remote (`true`).
+fn lookup(cx: &Shared<'_>, key: &Digest) -> Result<Option<(StageEntry, bool)>, StageError> {
+    if let Some(entry) = cx.cache.get_entry(key)?
+        && cx.cache.entry_is_complete(&entry)?
+    {
+        return Ok(Some((entry, false)));
+    }
+    Ok(match cx.remote.map(|r| r.fetch(cx.cache, key, &|m: &str| cx.reporter.warn(m))) {
+        Some(crate::cache::remote::Fetched::Entry(entry)) => Some((*entry, true)),
+        _ => None,
+    })
 }
 
 /// Runs one stage in this process and commits its result: blobs, then tree, then entry.

@@ -161,7 +161,8 @@ pub struct Mistake {
     row: usize,
 }
 
-fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+/// One CSV field, quoted when it must be (RFC 4180).
+pub fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
     if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")).into() } else { s.into() }
 }
 
