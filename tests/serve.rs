@@ -1,12 +1,15 @@
 //! `kiln predict` and `kiln serve` end to end: a model trained on real image files gives,
 //! through predict and through the server, the probabilities eval computed from the shards
 //! (so inference preprocesses exactly like training); bad inputs get 4xx and the server
-//! stays up; SIGTERM shuts it down cleanly.
+//! stays up; SIGTERM shuts it down cleanly. Half-sent requests end at the read timeouts, and
+//! every error answer, down to hyper's own, is the JSON `{"error", "reason"}`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 const MANIFEST: &str = "pipelines/tiny.toml";
 
@@ -373,5 +376,230 @@ fn watch_swaps_in_a_new_result_of_the_stage() {
     let image = std::fs::read(ws.join("data/dark/img_01.png")).unwrap();
     let (status, body) = post(&format!("{}/v1/predict", server.base), "image/png", &image);
     assert_eq!((status, body["model"].as_str()), (200, Some(card["weights_digest"].as_str().unwrap())));
+    assert!(server.terminate().success());
+}
+
+/// One answer read off a raw connection (or what came before the server closed it or the
+/// wait ran out).
+#[derive(Debug)]
+struct RawAnswer {
+    status: Option<u16>,
+    head: String,
+    body: Vec<u8>,
+    /// Nothing at all came back.
+    empty: bool,
+    /// The server closed the connection.
+    closed: bool,
+}
+
+impl RawAnswer {
+    /// The status (0 if none) and the body as JSON (as a JSON string if it is not JSON).
+    fn parts(&self) -> (u16, serde_json::Value) {
+        let body = serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| serde_json::Value::String(format!("not JSON: {:?} {:?}", self.head, String::from_utf8_lossy(&self.body))));
+        (self.status.unwrap_or(0), body)
+    }
+}
+
+/// A raw TCP connection to the server: for requests no HTTP client would send.
+fn raw_connect(base: &str) -> TcpStream {
+    let s = TcpStream::connect(base.trim_start_matches("http://")).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Reads one HTTP/1.1 answer (up to its Content-Length), stopping early when the server
+/// closes the connection or `wait` has passed.
+fn read_answer(s: &mut TcpStream, wait: Duration) -> RawAnswer {
+    let deadline = Instant::now() + wait;
+    let mut got: Vec<u8> = Vec::new();
+    let mut closed = false;
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = head_end(&got) {
+            let head = String::from_utf8_lossy(&got[..end]).into_owned();
+            let length = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                break;
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut chunk) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted) => {
+                closed = true;
+                break;
+            }
+            Err(e) => panic!("reading an answer: {e}"),
+        }
+    }
+    let (head, body) = match head_end(&got) {
+        Some(end) => (String::from_utf8_lossy(&got[..end]).into_owned(), got[end + 4..].to_vec()),
+        None => (String::from_utf8_lossy(&got).into_owned(), Vec::new()),
+    };
+    let status = head.strip_prefix("HTTP/1.").and_then(|rest| rest.get(2..5)).and_then(|code| code.parse().ok());
+    RawAnswer { status, head, body, empty: got.is_empty(), closed }
+}
+
+/// Where a response head ends (its blank line), if it has.
+fn head_end(got: &[u8]) -> Option<usize> {
+    got.windows(4).position(|w| w == b"\r\n\r\n")
+}
+
+fn assert_error(what: &str, (status, body): (u16, serde_json::Value), want: u16, reason: &str) {
+    assert_eq!(status, want, "{what}: {body}");
+    assert_eq!(body["reason"].as_str(), Some(reason), "{what}: {body}");
+    assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{what}: {body}");
+}
+
+#[test]
+fn serve_read_timeouts_end_half_sent_requests() {
+    let ws = workspace();
+    let ws = ws.path();
+    ok(ws, &["run", MANIFEST]);
+    let server = Server::start(ws, &["--read-timeout-secs", "1", "--body-timeout-secs", "1"]);
+    // Far above the 1 s timeouts, and bounded: no check can hang.
+    let wait = Duration::from_secs(8);
+
+    // A head that never ends: 408 with the JSON error, then the connection is closed.
+    {
+        let mut s = raw_connect(&server.base);
+        s.write_all(b"POST /v1/predict HTTP/1.1\r\nHost: kiln\r\nContent-Type: image/png\r\n").unwrap();
+        let answer = read_answer(&mut s, wait);
+        assert_error("half a head", answer.parts(), 408, "header_timeout");
+        let after = read_answer(&mut s, wait);
+        assert!(after.closed && after.empty, "the connection stays open after the 408: {after:?}");
+    }
+    // A body shorter than its Content-Length: 408 with the JSON error, connection closed.
+    {
+        let mut s = raw_connect(&server.base);
+        s.write_all(b"POST /v1/predict HTTP/1.1\r\nHost: kiln\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000\r\n\r\n")
+            .unwrap();
+        s.write_all(&[7u8; 10]).unwrap();
+        let answer = read_answer(&mut s, wait);
+        assert_error("half a body", answer.parts(), 408, "body_timeout");
+        assert!(answer.head.to_ascii_lowercase().contains("connection: close"), "{answer:?}");
+        let after = read_answer(&mut s, wait);
+        assert!(after.closed && after.empty, "the connection stays open after the 408: {after:?}");
+    }
+    // A connection that never sends a byte is closed, without an answer.
+    {
+        let mut s = raw_connect(&server.base);
+        let answer = read_answer(&mut s, wait);
+        assert!(answer.closed && answer.empty, "an idle connection is held: {answer:?}");
+    }
+    // A complete request on a kept-alive connection is answered; the idle connection after it
+    // is closed without a stray 408.
+    {
+        let mut s = raw_connect(&server.base);
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: kiln\r\n\r\n").unwrap();
+        let answer = read_answer(&mut s, wait);
+        assert_eq!(answer.status, Some(200), "{answer:?}");
+        let after = read_answer(&mut s, wait);
+        assert!(after.closed && after.empty, "after a kept-alive answer: {after:?}");
+    }
+
+    // The server is still up, and counted both timeouts.
+    assert_eq!(get(&format!("{}/healthz", server.base)).0, 200);
+    let (_, metrics) = get(&format!("{}/metrics", server.base));
+    assert!(metrics.contains("kiln_errors_total{reason=\"header_timeout\"} 1"), "{metrics}");
+    assert!(metrics.contains("kiln_errors_total{reason=\"body_timeout\"} 1"), "{metrics}");
+    assert!(server.terminate().success());
+}
+
+#[test]
+fn serve_refuses_bad_requests_up_front_with_json_errors() {
+    let ws = workspace();
+    let ws = ws.path();
+    ok(ws, &["run", MANIFEST]);
+    let server = Server::start(ws, &["--max-body", "50000"]);
+    let base = server.base.clone();
+    let png = std::fs::read(ws.join("data/dark/img_01.png")).unwrap();
+    let wait = Duration::from_secs(8);
+    let parsed = |(status, text): (u16, String)| -> (u16, serde_json::Value) {
+        (status, serde_json::from_str(&text).unwrap_or_else(|_| serde_json::Value::String(format!("not JSON: {text:?}"))))
+    };
+
+    // A declared Content-Length over --max-body: 413 from the head alone, no body sent.
+    {
+        let mut s = raw_connect(&base);
+        s.write_all(b"POST /v1/predict HTTP/1.1\r\nHost: kiln\r\nContent-Type: image/png\r\nContent-Length: 100000000\r\n\r\n").unwrap();
+        let answer = read_answer(&mut s, wait);
+        assert_error("Content-Length over --max-body", answer.parts(), 413, "body_too_large");
+        assert!(answer.parts().1["error"].as_str().unwrap().contains("100000000"), "{answer:?}");
+    }
+
+    // top_k: a whole number from 1 to the class count (2), else 400 with the JSON error.
+    for q in ["top_k=-1", "top_k=abc", "top_k=1.5", "top_k=", "top_k=0", "top_k=3", "top_k=1&top_k=2"] {
+        let (status, body) = post(&format!("{base}/v1/predict?{q}"), "image/png", &png);
+        assert_error(q, (status, body.clone()), 400, "bad_top_k");
+        assert!(body["error"].as_str().unwrap().contains("from 1 to 2"), "{q}: {body}");
+    }
+    let (_, body) = post(&format!("{base}/v1/predict?top_k=3"), "image/png", &png);
+    assert!(body["error"].as_str().unwrap().contains("2 classes"), "{body}");
+    for k in [1, 2] {
+        let (status, body) = post(&format!("{base}/v1/predict?top_k={k}"), "image/png", &png);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["results"][0]["top_k"].as_array().map(Vec::len), Some(k), "{body}");
+    }
+
+    // Content-Type: image bytes as application/octet-stream, image/* or none; multipart (see
+    // predict_and_serve_match_eval_and_survive_bad_input); anything else is 415.
+    for ct in ["application/json", "text/plain", "multipart/mixed; boundary=x", "image/", "application/x-www-form-urlencoded"] {
+        assert_error(ct, post(&format!("{base}/v1/predict"), ct, &png), 415, "unsupported_media_type");
+    }
+    for ct in ["image/jpeg; charset=binary", "Application/Octet-Stream", "IMAGE/PNG"] {
+        let (status, body) = post(&format!("{base}/v1/predict"), ct, &png);
+        assert_eq!(status, 200, "{ct}: {body}");
+    }
+    {
+        let mut s = raw_connect(&base);
+        s.write_all(format!("POST /v1/predict HTTP/1.1\r\nHost: kiln\r\nContent-Length: {}\r\n\r\n", png.len()).as_bytes()).unwrap();
+        s.write_all(&png).unwrap();
+        let answer = read_answer(&mut s, wait);
+        let (status, body) = answer.parts();
+        assert_eq!(status, 200, "no Content-Type: {body}");
+        assert_eq!(body["results"][0]["probabilities"].as_array().map(Vec::len), Some(2), "{body}");
+    }
+
+    // Every other error is the same JSON shape: axum's 404 and 405 ...
+    assert_error("unknown route", parsed(get(&format!("{base}/nope"))), 404, "not_found");
+    assert_error("GET on POST /v1/predict", parsed(get(&format!("{base}/v1/predict"))), 405, "method_not_allowed");
+    assert_error("POST on GET /healthz", post(&format!("{base}/healthz"), "image/png", &png), 405, "method_not_allowed");
+    // ... and the answers hyper gives before the router sees a request.
+    {
+        let mut request = String::from("GET /healthz HTTP/1.1\r\nHost: kiln\r\n");
+        for i in 0..150 {
+            request.push_str(&format!("X-Filler-{i}: {i}\r\n"));
+        }
+        request.push_str("\r\n");
+        let mut s = raw_connect(&base);
+        s.write_all(request.as_bytes()).unwrap();
+        assert_error("150 header fields", read_answer(&mut s, wait).parts(), 431, "headers_too_large");
+    }
+    {
+        let mut s = raw_connect(&base);
+        s.write_all(b"GARBAGE\r\n\r\n").unwrap();
+        assert_error("not HTTP", read_answer(&mut s, wait).parts(), 400, "bad_request");
+    }
+
+    assert_eq!(get(&format!("{base}/healthz")).0, 200);
+    let (_, metrics) = get(&format!("{base}/metrics"));
+    assert!(metrics.contains("kiln_errors_total{reason=\"unsupported_media_type\"} 5"), "{metrics}");
+    assert!(metrics.contains("kiln_errors_total{reason=\"headers_too_large\"} 1"), "{metrics}");
     assert!(server.terminate().success());
 }

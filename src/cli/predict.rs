@@ -62,13 +62,29 @@ pub struct ServeArgs {
     /// Images that may wait for the model; more get 503.
     #[arg(long, default_value_t = 1024, value_name = "N")]
     queue: usize,
-    /// Largest request body, in bytes.
+    /// Largest request body, in bytes. A larger declared Content-Length gets 413 before any of
+    /// the body is read.
     #[arg(long, default_value_t = DEFAULT_MAX_BODY, value_name = "BYTES")]
     max_body: usize,
+    /// Seconds a client has to send a complete request head, counted from when the server
+    /// starts waiting for it (a new connection, or the previous answer). A head still
+    /// incomplete then gets 408 with a JSON error and the connection is closed; an idle
+    /// keep-alive connection is closed silently.
+    #[arg(long, default_value_t = crate::serve::DEFAULT_READ_TIMEOUT_SECS, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    read_timeout_secs: u64,
+    /// Seconds a client has to send the whole request body once its head has arrived; a body
+    /// still shorter than its Content-Length then gets 408 with a JSON error and the
+    /// connection is closed.
+    #[arg(long, default_value_t = crate::serve::DEFAULT_BODY_TIMEOUT_SECS, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    body_timeout_secs: u64,
     /// Largest image (width × height) decoded; bigger ones get 413 from their header alone.
     #[arg(long, default_value_t = 40_000_000, value_name = "PIXELS")]
     max_pixels: u64,
-    /// Classes returned per image unless the request says `?top_k=K`.
+    /// Classes returned per image unless the request says `?top_k=K` (clamped to the model's
+    /// class count). A request's `top_k` must be a whole number from 1 to the class count,
+    /// else 400.
     #[arg(long, default_value_t = 5, value_name = "K")]
     top_k: usize,
     #[arg(long, default_value = "cpu")]
@@ -185,6 +201,8 @@ pub fn serve(args: ServeArgs, out: &CliReporter) -> Result<(), Error> {
         },
         max_body: args.max_body,
         top_k: args.top_k.max(1),
+        header_timeout: Duration::from_secs(args.read_timeout_secs),
+        body_timeout: Duration::from_secs(args.body_timeout_secs),
     };
     let classes = predictor.model.card.classes.len();
     let slot: crate::serve::ModelSlot = std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(predictor)));

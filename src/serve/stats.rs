@@ -52,7 +52,7 @@ pub struct ServerStats {
     latency: Mutex<BTreeMap<String, Histogram>>,
     batches: Mutex<Histogram>,
     pub images: AtomicU64,
-    /// `reason → count` for refused or failed predictions.
+    /// `reason → count` for refused or failed requests.
     errors: Mutex<BTreeMap<String, u64>>,
     pub queue_depth: AtomicI64,
 }
@@ -103,7 +103,7 @@ impl ServerStats {
         self.batches.lock().expect("stats lock").render(&mut out, "kiln_batch_size", "");
         out.push_str("# HELP kiln_images_total Images classified.\n# TYPE kiln_images_total counter\n");
         let _ = writeln!(out, "kiln_images_total {}", self.images.load(Ordering::Relaxed));
-        out.push_str("# HELP kiln_errors_total Refused or failed predictions by reason.\n# TYPE kiln_errors_total counter\n");
+        out.push_str("# HELP kiln_errors_total Refused or failed requests by reason.\n# TYPE kiln_errors_total counter\n");
         for (reason, n) in self.errors.lock().expect("stats lock").iter() {
             let _ = writeln!(out, "kiln_errors_total{{reason=\"{reason}\"}} {n}");
         }
