@@ -421,3 +421,248 @@ conflicts = "majority"
     assert_eq!(report["conflicts"][0]["resolution"], "labelled `cat`");
     assert_eq!(report["items_labelled"], 4);
 }
+
+/// Runs kiln like [`kiln`], but a run that takes longer than `secs` is killed and fails the
+/// test: a collect that hangs on a FIFO must not stall the suite. Output goes to files, so
+/// a chatty run cannot block on a full pipe.
+fn kiln_within(dir: &Path, args: &[&str], secs: u64) -> Output {
+    let logs = tempfile::tempdir().unwrap();
+    let (out_path, err_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "kiln {args:?} did not finish within {secs} s\n--- stdout\n{}--- stderr\n{}",
+                String::from_utf8_lossy(&std::fs::read(&out_path).unwrap_or_default()),
+                String::from_utf8_lossy(&std::fs::read(&err_path).unwrap_or_default())
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    Output { status, stdout: std::fs::read(&out_path).unwrap(), stderr: std::fs::read(&err_path).unwrap() }
+}
+
+fn mkfifo(path: &Path) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+/// The ids collect wrote, sorted.
+fn collected_ids(ws: &Path) -> Vec<String> {
+    let mut ids: Vec<String> =
+        items(ws.join("outputs/kiln/collect/items.jsonl")).iter().map(|i| i["id"].as_str().unwrap().to_string()).collect();
+    ids.sort();
+    ids
+}
+
+/// (path, reason) of every entry in `collect_report.json`, sorted.
+fn collect_problems(ws: &Path) -> Vec<(String, String)> {
+    let report = json(ws.join("outputs/kiln/collect/collect_report.json"));
+    let mut problems: Vec<(String, String)> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["path"].as_str().unwrap().to_string(), p["reason"].as_str().unwrap().to_string()))
+        .collect();
+    problems.sort();
+    problems
+}
+
+fn reason_for<'a>(problems: &'a [(String, String)], path: &str) -> &'a str {
+    problems
+        .iter()
+        .find(|(p, _)| p == path)
+        .map(|(_, r)| r.as_str())
+        .unwrap_or_else(|| panic!("no problem reported for {path}: {problems:#?}"))
+}
+
+const DIR_DATA: &str = "[stages.collect]\nkind = \"collect\"\n[[stages.collect.sources]]\ntype = \"dir\"\npath = \"data\"\n";
+
+#[test]
+fn collect_a_symlink_loop_is_one_uncollectable_entry_and_the_rest_is_collected() {
+    let ws = tempfile::tempdir().unwrap();
+    write(&ws.path().join("data/cat/a.png"), &noise_png(201));
+    write(&ws.path().join("data/dog/b.png"), &noise_png(202));
+    // Back to the source folder, and back to the workspace above it.
+    std::os::unix::fs::symlink("..", ws.path().join("data/cat/loop")).unwrap();
+    std::os::unix::fs::symlink("../..", ws.path().join("data/dog/up")).unwrap();
+    std::fs::write(ws.path().join("kiln.toml"), DIR_DATA).unwrap();
+    let out = kiln_within(ws.path(), &["run"], 60);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(collected_ids(ws.path()), ["data/cat/a.png", "data/dog/b.png"]);
+    let problems = collect_problems(ws.path());
+    assert_eq!(problems.len(), 2, "one entry per loop: {problems:#?}");
+    assert!(reason_for(&problems, "data/cat/loop").contains("symlink loop"), "{problems:#?}");
+    assert!(reason_for(&problems, "data/dog/up").contains("symlink loop"), "{problems:#?}");
+}
+
+#[test]
+fn collect_dir_reports_fifos_sockets_devices_and_links_out_of_the_folder() {
+    let ws = tempfile::tempdir().unwrap();
+    let secret = noise_png(210);
+    write(&ws.path().join("secret.png"), &secret);
+    write(&ws.path().join("elsewhere/c.png"), &noise_png(211));
+    write(&ws.path().join("data/cat/a.png"), &noise_png(212));
+    write(&ws.path().join("data/dog/b.png"), &noise_png(213));
+    mkfifo(&ws.path().join("data/cat/pipe.png"));
+    let _socket = std::os::unix::net::UnixListener::bind(ws.path().join("data/cat/sock.png")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", ws.path().join("data/cat/zero.png")).unwrap();
+    std::os::unix::fs::symlink("../../secret.png", ws.path().join("data/cat/leak.png")).unwrap();
+    std::os::unix::fs::symlink("a.png", ws.path().join("data/cat/alias.png")).unwrap();
+    std::os::unix::fs::symlink("../elsewhere", ws.path().join("data/ext")).unwrap();
+    std::fs::write(ws.path().join("kiln.toml"), DIR_DATA).unwrap();
+    let secret_hex = kiln::Digest::of_bytes(&secret).to_hex();
+    let secret_blob = ws.path().join(format!("cache/blobs/{}/{}", &secret_hex[..2], &secret_hex[2..]));
+
+    let out = kiln_within(ws.path(), &["run"], 60);
+    assert!(out.status.success(), "{}", text(&out));
+    // A link that stays inside the folder is followed as before.
+    assert_eq!(collected_ids(ws.path()), ["data/cat/a.png", "data/cat/alias.png", "data/dog/b.png"]);
+    let problems = collect_problems(ws.path());
+    assert_eq!(problems.len(), 5, "{problems:#?}");
+    assert!(reason_for(&problems, "data/cat/pipe.png").contains("FIFO"), "{problems:#?}");
+    assert!(reason_for(&problems, "data/cat/sock.png").contains("socket"), "{problems:#?}");
+    for link in ["data/cat/zero.png", "data/cat/leak.png", "data/ext"] {
+        assert!(reason_for(&problems, link).contains("symlink to outside the source"), "{link}: {problems:#?}");
+    }
+    assert!(reason_for(&problems, "data/cat/leak.png").contains("secret.png"), "the reason names the target: {problems:#?}");
+    assert!(!secret_blob.exists(), "a file outside the source must not reach the cache");
+
+    // `follow_links = true` follows links out of the folder; a device is still not read.
+    std::fs::write(ws.path().join("kiln.toml"), format!("{DIR_DATA}follow_links = true\n")).unwrap();
+    let out = kiln_within(ws.path(), &["run"], 60);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(collected_ids(ws.path()), ["data/cat/a.png", "data/cat/alias.png", "data/cat/leak.png", "data/dog/b.png", "data/ext/c.png"]);
+    let problems = collect_problems(ws.path());
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+    assert!(reason_for(&problems, "data/cat/pipe.png").contains("FIFO"), "{problems:#?}");
+    assert!(reason_for(&problems, "data/cat/sock.png").contains("socket"), "{problems:#?}");
+    assert!(reason_for(&problems, "data/cat/zero.png").contains("character device"), "{problems:#?}");
+    assert!(secret_blob.exists(), "followed on request");
+}
+
+#[test]
+fn collect_listing_reads_only_regular_files_within_max_bytes() {
+    let ws = tempfile::tempdir().unwrap();
+    write(&ws.path().join("list/a.png"), &noise_png(220));
+    write(&ws.path().join("list/big.png"), &[7u8; 20_000]);
+    mkfifo(&ws.path().join("list/pipe.png"));
+    std::fs::create_dir_all(ws.path().join("list/sub")).unwrap();
+    // The FIFO comes before /dev/zero: a collect without the checks hangs on it (and the
+    // test times out) rather than reading /dev/zero until memory runs out.
+    std::fs::write(ws.path().join("list/files.csv"), "path,label\na.png,x\nbig.png,x\npipe.png,x\nsub,x\n/dev/zero,x\n").unwrap();
+    std::fs::write(
+        ws.path().join("kiln.toml"),
+        "[stages.collect]\nkind = \"collect\"\n[[stages.collect.sources]]\ntype = \"listing\"\npath = \"list/files.csv\"\nlabel_field = \"label\"\nmax_bytes = 10000\n",
+    )
+    .unwrap();
+    let out = kiln_within(ws.path(), &["run"], 60);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(collected_ids(ws.path()), ["files/a.png"]);
+    let problems = collect_problems(ws.path());
+    assert_eq!(problems.len(), 4, "{problems:#?}");
+    let big = reason_for(&problems, "big.png");
+    assert!(big.contains("20000 bytes") && big.contains("max_bytes"), "{problems:#?}");
+    assert!(reason_for(&problems, "pipe.png").contains("FIFO"), "{problems:#?}");
+    assert!(reason_for(&problems, "sub").contains("directory"), "{problems:#?}");
+    assert!(reason_for(&problems, "/dev/zero").contains("character device"), "{problems:#?}");
+
+    // A listing that is itself a FIFO is a clear stage error, not a hang.
+    let ws = tempfile::tempdir().unwrap();
+    mkfifo(&ws.path().join("list/files.csv"));
+    std::fs::write(
+        ws.path().join("kiln.toml"),
+        "[stages.collect]\nkind = \"collect\"\n[[stages.collect.sources]]\ntype = \"listing\"\npath = \"list/files.csv\"\n",
+    )
+    .unwrap();
+    let out = kiln_within(ws.path(), &["run"], 60);
+    assert!(!out.status.success(), "{}", text(&out));
+    // Undo any line wrapping of the message.
+    let all = text(&out).replace('│', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(all.contains("list/files.csv") && all.contains("not a regular file") && all.contains("FIFO"), "{all}");
+}
+
+#[test]
+fn collect_numeric_options_are_range_checked_when_the_manifest_loads() {
+    let manifest = r#"[stages.collect]
+kind = "collect"
+[[stages.collect.sources]]
+type = "synthetic"
+count = 10
+size = 100000
+[[stages.collect.sources]]
+type = "synthetic"
+count = -5
+noise = nan
+[[stages.collect.sources]]
+type = "http"
+listing = "urls/list.csv"
+concurrency = 0
+timeout_secs = inf
+retries = 1000
+[[stages.collect.sources]]
+type = "pixels"
+path = "px/digits.csv"
+width = 8
+height = 0
+max_value = -1.0
+[[stages.collect.sources]]
+type = "dir"
+path = "data"
+max_bytes = 0
+[[stages.collect.sources]]
+type = "pixels"
+path = "px/digits.csv"
+width = 8
+height = 8
+label_column = 100
+"#;
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(ws.path().join("kiln.toml"), manifest).unwrap();
+    // Not run: before the check, `size = 100000` tried to allocate 30 GB and aborted.
+    let out = kiln_within(ws.path(), &["run"], 60);
+    // Undo the diagnostic's line wrapping.
+    let err = String::from_utf8_lossy(&out.stderr).replace('│', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    for (location, message) in [
+        ("kiln.toml:6:8", "`size` must be between 8 and 4096 pixels, got 100000"),
+        ("kiln.toml:9:9", "`count` must be between 1 and 10000000, got -5"),
+        ("kiln.toml:10:9", "`noise` must be between 0 and 255, got nan"),
+        ("kiln.toml:14:15", "`concurrency` must be between 1 and 256, got 0"),
+        ("kiln.toml:15:16", "`timeout_secs` must be more than 0 and at most 86400 seconds (a day), got inf"),
+        ("kiln.toml:16:11", "`retries` must be between 0 and 20, got 1000"),
+        ("kiln.toml:21:10", "`height` must be between 1 and 4096 pixels, got 0"),
+        ("kiln.toml:22:13", "`max_value` must be a positive, finite number, got -1.0"),
+        ("kiln.toml:26:13", "`max_bytes` must be between 1 and 4294967296 (4 GiB), got 0"),
+        ("kiln.toml:32:16", "`label_column` must be between -65 and 64 for 8x8 images"),
+    ] {
+        assert!(err.contains(location), "expected {location} in\n{err}");
+        assert!(err.contains(message), "expected {message:?} in\n{err}");
+    }
+    assert!(!ws.path().join("cache").exists(), "an invalid manifest touches nothing");
+
+    // The limits themselves are accepted.
+    std::fs::write(
+        ws.path().join("kiln.toml"),
+        "[stages.collect]\nkind = \"collect\"\n[[stages.collect.sources]]\ntype = \"synthetic\"\ncount = 10000000\nsize = 4096\nnoise = 0.0\n",
+    )
+    .unwrap();
+    let out = kiln_within(ws.path(), &["status"], 60);
+    assert_ne!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(!text(&out).contains("must be"), "{}", text(&out));
+}

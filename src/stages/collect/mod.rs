@@ -9,6 +9,8 @@
 //! layout = "class"             # "class", "split/class" or "flat"
 //! extensions = ["jpg", "png"]  # default: every image extension kiln decodes
 //! exclude = ["**/thumbs/**"]
+//! follow_links = false         # true: also follow symlinks that lead outside `path`
+//! max_bytes = 268435456        # larger files are reported, not read (default 256 MiB)
 //! [[stages.collect.sources]]
 //! type = "synthetic"           # shapes kiln draws itself: no download
 //! count = 400
@@ -20,10 +22,16 @@
 //! the `http` module).
 //!
 //! Every image is stored once in the cache by content digest; an unchanged file is
-//! neither reread (file-state index) nor re-probed (memo). Unreadable entries (broken
-//! symlinks, permission errors) are listed in `collect_report.json`, never fatal.
+//! neither reread (file-state index) nor re-probed (memo). Entries that cannot be
+//! collected are listed in `collect_report.json` with the reason, never fatal: broken
+//! symlinks, permission errors, a symlink loop (one entry), a FIFO, socket or device, a
+//! file over `max_bytes` (default 256 MiB), and in a `dir` source a symlink that leads
+//! outside the folder, unless the source sets `follow_links = true`. Only regular files
+//! are read, and never past a limit (see the `files` module); a listing or pixel table
+//! that is not a regular file, or is over 1 GiB, fails the stage. Numeric options are
+//! range-checked when the manifest loads (the `numbers` module).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,7 +50,9 @@ use crate::exec::inputs::dep_path;
 use crate::imaging::{self, synth};
 use crate::manifest::{Issue, normalize_dep};
 
+mod files;
 mod http;
+mod numbers;
 
 pub struct CollectKind;
 
@@ -67,6 +77,13 @@ enum Source {
         include: Vec<String>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         exclude: Vec<String>,
+        /// Follow symlinks that lead outside the folder (by default they are reported as
+        /// uncollectable; links that stay inside are always followed).
+        #[serde(default)]
+        follow_links: bool,
+        /// Files larger than this are reported, not read.
+        #[serde(default = "default_max_bytes")]
+        max_bytes: u64,
     },
     Listing {
         path: String,
@@ -76,6 +93,9 @@ enum Source {
         path_field: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         label_field: Option<String>,
+        /// Files larger than this are reported, not read.
+        #[serde(default = "default_max_bytes")]
+        max_bytes: u64,
     },
     Idx {
         images: String,
@@ -151,6 +171,14 @@ fn default_retries() -> u32 {
 fn default_http_max_bytes() -> u64 {
     50 << 20
 }
+/// The largest image file a `dir` or `listing` source reads (`max_bytes`).
+fn default_max_bytes() -> u64 {
+    256 << 20
+}
+/// The largest listing (CSV/JSONL of paths or URLs) or pixel table read, decompressed.
+const TABLE_MAX_BYTES: u64 = 1 << 30;
+/// The largest IDX file read, compressed or not (EMNIST's largest is about 550 MB).
+const IDX_MAX_BYTES: u64 = 4 << 30;
 fn default_content_types() -> Vec<String> {
     vec!["image/".into()]
 }
@@ -196,13 +224,25 @@ impl StageKind for CollectKind {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: only regular files within `max_bytes` are read; symlink loops, FIFOs, sockets,
+        // devices and links out of a `dir` source are reported instead of collected.
+        2
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
         let span = table.span();
-        let config: Config = parse_config(table)?;
-        let mut issues = Vec::new();
+        // Checked on the manifest's values, so that a negative number is named as well.
+        let mut issues = numbers::check(&table);
+        let config: Config = match parse_config(table) {
+            Ok(config) => config,
+            Err(more) => {
+                // A value out of range may also fail to deserialise (a negative count): once.
+                let within = |inner: &Option<std::ops::Range<usize>>, outer: &Option<std::ops::Range<usize>>| matches!((inner, outer), (Some(i), Some(o)) if i.start >= o.start && i.end <= o.end);
+                let more: Vec<Issue> = more.into_iter().filter(|m| !issues.iter().any(|i| within(&m.span, &i.span))).collect();
+                issues.extend(more);
+                return Err(issues);
+            }
+        };
         let mut raw_deps: Vec<(String, &str)> = Vec::new();
         let mut dep = |raw: &str, what: &'static str| raw_deps.push((raw.to_string(), what));
         if config.sources.is_empty() {
@@ -231,25 +271,16 @@ impl StageKind for CollectKind {
                         )),
                     }
                 }
-                Source::Http { listing, timeout_secs, .. } => {
-                    dep(listing, "listing");
-                    if timeout_secs.is_nan() || *timeout_secs <= 0.0 {
-                        issues.push(Issue::new(span.clone(), "`timeout_secs` must be positive"));
-                    }
-                }
+                // Numeric options were range-checked above (`numbers::check`).
+                Source::Http { listing, .. } => dep(listing, "listing"),
                 Source::Idx { images, labels, .. } => {
                     dep(images, "images");
                     if let Some(l) = labels {
                         dep(l, "labels");
                     }
                 }
-                Source::Pixels { path, width, height, .. } => {
-                    dep(path, "pixel table");
-                    if *width == 0 || *height == 0 {
-                        issues.push(Issue::new(span.clone(), "`width` and `height` must be positive"));
-                    }
-                }
-                Source::Synthetic { shapes, size, .. } => {
+                Source::Pixels { path, .. } => dep(path, "pixel table"),
+                Source::Synthetic { shapes, .. } => {
                     for s in shapes {
                         if synth::Shape::parse(s).is_none() {
                             issues.push(
@@ -257,9 +288,6 @@ impl StageKind for CollectKind {
                                     .help("shapes are `circle`, `square`, `triangle`, `star`"),
                             );
                         }
-                    }
-                    if *size < 8 {
-                        issues.push(Issue::new(span.clone(), "synthetic `size` must be at least 8 pixels"));
                     }
                 }
             }
@@ -378,10 +406,13 @@ fn collect_dir(
     items: &mut Vec<Item>,
     problems: &mut Vec<Problem>,
 ) -> Result<(), StageError> {
-    let Source::Dir { path, layout, extensions, include, exclude, .. } = source else { unreachable!("called for dir sources") };
+    let Source::Dir { path, layout, extensions, include, exclude, follow_links, max_bytes, .. } = source else {
+        unreachable!("called for dir sources")
+    };
     let root = dep_path(cx.root, path);
-    // The engine scanned this folder to build the stage key; a second walk would stat
-    // every file again.
+    // The engine scanned this folder to build the stage key, and its scan has the digests;
+    // the walk below only lists names (no `stat` of regular files) to refuse what must
+    // not be collected, which the scan does not tell apart.
     let scan = match cx.dep_scan(path) {
         Some(scan) => std::borrow::Cow::Borrowed(scan),
         None => std::borrow::Cow::Owned(
@@ -409,19 +440,66 @@ fn collect_dir(
         let ext = rel.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
         wanted_ext.contains(&ext) && include.as_ref().is_none_or(|g| g.is_match(rel)) && !exclude.as_ref().is_some_and(|g| g.is_match(rel))
     };
-    let broken: HashMap<&str, &str> = scan.problems.iter().map(|(p, r)| (p.as_str(), r.as_str())).collect();
-    for (rel, reason) in &scan.problems {
-        if selected(rel) || !rel.contains('.') {
-            problems.push(Problem { source: label.to_string(), path: format!("{path}/{rel}"), reason: reason.clone() });
+    // A problem is worth reporting when the entry would have been collected, or when its
+    // name has no extension (a folder, a link, a pipe: it may hide images).
+    let reportable = |rel: &str| selected(rel) || !rel.rsplit('/').next().unwrap_or(rel).contains('.');
+    let walked = files::walk(&root, *follow_links).map_err(|e| StageError::Failed(format!("source `{label}`: {e}")))?;
+    // What the walk refused stands for everything below it (a loop, a linked folder).
+    let refused: HashSet<&str> = walked.refused.iter().map(|r| r.rel.as_str()).collect();
+    let hidden = |rel: &str| {
+        let mut at = rel;
+        loop {
+            if refused.contains(at) {
+                return true;
+            }
+            match at.rsplit_once('/') {
+                Some((parent, _)) => at = parent,
+                None => return false,
+            }
         }
+    };
+    let mut found: Vec<(String, String)> =
+        walked.refused.iter().filter(|r| r.always || reportable(&r.rel)).map(|r| (r.rel.clone(), r.reason.clone())).collect();
+    found.extend(scan.problems.iter().filter(|(rel, _)| !hidden(rel) && reportable(rel)).cloned());
+    let broken: HashSet<&str> = scan.problems.iter().map(|(p, _)| p.as_str()).collect();
+    let mut entries = Vec::new();
+    for e in scan.tree.entries() {
+        if broken.contains(e.path.as_str()) || !selected(&e.path) {
+            continue;
+        }
+        if !walked.files.contains(&e.path) {
+            // Below a refused entry (reported there), or gone since the scan.
+            if !hidden(&e.path) {
+                found.push((e.path.clone(), "changed while being collected (run again)".into()));
+            }
+            continue;
+        }
+        if e.size > *max_bytes {
+            found.push((e.path.clone(), format!("{} bytes, over the {max_bytes}-byte limit (`max_bytes`)", e.size)));
+            continue;
+        }
+        entries.push(e);
     }
-    let entries: Vec<_> = scan.tree.entries().iter().filter(|e| !broken.contains_key(e.path.as_str()) && selected(&e.path)).collect();
-    // Store every image once by content; a blob already in the cache is not copied again.
+    found.sort();
+    found.dedup_by(|a, b| a.0 == b.0);
+    for (rel, reason) in found {
+        problems.push(Problem { source: label.to_string(), path: format!("{path}/{rel}"), reason });
+    }
+    // Store every image once by content; a blob already in the cache is not read again.
+    // The read is bounded and checks the content against the scan's digest.
     let stored: Vec<Result<(), String>> = entries
         .par_iter()
-        .map(|e| {
+        .map(|e| -> Result<(), String> {
+            if cx.cache.has_blob(&e.digest) {
+                return Ok(());
+            }
             let file = if e.path.is_empty() { root.clone() } else { root.join(unescape_os(&e.path)) };
-            cx.cache.put_blob_copy(&file, &e.digest).map_err(|err| err.to_string())
+            let bytes = files::read_regular(&file, *max_bytes, "`max_bytes`")?;
+            match cx.cache.put_blob_bytes(&bytes) {
+                Ok(digest) if digest == e.digest => Ok(()),
+                Ok(_) => Err("changed while being collected (run again)".to_string()),
+                Err(err) => Err(err.to_string()),
+            }
         })
         .collect();
     for (e, stored) in entries.into_iter().zip(stored) {
@@ -451,39 +529,49 @@ fn collect_listing(
     items: &mut Vec<Item>,
     problems: &mut Vec<Problem>,
 ) -> Result<(), StageError> {
-    let Source::Listing { path, path_field, label_field, .. } = source else { unreachable!("called for listing sources") };
+    let Source::Listing { path, path_field, label_field, max_bytes, .. } = source else { unreachable!("called for listing sources") };
     let listing = dep_path(cx.root, path);
     let base = listing.parent().map(Path::to_path_buf).unwrap_or_default();
     let fail = |e: String| StageError::Failed(format!("listing `{path}`: {e}"));
     let rows = read_rows(&listing, path)?;
-    let mut found = Vec::new();
+    let mut wanted = Vec::with_capacity(rows.len());
     for (n, row) in rows.iter().enumerate() {
         let Some(rel) = row.get(path_field) else {
             return Err(fail(format!("row {} has no `{path_field}` column", n + 1)));
         };
+        // An absolute path is allowed (a listing names what it names), but like any other
+        // it is read only if it is a regular file within `max_bytes`.
         let file = if Path::new(rel).is_absolute() { PathBuf::from(rel) } else { base.join(rel) };
-        match Digest::of_file(&file) {
-            Ok((digest, bytes)) => found.push((rel.clone(), file, digest, bytes, label_field.as_ref().and_then(|f| row.get(f)).cloned())),
-            Err(e) => problems.push(Problem { source: label.to_string(), path: rel.clone(), reason: format!("cannot read: {e}") }),
-        }
+        wanted.push((rel.clone(), file, label_field.as_ref().and_then(|f| row.get(f)).cloned()));
     }
-    for (rel, file, digest, bytes, item_label) in found {
-        if let Err(e) = cx.cache.put_blob_copy(&file, &digest) {
-            problems.push(Problem { source: label.to_string(), path: rel, reason: e.to_string() });
-            continue;
+    let stored: Vec<Result<(Digest, u64), String>> = wanted
+        .par_iter()
+        .map(|(_, file, _)| -> Result<(Digest, u64), String> {
+            let bytes = files::read_regular(file, *max_bytes, "`max_bytes`")?;
+            let digest = cx.cache.put_blob_bytes(&bytes).map_err(|e| e.to_string())?;
+            Ok((digest, bytes.len() as u64))
+        })
+        .collect();
+    for ((rel, _, item_label), stored) in wanted.into_iter().zip(stored) {
+        match stored {
+            Ok((digest, bytes)) => {
+                let mut item = Item::new(format!("{label}/{rel}"), rel.clone(), digest, bytes);
+                item.label = item_label.filter(|l| !l.is_empty());
+                items.push(item);
+            }
+            Err(reason) => problems.push(Problem { source: label.to_string(), path: rel, reason }),
         }
-        let mut item = Item::new(format!("{label}/{rel}"), rel.clone(), digest, bytes);
-        item.label = item_label.filter(|l| !l.is_empty());
-        items.push(item);
     }
     Ok(())
 }
 
-/// The rows of a CSV (with a header) or JSONL listing, as text fields.
+/// The rows of a CSV (with a header) or JSONL listing, as text fields. The listing must be
+/// a regular file of at most [`TABLE_MAX_BYTES`].
 fn read_rows(file: &Path, shown: &str) -> Result<Vec<BTreeMap<String, String>>, StageError> {
     let fail = |e: String| StageError::Failed(format!("listing `{shown}`: {e}"));
+    let bytes = files::read_regular(file, TABLE_MAX_BYTES, "kiln's limit for listings").map_err(fail)?;
     if shown.ends_with(".jsonl") || shown.ends_with(".ndjson") {
-        let text = std::fs::read_to_string(file).map_err(|e| fail(e.to_string()))?;
+        let text = std::str::from_utf8(&bytes).map_err(|e| fail(format!("not UTF-8 text: {e}")))?;
         text.lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
@@ -493,7 +581,7 @@ fn read_rows(file: &Path, shown: &str) -> Result<Vec<BTreeMap<String, String>>, 
             })
             .collect()
     } else {
-        let mut reader = csv::Reader::from_path(file).map_err(|e| fail(e.to_string()))?;
+        let mut reader = csv::Reader::from_reader(bytes.as_slice());
         reader.deserialize().collect::<Result<_, _>>().map_err(|e| fail(e.to_string()))
     }
 }
@@ -539,20 +627,27 @@ fn collect_http(
     Ok(())
 }
 
-/// A file's bytes, gunzipped when they start with the gzip magic number.
-fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>, String> {
-    let raw = std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+/// A regular file's bytes, gunzipped when they start with the gzip magic number; at most
+/// `limit` bytes read, and at most `limit` once decompressed.
+fn read_maybe_gzip(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    let raw = files::read_regular(path, limit, "kiln's limit for such files").map_err(|e| format!("`{}`: {e}", path.display()))?;
     if !raw.starts_with(&[0x1f, 0x8b]) {
         return Ok(raw);
     }
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(|e| format!("`{}`: bad gzip: {e}", path.display()))?;
+    flate2::read::GzDecoder::new(raw.as_slice())
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(|e| format!("`{}`: bad gzip: {e}", path.display()))?;
+    if out.len() as u64 > limit {
+        return Err(format!("`{}` decompresses to more than {limit} bytes, kiln's limit for such files", path.display()));
+    }
     Ok(out)
 }
 
 /// Reads an IDX file (the MNIST family's format), gzipped or not: (dimensions, bytes).
 fn read_idx(path: &Path) -> Result<(Vec<usize>, Vec<u8>), String> {
-    let data = read_maybe_gzip(path)?;
+    let mut data = read_maybe_gzip(path, IDX_MAX_BYTES)?;
     if data.len() < 4 || data[0] != 0 || data[1] != 0 || data[2] != 0x08 {
         return Err(format!("`{}` is not an unsigned-byte IDX file", path.display()));
     }
@@ -563,11 +658,16 @@ fn read_idx(path: &Path) -> Result<(Vec<usize>, Vec<u8>), String> {
     }
     let dims: Vec<usize> =
         (0..ndim).map(|i| u32::from_be_bytes(data[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize).collect();
-    let expected: usize = dims.iter().product();
-    if data.len() - header != expected {
-        return Err(format!("`{}`: IDX header promises {expected} values, file has {}", path.display(), data.len() - header));
+    let expected = dims.iter().try_fold(1usize, |n, d| n.checked_mul(*d));
+    if expected != Some(data.len() - header) {
+        let promised = expected.map_or_else(|| format!("{dims:?} (too many)"), |n| n.to_string());
+        return Err(format!("`{}`: IDX header promises {promised} values, file has {}", path.display(), data.len() - header));
     }
-    Ok((dims, data[header..].to_vec()))
+    // Drop the header in place: the data may be gigabytes.
+    let values = data.len() - header;
+    data.copy_within(header.., 0);
+    data.truncate(values);
+    Ok((dims, data))
 }
 
 fn collect_idx(cx: &StageContext<'_>, source: &Source, label: &str, items: &mut Vec<Item>) -> Result<(), StageError> {
@@ -612,7 +712,7 @@ fn collect_pixels(
 ) -> Result<(), StageError> {
     let Source::Pixels { path, width, height, label_column, max_value, .. } = source else { unreachable!("called for pixel sources") };
     let file = dep_path(cx.root, path);
-    let bytes = read_maybe_gzip(&file).map_err(StageError::Failed)?;
+    let bytes = read_maybe_gzip(&file, TABLE_MAX_BYTES).map_err(StageError::Failed)?;
     let text = String::from_utf8(bytes).map_err(|_| StageError::Failed(format!("`{path}` is not text")))?;
     let want = (*width * *height) as usize;
     let mut rows = Vec::new();
@@ -698,7 +798,7 @@ fn probe_headers(cx: &StageContext<'_>, items: &mut [Item]) -> Result<(), StageE
         .state()
         .memo()
         .map(&digests, &op, |k| {
-            let bytes = std::fs::read(cx.cache.blob_path(&digests[k])).map_err(|e| e.to_string())?;
+            let bytes = cx.cache.read_blob(&digests[k]).map_err(|e| e.to_string())?;
             let header = match imaging::header(&bytes) {
                 Ok((f, w, h)) => Header { format: Some(imaging::format_name(f)), width: Some(w), height: Some(h) },
                 Err(_) => Header { format: None, width: None, height: None },
