@@ -446,6 +446,28 @@ outs = ["hold.txt"]
 }
 
 #[test]
+fn two_manifests_with_different_caches_share_one_workspace_lock() {
+    // Same workspace, same output, different caches: before the workspace lock, the second
+    // run deleted the first one's output under it.
+    let stage = |cache: &str| {
+        format!(
+            "[pipeline]\nname = \"p\"\ncache = \"{cache}\"\n\n[stages.hold]\nkind = \"command\"\ncmd = \"touch started && while [ ! -f release ]; do sleep 0.02; done && echo held > hold.txt\"\nouts = [\"hold.txt\"]\n"
+        )
+    };
+    let ws = Workspace::new(&stage("cache-a"));
+    ws.write("other.toml", &stage("cache-b"));
+    let first = ws.command(&["run", "kiln.toml"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("the first run to start its stage", || ws.path("started").exists());
+    let refused = ws.kiln(&["run", "other.toml", "--no-wait"]);
+    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("workspace"), "{}", text(&refused));
+    ws.write("release", "");
+    let first = first.wait_with_output().unwrap();
+    assert_eq!(outcomes(&first), expect(&[("hold", "ran")]), "{}", text(&first));
+    assert_eq!(ws.read("hold.txt"), "held\n");
+}
+
+#[test]
 fn corrupt_blob_is_reported_by_verify_and_recomputed_by_the_next_run() {
     let ws = Workspace::new(CHAIN);
     ws.run_ok(&[]);
@@ -506,4 +528,58 @@ fn a_closed_stdout_does_not_stop_the_run() {
     for stage in ["prep", "train", "eval", "other"] {
         assert!(lock.contains(&format!("[stages.{stage}]")), "{stage} finished: {lock}");
     }
+}
+
+#[test]
+fn non_finite_and_out_of_range_values_exit_2_at_their_value() {
+    // A `--set` value is checked where it is shown: under the manifest, as a comment line.
+    let ws = Workspace::new("[params]\nrate = 0.5\n\n[stages.a]\nkind = \"command\"\ncmd = \"echo ${params.rate}\"\n");
+    let out = ws.kiln(&["run", "--set", "params.rate=nan"]);
+    let err = String::from_utf8_lossy(&out.stderr).replace('│', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(err.contains("kiln.toml:9:23") && err.contains("`nan` is not a number kiln can use"), "{err}");
+    assert!(!ws.path("cache").exists(), "an invalid manifest touches nothing");
+
+    // Before these checks, `widths = [100000]` tried to allocate 30 GB, `dropout = 2.0`
+    // trained on NaNs and the epoch count was taken as given.
+    let ws = Workspace::new(
+        r#"[stages.collect]
+kind = "collect"
+[[stages.collect.sources]]
+type = "synthetic"
+count = 40
+size = 16
+
+[stages.preprocess]
+kind = "preprocess"
+inputs = ["collect"]
+size = [16, 16]
+
+[stages.convert]
+kind = "convert"
+inputs = ["preprocess"]
+
+[stages.train]
+kind = "train"
+inputs = ["convert"]
+model = "cnn"
+cnn = { widths = [100000], dropout = 2.0 }
+epochs = 9223372036854775807
+device = "cpu"
+"#,
+    );
+    let out = ws.kiln(&["run"]);
+    // Undo the diagnostic's line wrapping.
+    let err = String::from_utf8_lossy(&out.stderr).replace('│', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    for (location, message) in [
+        ("kiln.toml:21:19", "`cnn.widths[0]` = 100000 is out of range"),
+        ("kiln.toml:21:38", "`cnn.dropout` = 2 is out of range"),
+        ("kiln.toml:22:10", "`epochs` = 9223372036854775807 is out of range"),
+    ] {
+        assert!(err.contains(location), "expected {location} in\n{err}");
+        assert!(err.contains(message), "expected {message:?} in\n{err}");
+    }
+    assert!(err.contains("must be between 1 and 4096"), "the help gives the range: {err}");
+    assert!(!ws.path("cache").exists(), "an invalid manifest touches nothing");
 }

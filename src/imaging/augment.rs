@@ -64,6 +64,101 @@ pub struct Augment {
     pub random_resized_crop: Option<ResizedCrop>,
 }
 
+/// A value of an [`Augment`] spec that means nothing (a NaN, a rotation of 1e308
+/// degrees, a range whose low end is above its high end).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    /// The key as written under `augment` (`rotation_range`, `brightness_range[1]`,
+    /// `random_resized_crop.scale`).
+    pub field: String,
+    /// The value, as shown to people.
+    pub value: String,
+    /// What it must be (`in [0, 360] (degrees; …)`).
+    pub expected: String,
+}
+
+/// Valid ranges, documented in the README: rotation 0–360 degrees, shifts 0–1 of the side,
+/// shear 0–60 degrees, zoom [0, 1); brightness and contrast factors in (0, 10] and
+/// saturation in [0, 10], low ≤ high; crop scale in (0, 1] and ratio in [0.01, 100], low ≤
+/// high.
+const ROTATION: (f64, f64) = (0.0, 360.0);
+const SHEAR: (f64, f64) = (0.0, 60.0);
+const FACTOR_MAX: f64 = 10.0;
+const RATIO: (f64, f64) = (0.01, 100.0);
+
+fn shown(v: f64) -> String {
+    let a = v.abs();
+    if a != 0.0 && a.is_finite() && !(1e-4..1e9).contains(&a) { format!("{v:e}") } else { format!("{v}") }
+}
+
+impl Augment {
+    /// Every value outside its range (see the constants above); empty when the spec is
+    /// usable.
+    pub fn validate(&self) -> Vec<Invalid> {
+        let mut out = Vec::new();
+        // `lo_open`: the low end itself is excluded.
+        let mut within = |field: &str, v: f64, lo: f64, lo_open: bool, hi: f64, hi_open: bool, what: &str| {
+            let ok = v.is_finite() && (if lo_open { v > lo } else { v >= lo }) && (if hi_open { v < hi } else { v <= hi });
+            if !ok {
+                out.push(Invalid {
+                    field: field.to_string(),
+                    value: shown(v),
+                    expected: format!(
+                        "in {}{}, {}{} ({what})",
+                        if lo_open { '(' } else { '[' },
+                        shown(lo),
+                        shown(hi),
+                        if hi_open { ')' } else { ']' }
+                    ),
+                });
+            }
+            ok
+        };
+        within("rotation_range", self.rotation_range, ROTATION.0, false, ROTATION.1, false, "degrees; the angle is drawn from [-r, r]");
+        within("width_shift_range", self.width_shift_range, 0.0, false, 1.0, false, "a fraction of the width");
+        within("height_shift_range", self.height_shift_range, 0.0, false, 1.0, false, "a fraction of the height");
+        within("shear_range", self.shear_range, SHEAR.0, false, SHEAR.1, false, "degrees");
+        within("zoom_range", self.zoom_range, 0.0, false, 1.0, true, "zoom factors are drawn from [1 - z, 1 + z]");
+        let mut pairs: Vec<(String, [f64; 2])> = Vec::new();
+        for (name, range, lo_open) in [
+            ("brightness_range", self.brightness_range, true),
+            ("contrast_range", self.contrast_range, true),
+            ("saturation_range", self.saturation_range, false),
+        ] {
+            let Some(r) = range else { continue };
+            let what =
+                if lo_open { "a factor; 1 leaves the image as it is" } else { "a factor; 0 is grayscale, 1 leaves the image as it is" };
+            let ok = within(&format!("{name}[0]"), r[0], 0.0, lo_open, FACTOR_MAX, false, what)
+                & within(&format!("{name}[1]"), r[1], 0.0, lo_open, FACTOR_MAX, false, what);
+            if ok {
+                pairs.push((name.to_string(), r));
+            }
+        }
+        if let Some(c) = &self.random_resized_crop {
+            let ok = within("random_resized_crop.scale[0]", c.scale[0], 0.0, true, 1.0, false, "a share of the image area")
+                & within("random_resized_crop.scale[1]", c.scale[1], 0.0, true, 1.0, false, "a share of the image area");
+            if ok {
+                pairs.push(("random_resized_crop.scale".into(), c.scale));
+            }
+            let ok = within("random_resized_crop.ratio[0]", c.ratio[0], RATIO.0, false, RATIO.1, false, "width over height")
+                & within("random_resized_crop.ratio[1]", c.ratio[1], RATIO.0, false, RATIO.1, false, "width over height");
+            if ok {
+                pairs.push(("random_resized_crop.ratio".into(), c.ratio));
+            }
+        }
+        for (field, [lo, hi]) in pairs {
+            if lo > hi {
+                out.push(Invalid {
+                    field,
+                    value: format!("[{}, {}]", shown(lo), shown(hi)),
+                    expected: "a range [low, high] with low ≤ high".into(),
+                });
+            }
+        }
+        out
+    }
+}
+
 /// One concrete draw of an [`Augment`] spec.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Params {

@@ -4,12 +4,16 @@
 //! point at the text that caused it:
 //!
 //! 1. **parse** the document (`toml::de::DeTable`, spans on every key and value);
-//! 2. **top level**: only `[pipeline]`, `[params]` and `[stages.*]` are allowed;
+//! 2. **top level**: only `[pipeline]`, `[params]` and `[stages.*]` are allowed, and no
+//!    float anywhere (overrides included) may be NaN or infinite;
 //! 3. **interpolate** `${params.NAME}` in every stage value (a whole-string reference keeps
 //!    the parameter's type, an embedded one is formatted into the string);
 //! 4. **per stage**: `kind`, `inputs` and `deps` are read by kiln, everything else is parsed
-//!    by the stage kind's own `deny_unknown_fields` type;
-//! 5. **cross-stage**: unknown inputs, overlapping outputs and cycles ([`crate::graph`]).
+//!    by the stage kind's own `deny_unknown_fields` type, which range-checks every value at
+//!    its span ([`Checker`]);
+//! 5. **cross-stage**: unknown inputs, overlapping outputs and cycles ([`crate::graph`]);
+//! 6. **plan**: each stage against the stages upstream ([`Stage::plan_issues`]), pointing at
+//!    the values involved through [`StageDecl::spans`].
 //!
 //! Each pass collects all of its issues; the load fails with one [`ManifestError`] that
 //! lists every problem with file:line:column.
@@ -18,6 +22,7 @@ pub mod diagnostic;
 mod interpolate;
 pub mod overrides;
 mod paths;
+pub mod spans;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -30,6 +35,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 pub use diagnostic::{Issue, ManifestError};
 pub use overrides::Override;
 pub use paths::{contains as path_contains, normalize_dep, normalize_out, overlaps as paths_overlap};
+pub use spans::{Bounds, Checker, ValueSpans};
 
 use crate::stages::{ParseContext, Stage, StageRegistry};
 
@@ -75,6 +81,9 @@ pub struct StageDecl {
     /// result).
     pub resources: Option<crate::slurm::Resources>,
     pub stage: Arc<dyn Stage>,
+    /// Where each value of the stage's table is written (`inputs` included), so plan
+    /// checks can point at the value that causes a problem.
+    pub spans: Arc<ValueSpans>,
 }
 
 impl Manifest {
@@ -146,7 +155,7 @@ struct RawPipeline {
     name: Option<Spanned<String>>,
     #[serde(default)]
     seed: u64,
-    cache: Option<String>,
+    cache: Option<Spanned<String>>,
     root: Option<String>,
     #[serde(default)]
     executor: crate::exec::Executor,
@@ -164,6 +173,11 @@ fn parse(path: &Path, src: &str, placed: &[overrides::Placed], registry: &StageR
     let mut doc = doc.into_inner();
     let mut issues = Vec::new();
     overrides::apply(&mut doc, src, placed, &mut issues);
+    // Before anything reads a value: no manifest with a NaN or an infinity loads, so no
+    // stage runs with one and no cache key holds one (as `null`).
+    let before_floats = issues.len();
+    spans::reject_non_finite(&doc, src, &mut issues);
+    let all_finite = issues.len() == before_floats;
 
     for (key, _) in doc.iter() {
         if !["pipeline", "params", "stages", "cache"].contains(&key.get_ref().as_ref()) {
@@ -227,6 +241,8 @@ fn parse(path: &Path, src: &str, placed: &[overrides::Placed], registry: &StageR
         }),
         None => serde_json::Value::Object(Default::default()),
     };
+    // serde_json turns a NaN into `null`; with every float finite none can reach a key.
+    debug_assert!(!all_finite || !spans::has_null(&params_json), "a non-finite float reached [params]: {params_json}");
 
     let manifest_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let manifest_dir = if manifest_dir.as_os_str().is_empty() { PathBuf::from(".") } else { manifest_dir };
@@ -247,7 +263,7 @@ fn parse(path: &Path, src: &str, placed: &[overrides::Placed], registry: &StageR
         }
         None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into()),
     };
-    let cache_dir = root.join(raw_pipeline.cache.as_deref().unwrap_or("cache"));
+    let cache_dir = root.join(raw_pipeline.cache.as_ref().map_or("cache", |c| c.get_ref().as_str()));
 
     let cx = ParseContext { params: &params_json };
     let mut stages = Vec::new();
@@ -275,6 +291,7 @@ fn parse(path: &Path, src: &str, placed: &[overrides::Placed], registry: &StageR
     }
     stages.sort_by(|a, b| a.name.cmp(&b.name));
     check_inputs(&declared, &mut issues);
+    issues.extend(crate::workspace::layout_issues(&root, &cache_dir, raw_pipeline.cache.as_ref().map(|c| c.span()), &stages));
 
     let manifest = Manifest {
         path: path.to_path_buf(),
@@ -327,6 +344,7 @@ fn parse_stage<'i>(
     resolver.resolve_table(&mut table);
     issues.append(&mut resolver.issues);
     let uses = resolver.used;
+    let value_spans = Arc::new(ValueSpans::of_table(&table, value_span.clone()));
 
     let resources = match table.remove("resources") {
         Some(value) => {
@@ -421,6 +439,7 @@ fn parse_stage<'i>(
         uses,
         resources,
         stage,
+        spans: value_spans,
     })
 }
 
@@ -429,8 +448,22 @@ struct Plan<'a> {
     stage: &'a StageDecl,
 }
 
+fn plan_stage(decl: &StageDecl) -> crate::stages::PlanStage<'_> {
+    crate::stages::PlanStage {
+        name: &decl.name,
+        kind: &decl.kind,
+        inputs: decl.inputs.iter().map(|i| i.get_ref().as_str()).collect(),
+        stage: &*decl.stage,
+        spans: &decl.spans,
+    }
+}
+
 impl crate::stages::PlanView for Plan<'_> {
     fn ancestor(&self, kind: &str) -> Option<(String, serde_json::Value)> {
+        self.ancestor_stage(kind).map(|s| (s.name.to_string(), s.stage.params()))
+    }
+
+    fn ancestor_stage(&self, kind: &str) -> Option<crate::stages::PlanStage<'_>> {
         // Breadth-first over `inputs`, so the nearest one wins.
         let mut queue: std::collections::VecDeque<&StageDecl> = std::collections::VecDeque::from([self.stage]);
         let mut seen = std::collections::HashSet::new();
@@ -441,23 +474,41 @@ impl crate::stages::PlanView for Plan<'_> {
                     continue;
                 }
                 if up.kind == kind {
-                    return Some((up.name.clone(), up.stage.params()));
+                    return Some(plan_stage(up));
                 }
                 queue.push_back(up);
             }
         }
         None
     }
+
+    fn this(&self) -> crate::stages::PlanStage<'_> {
+        plan_stage(self.stage)
+    }
+
+    fn stage(&self, name: &str) -> Option<crate::stages::PlanStage<'_>> {
+        self.manifest.stage(name).map(plan_stage)
+    }
+
+    fn span(&self, path: &str) -> Range<usize> {
+        self.stage.spans.get(path)
+    }
 }
 
 fn plan_checks(m: &Manifest) -> Vec<Issue> {
-    m.stages
-        .iter()
-        .flat_map(|decl| {
-            let problems = decl.stage.check_plan(&Plan { manifest: m, stage: decl });
-            problems.into_iter().map(|p| Issue::new(decl.span.clone(), format!("stage `{}`: {p}", decl.name)))
-        })
-        .collect()
+    let mut issues = Vec::new();
+    for decl in &m.stages {
+        let plan = Plan { manifest: m, stage: decl };
+        let prefix = |message: &str| format!("stage `{}`: {message}", decl.name);
+        for p in decl.stage.check_plan(&plan) {
+            issues.push(Issue::new(decl.span.clone(), prefix(&p)));
+        }
+        for mut issue in decl.stage.plan_issues(&plan) {
+            issue.message = prefix(&issue.message);
+            issues.push(issue);
+        }
+    }
+    issues
 }
 
 fn looks_like_path(s: &str) -> bool {

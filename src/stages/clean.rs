@@ -29,9 +29,13 @@ use super::{ParseContext, Stage, StageContext, StageError, StageKind, parse_conf
 use crate::dataset::{self, DuplicateRef, Item};
 use crate::digest::Digest;
 use crate::imaging::{self, DecodeLimits, Defect, Probe};
-use crate::manifest::Issue;
+use crate::manifest::{Bounds, Checker, Issue, ValueSpans};
 
 pub struct CleanKind;
+
+/// Bounds of `max_pixels` (a gigapixel, 4 GB decoded) and `max_bytes` (4 GiB).
+const MAX_PIXELS: u64 = 1_000_000_000;
+const MAX_BYTES: u64 = 4 << 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -120,13 +124,50 @@ impl StageKind for CleanKind {
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
-        let span = table.span();
+        let spans = ValueSpans::of(&table);
         let config: Config = parse_config(table)?;
-        if config.checks.near_duplicates.max_distance > 32 {
-            return Err(vec![
-                Issue::new(span, "`near_duplicates.max_distance` above 32 would match unrelated images")
-                    .help("typical values are 4 to 10 (bits of a 64-bit hash)"),
-            ]);
+        let mut ck = Checker::new(&spans);
+        let c = &config.checks;
+        ck.int("max_pixels", config.max_pixels, 1, MAX_PIXELS, "pixels an image may have; larger headers are rejected undecoded");
+        ck.int("max_bytes", config.max_bytes, 1, MAX_BYTES, "bytes an image file may have (4 GiB at most)");
+        ck.int(
+            "checks.near_duplicates.max_distance",
+            u64::from(c.near_duplicates.max_distance),
+            0,
+            32,
+            "bits of a 64-bit perceptual hash; above 32 unrelated images match, typical values are 4 to 10",
+        );
+        let level = Bounds::closed(0.0, 255.0);
+        ck.float(
+            "checks.near_duplicates.max_colour_difference",
+            c.near_duplicates.max_colour_difference,
+            level,
+            "mean difference of 8x8 colour thumbnails, on the 0-255 scale",
+        );
+        ck.int("checks.too_small.min_side", u64::from(c.too_small.min_side), 1, 65_535, "pixels on the shorter side");
+        ck.float("checks.aspect_ratio.max_ratio", c.aspect_ratio.max_ratio, Bounds::closed(1.0, 1000.0), "longer side over shorter side");
+        ck.float("checks.low_information.min_contrast", c.low_information.min_contrast, level, "standard deviation of brightness, 0-255");
+        let dark = ck.float("checks.too_dark.below", c.too_dark.below, level, "mean brightness, 0-255");
+        let bright = ck.float("checks.too_bright.above", c.too_bright.above, level, "mean brightness, 0-255");
+        if dark
+            && bright
+            && c.too_dark.policy != Policy::Off
+            && c.too_bright.policy != Policy::Off
+            && c.too_dark.below >= c.too_bright.above
+        {
+            ck.fail(
+                "checks.too_dark.below",
+                format!(
+                    "`too_dark.below` = {} is not under `too_bright.above` = {}: almost every image would count as too dark or too bright",
+                    c.too_dark.below, c.too_bright.above
+                ),
+                "keep below < above, e.g. the defaults 16 and 240",
+            );
+        }
+        ck.float("checks.blurry.min_sharpness", c.blurry.min_sharpness, Bounds::closed(0.0, 1e9), "variance of the Laplacian");
+        let issues = ck.into_issues();
+        if !issues.is_empty() {
+            return Err(issues);
         }
         Ok(Arc::new(CleanStage { config }))
     }
@@ -179,6 +220,10 @@ struct Report {
 impl Stage for CleanStage {
     fn params(&self) -> serde_json::Value {
         serde_json::to_value(&self.config).expect("clean config serialises")
+    }
+
+    fn plan_issues(&self, plan: &dyn super::PlanView) -> Vec<Issue> {
+        super::one_input_issue(plan).into_iter().collect()
     }
 
     fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError> {
@@ -494,8 +539,7 @@ fn probe_all(cx: &StageContext<'_>, items: &[Item], limits: &DecodeLimits) -> Re
         .state()
         .memo()
         .map(&digests, &op, |k| {
-            let bytes =
-                std::fs::read(cx.cache.blob_path(&digests[k])).map_err(|e| format!("cannot read image of `{}`: {e}", items[k].id))?;
+            let bytes = cx.cache.read_blob(&digests[k]).map_err(|e| format!("cannot read image of `{}`: {e}", items[k].id))?;
             let verdict = imaging::probe(&bytes, limits);
             progress.inc(1);
             serde_json::to_vec(&verdict).map_err(|e| e.to_string())

@@ -41,10 +41,14 @@ use crate::dataset::{self, Item};
 use crate::digest::Digest;
 use crate::imaging::transform::{ColorMode, pixels};
 use crate::imaging::{self, DecodeLimits};
-use crate::manifest::Issue;
+use crate::manifest::{Bounds, Checker, Issue, ValueSpans};
 use crate::rng::Rng;
 
 pub struct ConvertKind;
+
+/// Bounds of `shard_mb` and `copies` (see the README's validation notes).
+const MAX_SHARD_MB: u64 = 16 * 1024;
+const MAX_COPIES: u64 = 1000;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -71,6 +75,26 @@ struct SplitConfig {
     test: f64,
     /// Keep the splits the sources assigned; carve `val` out of train.
     from_items: bool,
+}
+
+impl SplitConfig {
+    /// Whether a class of `n` items (each its own duplicate group) gets at least one item
+    /// in every split that is not empty, as `ConvertStage::assign_splits` deals them.
+    fn fits(&self, n: u64) -> bool {
+        let f = n as f64;
+        let (want_test, want_val) = if self.from_items {
+            (0, (f * self.val).round() as u64)
+        } else {
+            ((f * self.test).round() as u64, (f * self.val).round() as u64)
+        };
+        let test = want_test.min(n);
+        let val = want_val.min(n - test);
+        let train = n - test - val;
+        let test_ok = self.from_items || self.test == 0.0 || test >= 1;
+        let val_ok = self.val == 0.0 || val >= 1;
+        let train_ok = (!self.from_items && self.train == 0.0) || train >= 1;
+        test_ok && val_ok && train_ok
+    }
 }
 
 impl Default for SplitConfig {
@@ -117,22 +141,38 @@ impl StageKind for ConvertKind {
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
-        let span = table.span();
+        let spans = ValueSpans::of(&table);
         let config: Config = parse_config(table)?;
         let s = &config.split;
-        let mut issues = Vec::new();
-        if [s.train, s.val, s.test].iter().any(|r| !(0.0..=1.0).contains(r)) {
-            issues.push(Issue::new(span.clone(), "split ratios must lie between 0 and 1"));
+        let mut ck = Checker::new(&spans);
+        if s.from_items {
+            // The sources decide train and test; only `val` is carved out of train.
+            ck.float("split.val", s.val, Bounds::below(0.0, 1.0), "the share of each class's training items kept for validation");
+            for name in ["train", "test"] {
+                if spans.has(&format!("split.{name}")) {
+                    ck.fail(
+                        &format!("split.{name}"),
+                        format!("`split.{name}` means nothing with `from_items = true`: the sources decide train and test"),
+                        "remove it; `val` is the share of training items kept for validation",
+                    );
+                }
+            }
+        } else {
+            let mut ok = true;
+            for (name, r) in [("train", s.train), ("val", s.val), ("test", s.test)] {
+                ok &= ck.float(&format!("split.{name}"), r, Bounds::closed(0.0, 1.0), "a share of each class's items");
+            }
+            if ok && (s.train + s.val + s.test - 1.0).abs() > 1e-6 {
+                ck.fail(
+                    "split",
+                    format!("split ratios add up to {}, not 1", s.train + s.val + s.test),
+                    "e.g. split = { train = 0.8, val = 0.1, test = 0.1 }",
+                );
+            }
         }
-        if !s.from_items && (s.train + s.val + s.test - 1.0).abs() > 1e-6 {
-            issues.push(
-                Issue::new(span.clone(), format!("split ratios add up to {}, not 1", s.train + s.val + s.test))
-                    .help("e.g. split = { train = 0.8, val = 0.1, test = 0.1 }"),
-            );
-        }
-        if config.shard_mb == 0 {
-            issues.push(Issue::new(span.clone(), "`shard_mb` must be at least 1"));
-        }
+        ck.int("shard_mb", config.shard_mb, 1, MAX_SHARD_MB, "MiB of images per shard file");
+        ck.int("copies", u64::from(config.copies), 1, MAX_COPIES, "augmented copies of each training image when augmentation is offline");
+        let issues = ck.into_issues();
         if !issues.is_empty() {
             return Err(issues);
         }
@@ -186,7 +226,7 @@ impl ShardManifest {
     /// The manifest of an upstream convert artifact.
     pub fn read(cx: &StageContext<'_>, input: &str, artifact: &super::Artifact) -> Result<ShardManifest, StageError> {
         let path = cx
-            .input_file(artifact, "manifest.json")
+            .input_file(artifact, "manifest.json")?
             .ok_or_else(|| StageError::Failed(format!("input `{input}` has no manifest.json: is it a convert stage?")))?;
         let bytes = std::fs::read(&path).map_err(|e| StageError::Failed(format!("cannot read {}: {e}", path.display())))?;
         serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("input `{input}`: manifest.json: {e}")))
@@ -215,6 +255,44 @@ const SPLITS: [&str; 3] = ["train", "val", "test"];
 impl Stage for ConvertStage {
     fn params(&self) -> serde_json::Value {
         serde_json::to_value(&self.config).expect("convert config serialises")
+    }
+
+    /// A synthetic source's `count` must give every class an item in each split that is
+    /// not empty (convert assigns per class: test first, then val, the rest to train).
+    fn plan_issues(&self, plan: &dyn super::PlanView) -> Vec<Issue> {
+        let mut issues: Vec<Issue> = super::one_input_issue(plan).into_iter().collect();
+        let this = plan.this();
+        let chain = super::label::dataset_chain(plan, &this);
+        let Some(known) = super::label::synthetic_labels(&chain) else { return issues };
+        let s = &self.config.split;
+        // The smallest class decides; a class nothing draws is the label stage's problem.
+        let Some((class, n)) = known.counts.iter().filter(|(_, n)| **n > 0).min_by_key(|(_, n)| **n) else { return issues };
+        if s.fits(*n) {
+            return issues;
+        }
+        let shares = if s.from_items {
+            format!("{{ from_items = true, val = {} }}", s.val)
+        } else {
+            format!("{{ train = {}, val = {}, test = {} }}", s.train, s.val, s.test)
+        };
+        let need = (1..=10_000_000u64).find(|&m| s.fits(m));
+        let help = match need {
+            Some(m) => format!(
+                "every class needs an item in each non-empty split, so at least {m} items here: raise `count` (a synthetic source deals its items to its shapes in turn), or change the split shares"
+            ),
+            None => "a share this small gives no class an item: raise it, or set it to 0".to_string(),
+        };
+        issues.push(
+            Issue::new(
+                known.count_span.clone(),
+                format!(
+                    "class `{class}` gets at most {n} items from the synthetic source of stage `{}`, too few for split = {shares}",
+                    known.collect
+                ),
+            )
+            .help(help),
+        );
+        issues
     }
 
     fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError> {
@@ -429,7 +507,7 @@ impl ConvertStage {
                 .state()
                 .memo()
                 .map(&digests, &op, |n| {
-                    let bytes = std::fs::read(cx.cache.blob_path(&digests[n])).map_err(|e| e.to_string())?;
+                    let bytes = cx.cache.read_blob(&digests[n]).map_err(|e| e.to_string())?;
                     let (_, img) = imaging::decode(&bytes, &DecodeLimits::default()).map_err(|e| e.to_string())?;
                     let mut rng = Rng::for_item(cx.seed, &format!("augment-{}", digests[n]), u64::from(k));
                     Ok::<_, String>(to_chw(&spec.augment.apply(img, &mut rng), color))
@@ -525,8 +603,7 @@ fn chw_to_hwc(chw: &[u8], c: usize) -> Vec<u8> {
 }
 
 fn load_chw(cx: &StageContext<'_>, digest: &Digest, color: ColorMode) -> Result<Vec<u8>, StageError> {
-    let bytes =
-        std::fs::read(cx.cache.blob_path(digest)).map_err(|e| StageError::Failed(format!("cannot read image {}: {e}", digest.short())))?;
+    let bytes = cx.cache.read_blob(digest).map_err(|e| StageError::Failed(format!("cannot read image {}: {e}", digest.short())))?;
     let (_, img) =
         imaging::decode(&bytes, &DecodeLimits::default()).map_err(|e| StageError::Failed(format!("image {}: {e}", digest.short())))?;
     Ok(to_chw(&img, color))

@@ -25,7 +25,7 @@ use super::preprocess::Normalize;
 use super::train::data::Split;
 use super::{Artifact, ParseContext, Stage, StageContext, StageError, StageKind, parse_config};
 use crate::dataset;
-use crate::manifest::Issue;
+use crate::manifest::{Checker, Issue, ValueSpans};
 use crate::metrics;
 use crate::model::TrainedModel;
 use crate::nn::device::DeviceChoice;
@@ -65,13 +65,20 @@ impl StageKind for EvalKind {
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
-        let span = table.span();
+        let spans = ValueSpans::of(&table);
         let config: Config = parse_config(table)?;
+        let mut ck = Checker::new(&spans);
         if !["train", "val", "test"].contains(&config.split.as_str()) {
-            return Err(vec![Issue::new(span, format!("`split` = \"{}\": expected \"train\", \"val\" or \"test\"", config.split))]);
+            ck.fail(
+                "split",
+                format!("`split` = \"{}\": expected \"train\", \"val\" or \"test\"", config.split),
+                "the split of the convert stage's shards to score",
+            );
         }
-        if config.batch_size == 0 {
-            return Err(vec![Issue::new(span, "`batch_size` must be at least 1")]);
+        ck.int("batch_size", config.batch_size as u64, 1, super::train::MAX_BATCH, "images scored at once");
+        let issues = ck.into_issues();
+        if !issues.is_empty() {
+            return Err(issues);
         }
         Ok(Arc::new(EvalStage { config }))
     }
@@ -82,6 +89,54 @@ fn find<'a>(cx: &'a StageContext<'_>, file: &str) -> Option<(&'a str, &'a Artifa
 }
 
 impl Stage for EvalStage {
+    /// A model and shards among the inputs, and a split that the convert stage fills.
+    fn plan_issues(&self, plan: &dyn super::PlanView) -> Vec<Issue> {
+        let mut issues = Vec::new();
+        let this = plan.this();
+        let inputs: Vec<super::PlanStage<'_>> = this.distinct_inputs().into_iter().filter_map(|n| plan.stage(n)).collect();
+        // A command or a library kind may write a model.json or shards too: judge only
+        // when every input is a built-in artifact kind.
+        let builtin = ["collect", "clean", "label", "preprocess", "convert", "train", "eval"];
+        if inputs.iter().all(|s| builtin.contains(&s.kind)) {
+            for (kind, file) in [("train", "the model"), ("convert", "the shards")] {
+                if !inputs.iter().any(|s| s.kind == kind) {
+                    issues.push(
+                        Issue::new(plan.span("inputs"), format!("no input is a `{kind}` stage, so {file} to score cannot be found"))
+                            .help("e.g. inputs = [\"train\", \"convert\"]: the model and the data, in either order"),
+                    );
+                }
+            }
+        }
+        let Some(convert) = inputs.iter().find(|s| s.kind == "convert").cloned().or_else(|| plan.ancestor_stage("convert")) else {
+            return issues;
+        };
+        let p = convert.stage.params();
+        let split = &p["split"];
+        let name = self.config.split.as_str();
+        let from_items = split["from_items"].as_bool().unwrap_or(false);
+        let share = split[name].as_f64();
+        let why = match (from_items, name) {
+            (false, _) | (true, "val") if share == Some(0.0) => Some(format!("its `split.{name}` is 0")),
+            (true, "test") => {
+                let chain = super::label::dataset_chain(plan, &convert);
+                super::label::synthetic_labels(&chain).map(|known| {
+                    format!(
+                        "it keeps the sources' splits (`from_items = true`) and the synthetic items of stage `{}` have none",
+                        known.collect
+                    )
+                })
+            }
+            _ => None,
+        };
+        if let Some(why) = why {
+            issues.push(
+                Issue::new(plan.span("split"), format!("split `{name}` of stage `{}` is empty: {why}", convert.name))
+                    .help(format!("score another split (`split = \"val\"`), or give stage `{}` a {name} share, e.g. split = {{ train = 0.7, val = 0.15, test = 0.15 }}", convert.name)),
+            );
+        }
+        issues
+    }
+
     fn params(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(&self.config).expect("eval config serialises");
         v["device"] = self.config.device.kind().into();
@@ -94,7 +149,7 @@ impl Stage for EvalStage {
             .ok_or_else(|| StageError::Failed("no input holds a model.json: list the train stage in `inputs`".into()))?;
         let (data_input, data_art) = find(cx, "manifest.json")
             .ok_or_else(|| StageError::Failed("no input holds shards (manifest.json): list the convert stage in `inputs`".into()))?;
-        let path = |a: &Artifact, f: &str| cx.input_file(a, f).ok_or_else(|| StageError::Failed(format!("input is missing {f}")));
+        let path = |a: &Artifact, f: &str| cx.input_file(a, f)?.ok_or_else(|| StageError::Failed(format!("input is missing {f}")));
         let device = self.config.device.open().map_err(|e| StageError::Failed(format!("open device: {e}")))?;
         let model = TrainedModel::load(&path(model_art, "model.json")?, &path(model_art, "model.safetensors")?, device.clone())
             .map_err(|e| StageError::Failed(format!("input `{model_input}`: {e}")))?;

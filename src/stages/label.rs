@@ -20,17 +20,18 @@
 //! and `label_report.json` (class balance, dropped items and why, conflicts).
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use toml::de::DeValue;
 
-use super::{ParseContext, Stage, StageContext, StageError, StageKind, parse_config};
+use super::{ParseContext, PlanStage, PlanView, Stage, StageContext, StageError, StageKind, parse_config};
 use crate::dataset;
 use crate::digest::Digest;
 use crate::exec::inputs::dep_path;
-use crate::manifest::{Issue, normalize_dep};
+use crate::manifest::{Bounds, Checker, Issue, ValueSpans, normalize_dep};
 
 pub struct LabelKind;
 
@@ -146,40 +147,98 @@ impl StageKind for LabelKind {
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
-        let span = table.span();
+        let spans = ValueSpans::of(&table);
         let config: Config = parse_config(table)?;
-        let mut issues = Vec::new();
+        let mut ck = Checker::new(&spans);
         let mut deps = Vec::new();
         let pattern = match (&config.from, &config.pattern) {
             (From::Pattern, None) => {
-                issues.push(Issue::new(span.clone(), "`from = \"pattern\"` needs `pattern`").help("e.g. pattern = '^(?P<label>[a-z]+)_'"));
+                ck.fail("from", "`from = \"pattern\"` needs `pattern`", "e.g. pattern = '^(?P<label>[a-z]+)_'");
                 None
             }
             (_, Some(p)) => match regex::Regex::new(p) {
-                Ok(r) => Some(r),
+                // Group 0 is the whole match: the label needs a group of its own.
+                Ok(r) if r.captures_len() > 1 => Some(r),
+                Ok(_) => {
+                    ck.fail(
+                        "pattern",
+                        format!("pattern `{p}` has no capture group, so it can find no label"),
+                        "capture the label, e.g. pattern = '^(?P<label>[a-z]+)_'",
+                    );
+                    None
+                }
                 Err(e) => {
-                    issues.push(Issue::new(span.clone(), format!("invalid pattern: {e}")));
+                    ck.fail("pattern", format!("invalid pattern: {e}"), "patterns use the syntax of Rust's `regex` crate");
                     None
                 }
             },
             _ => None,
         };
+        if config.pattern.is_some() && config.from != From::Pattern {
+            ck.fail("pattern", "`pattern` applies only to `from = \"pattern\"`", "remove it, or set `from = \"pattern\"`");
+        }
         match (&config.from, &config.mapping) {
-            (From::Mapping, None) => {
-                issues.push(Issue::new(span.clone(), "`from = \"mapping\"` needs `mapping = { path = \"labels.csv\" }`"))
+            (From::Mapping, None) => ck.fail(
+                "from",
+                "`from = \"mapping\"` needs `mapping = { path = \"labels.csv\" }`",
+                "a mapping is a CSV or JSONL file with a key and a label column",
+            ),
+            (From::Mapping, Some(m)) => {
+                match normalize_dep(&m.path) {
+                    Ok(p) => deps.push(Spanned::new(spans.get("mapping.path"), p)),
+                    Err(why) => ck.fail(
+                        "mapping.path",
+                        format!("invalid mapping path `{}`: {why}", m.path),
+                        "a path relative to the workspace root, e.g. `labels.csv`",
+                    ),
+                }
+                for (field, value) in [("mapping.key_field", &m.key_field), ("mapping.label_field", &m.label_field)] {
+                    if value.trim().is_empty() {
+                        ck.fail(field, format!("`{field}` is empty"), "name the column (CSV) or field (JSONL) to read");
+                    }
+                }
             }
-            (_, Some(m)) => match normalize_dep(&m.path) {
-                Ok(p) => deps.push(Spanned::new(span.clone(), p)),
-                Err(why) => issues.push(Issue::new(span.clone(), format!("invalid mapping path `{}`: {why}", m.path))),
-            },
+            (_, Some(_)) => ck.fail("mapping", "`mapping` applies only to `from = \"mapping\"`", "remove it, or set `from = \"mapping\"`"),
             _ => {}
         }
         let mut seen = std::collections::HashSet::new();
-        for c in &config.classes {
+        for (i, c) in config.classes.iter().enumerate() {
+            let path = format!("classes[{i}]");
             if !seen.insert(c) {
-                issues.push(Issue::new(span.clone(), format!("class `{c}` is listed twice in `classes`")));
+                ck.fail(&path, format!("class `{c}` is listed twice in `classes`"), "list each class once: its position is its index");
+            } else if c.trim().is_empty() || c.trim() != c.as_str() {
+                ck.fail(
+                    &path,
+                    format!("class name `{c}` is empty or starts or ends with spaces"),
+                    "labels are trimmed, so such a class never matches",
+                );
+            } else if c.contains(MULTI) {
+                ck.fail(
+                    &path,
+                    format!("class `{c}` contains `{MULTI}`, which separates the classes of an item"),
+                    "rename the class, e.g. with `_` in place of `|`",
+                );
             }
         }
+        for (alias, to) in &config.aliases {
+            if alias.trim().is_empty() || alias.trim() != alias.as_str() || alias.contains(MULTI) {
+                ck.fail(
+                    &format!("aliases.{alias}"),
+                    format!("alias `{alias}` can never match: labels are split at `{MULTI}` and trimmed before aliases apply"),
+                    "name one trimmed label, e.g. `aliases = { Cats = \"cat\" }`",
+                );
+            }
+            if to.trim().is_empty() {
+                ck.fail(&format!("aliases.{alias}"), format!("alias `{alias}` maps to an empty label"), "map it to a class name");
+            }
+        }
+        ck.float(
+            "imbalance_warning",
+            config.imbalance_warning,
+            Bounds::closed(1.0, 1e6),
+            "largest class over smallest; 1 warns at any imbalance",
+        );
+        let issues = ck.into_issues();
         if !issues.is_empty() {
             return Err(issues);
         }
@@ -221,6 +280,69 @@ struct Report {
 impl Stage for LabelStage {
     fn params(&self) -> serde_json::Value {
         serde_json::to_value(&self.config).expect("label config serialises")
+    }
+
+    /// Against synthetic sources upstream, whose labels the manifest fixes: `classes`
+    /// must list what arrives (unless unknown labels are dropped) and nothing that cannot.
+    fn plan_issues(&self, plan: &dyn PlanView) -> Vec<Issue> {
+        let mut issues: Vec<Issue> = super::one_input_issue(plan).into_iter().collect();
+        let this = plan.this();
+        let chain = dataset_chain(plan, &this);
+        let Some(known) = synthetic_labels(&chain) else { return issues };
+        let cfg = &self.config;
+        match cfg.from {
+            From::Collected => {}
+            From::Folder => {
+                issues.push(
+                    Issue::new(
+                        plan.span("from"),
+                        format!("the items of stage `{}` are drawn, not read from class folders: none would get a label", known.collect),
+                    )
+                    .help("use `from = \"collected\"`: a synthetic source labels each image with its shape"),
+                );
+                return issues;
+            }
+            From::Mapping | From::Pattern => return issues,
+        }
+        // The labels that arrive, after this stage's aliases.
+        let mut arriving: BTreeMap<String, u64> = BTreeMap::new();
+        for (label, n) in known.counts.iter().filter(|(_, n)| **n > 0) {
+            let to = cfg.aliases.get(label).cloned().unwrap_or_else(|| label.clone());
+            *arriving.entry(to).or_default() += *n;
+        }
+        if cfg.classes.is_empty() || arriving.keys().any(|l| l.contains(MULTI)) {
+            return issues;
+        }
+        let drawn = arriving.iter().map(|(c, n)| format!("`{c}` ({n})")).collect::<Vec<_>>().join(", ");
+        let outside: Vec<&str> = arriving.keys().map(String::as_str).filter(|l| !cfg.classes.iter().any(|c| c.as_str() == *l)).collect();
+        if cfg.unknown == OnUnknown::Error && !outside.is_empty() {
+            issues.push(
+                Issue::new(
+                    plan.span("classes"),
+                    format!(
+                        "stage `{}` draws {}, which `classes` does not list: with `unknown = \"error\"` this stage would fail",
+                        known.collect,
+                        outside.iter().map(|l| format!("`{l}`")).collect::<Vec<_>>().join(", ")
+                    ),
+                )
+                .help(format!(
+                    "add them to `classes`, map them with `aliases = {{ {} = \"...\" }}`, or set `unknown = \"drop\"`",
+                    outside[0]
+                )),
+            );
+        }
+        for (i, class) in cfg.classes.iter().enumerate() {
+            if !arriving.contains_key(class) {
+                issues.push(
+                    Issue::new(
+                        plan.span(&format!("classes[{i}]")),
+                        format!("class `{class}` never occurs: stage `{}` draws only {drawn}", known.collect),
+                    )
+                    .help("list only classes the data has: a synthetic source labels each image with its shape, and its `shapes` and `count` decide which occur"),
+                );
+            }
+        }
+        issues
     }
 
     fn path_deps(&self) -> Vec<Spanned<String>> {
@@ -379,6 +501,114 @@ impl Stage for LabelStage {
         dataset::write_json(cx, "classes.json", &classes)?;
         dataset::write_json(cx, "label_report.json", &report)
     }
+}
+
+/// The dataset stages feeding `start`, nearest first: its single input, that stage's
+/// single input, and so on through the kinds whose effect on items and labels the plan
+/// knows (clean, preprocess, label, convert), ending with a collect stage. The chain stops
+/// early, with no collect stage at its end, at a stage with several inputs or of another
+/// kind.
+pub(crate) fn dataset_chain<'p>(plan: &'p dyn PlanView, start: &PlanStage<'p>) -> Vec<PlanStage<'p>> {
+    let mut chain: Vec<PlanStage<'p>> = Vec::new();
+    let mut inputs = start.distinct_inputs();
+    // The graph has no cycles by now; the bound only keeps a bug from looping.
+    while chain.len() < 256 {
+        let [only] = inputs.as_slice() else { break };
+        let Some(up) = plan.stage(only) else { break };
+        if !["collect", "clean", "preprocess", "label", "convert"].contains(&up.kind) {
+            break;
+        }
+        inputs = up.distinct_inputs();
+        let last = up.kind == "collect";
+        chain.push(up);
+        if last {
+            break;
+        }
+    }
+    chain
+}
+
+/// What synthetic sources fix before anything runs: the labels that reach a stage and how
+/// many items each has at most (clean may remove items, never add them).
+pub(crate) struct SyntheticLabels {
+    /// Label → most items, after the label stages on the way (a listed class that nothing
+    /// draws has 0).
+    pub counts: BTreeMap<String, u64>,
+    /// The collect stage.
+    pub collect: String,
+    /// Where its first source's `count` and `shapes` are written.
+    pub count_span: Range<usize>,
+    pub shapes_span: Range<usize>,
+}
+
+/// [`SyntheticLabels`] for a [`dataset_chain`]: known when it ends at a collect stage whose
+/// sources are all synthetic, and every label stage on the way takes the collected labels.
+pub(crate) fn synthetic_labels(chain: &[PlanStage<'_>]) -> Option<SyntheticLabels> {
+    let collect = chain.last().filter(|s| s.kind == "collect")?;
+    let params = collect.stage.params();
+    let sources = params.get("sources")?.as_array()?;
+    if sources.is_empty() {
+        return None;
+    }
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for source in sources {
+        if source.get("type")?.as_str()? != "synthetic" {
+            return None;
+        }
+        let count = source.get("count")?.as_u64()?;
+        let shapes: Vec<String> = match source.get("shapes").and_then(|v| v.as_array()) {
+            Some(list) if !list.is_empty() => list.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<_>>()?,
+            _ => crate::imaging::synth::SHAPES.iter().map(|s| s.name().to_string()).collect(),
+        };
+        // Item i draws shapes[i % k].
+        let k = shapes.len() as u64;
+        for (j, shape) in shapes.into_iter().enumerate() {
+            let n = count / k + ((j as u64) < count % k) as u64;
+            *counts.entry(shape).or_default() += n;
+        }
+    }
+    for label in chain.iter().rev().filter(|s| s.kind == "label") {
+        let p = label.stage.params();
+        if p.get("from").and_then(|v| v.as_str()) != Some("collected") {
+            return None;
+        }
+        let mut next: BTreeMap<String, u64> = BTreeMap::new();
+        for (name, n) in counts {
+            let to =
+                p.get("aliases").and_then(|a| a.get(name.as_str())).and_then(|v| v.as_str()).map_or_else(|| name.clone(), str::to_string);
+            if to.contains(MULTI) {
+                return None;
+            }
+            *next.entry(to).or_default() += n;
+        }
+        counts = next;
+        if let Some(classes) = p.get("classes").and_then(|v| v.as_array()).filter(|c| !c.is_empty()) {
+            let listed: BTreeMap<String, u64> =
+                classes.iter().filter_map(|c| c.as_str()).map(|c| (c.to_string(), counts.get(c).copied().unwrap_or(0))).collect();
+            counts = listed;
+        }
+    }
+    Some(SyntheticLabels {
+        counts,
+        collect: collect.name.to_string(),
+        count_span: collect.spans.get("sources[0].count"),
+        shapes_span: collect.spans.get("sources[0].shapes"),
+    })
+}
+
+/// The classes a stage downstream of `chain` numbers its labels by, when the plan knows
+/// them: the nearest label stage's `classes`, else the labels synthetic sources draw; with
+/// where they are fixed.
+pub(crate) fn known_classes(chain: &[PlanStage<'_>]) -> Option<(Vec<String>, Range<usize>)> {
+    if let Some(label) = chain.iter().find(|s| s.kind == "label") {
+        let p = label.stage.params();
+        if let Some(classes) = p.get("classes").and_then(|v| v.as_array()).filter(|c| !c.is_empty()) {
+            return Some((classes.iter().filter_map(|c| c.as_str().map(str::to_string)).collect(), label.spans.get("classes")));
+        }
+    }
+    let known = synthetic_labels(chain)?;
+    let classes = known.counts.iter().filter(|(_, n)| **n > 0).map(|(c, _)| c.clone()).collect();
+    Some((classes, known.shapes_span))
 }
 
 impl LabelStage {

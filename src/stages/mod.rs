@@ -90,18 +90,73 @@ pub trait Stage: Send + Sync + fmt::Debug {
     }
 
     /// Checks against upstream stages' settings when the manifest loads, before anything
-    /// runs (a pretrained model against the preprocessing that feeds it). Returns problems.
+    /// runs. Returns problems, reported at the stage's name; prefer
+    /// [`Stage::plan_issues`], which can point at the values involved.
     fn check_plan(&self, _plan: &dyn PlanView) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Checks against upstream stages' settings when the manifest loads, before anything
+    /// runs (a pretrained model against the preprocessing that feeds it, split ratios
+    /// against the items a synthetic source draws). Each issue points at the value that
+    /// causes it, in this stage ([`PlanView::span`]) or an upstream one
+    /// ([`PlanStage::spans`]); kiln prefixes the message with "stage `NAME`: ".
+    fn plan_issues(&self, _plan: &dyn PlanView) -> Vec<Issue> {
         Vec::new()
     }
 
     fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError>;
 }
 
-/// What [`Stage::check_plan`] may see of the rest of the pipeline.
+/// What [`Stage::check_plan`] and [`Stage::plan_issues`] may see of the pipeline.
 pub trait PlanView {
     /// The nearest upstream stage of `kind` (following `inputs`): its name and parameters.
     fn ancestor(&self, kind: &str) -> Option<(String, serde_json::Value)>;
+    /// The nearest upstream stage of `kind` (following `inputs`).
+    fn ancestor_stage(&self, kind: &str) -> Option<PlanStage<'_>>;
+    /// The stage being checked.
+    fn this(&self) -> PlanStage<'_>;
+    /// Any stage of the manifest, by name.
+    fn stage(&self, name: &str) -> Option<PlanStage<'_>>;
+    /// Where a value of the stage being checked is written (`"epochs"`, `"cnn.widths[0]"`,
+    /// `"inputs"`); a value left at its default points at its table.
+    fn span(&self, path: &str) -> Range<usize>;
+}
+
+/// A parsed stage as a plan check sees it.
+#[derive(Clone)]
+pub struct PlanStage<'a> {
+    pub name: &'a str,
+    pub kind: &'a str,
+    /// Upstream stages named in `inputs`.
+    pub inputs: Vec<&'a str>,
+    pub stage: &'a dyn Stage,
+    /// Where each value of its table is written.
+    pub spans: &'a crate::manifest::ValueSpans,
+}
+
+impl<'a> PlanStage<'a> {
+    /// Its distinct input stages.
+    pub fn distinct_inputs(&self) -> Vec<&'a str> {
+        let mut names = self.inputs.clone();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+}
+
+/// The kinds that read exactly one dataset ([`crate::dataset::single_input`]) must name
+/// exactly one input stage: found when the manifest loads rather than when the stage runs.
+pub fn one_input_issue(plan: &dyn PlanView) -> Option<Issue> {
+    let this = plan.this();
+    let n = this.distinct_inputs().len();
+    (n != 1).then(|| {
+        Issue::new(
+            plan.span("inputs"),
+            format!("a `{}` stage reads one dataset, so it needs exactly one input stage; it has {n}", this.kind),
+        )
+        .help(format!("e.g. `inputs = [\"NAME\"]`, naming the stage whose dataset this `{}` stage reads", this.kind))
+    })
 }
 
 /// An upstream stage's output, readable in place from the cache.
@@ -149,9 +204,13 @@ impl StageContext<'_> {
         self.attached.lock().expect("attached entries").push(entry);
     }
 
-    /// The cache file holding one file of an upstream artifact.
-    pub fn input_file(&self, artifact: &Artifact, path: &str) -> Option<PathBuf> {
-        artifact.tree.entries().iter().find(|e| e.path == path).map(|e| self.cache.blob_path(&e.digest))
+    /// The cache file holding one file of an upstream artifact (`None` when the artifact
+    /// has no such file), its content checked against its digest first.
+    pub fn input_file(&self, artifact: &Artifact, path: &str) -> Result<Option<PathBuf>, StageError> {
+        match artifact.tree.entries().iter().find(|e| e.path == path) {
+            Some(e) => Ok(Some(self.cache.verified_blob_path(&e.digest)?)),
+            None => Ok(None),
+        }
     }
 }
 
@@ -167,6 +226,9 @@ pub enum StageError {
     MissingDep(String),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// A path the stage would delete or write leads out of the workspace.
+    #[error("refusing to touch {0}")]
+    Escape(crate::workspace::Escape),
     #[error("{0}")]
     Failed(String),
 }

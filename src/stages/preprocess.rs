@@ -33,9 +33,12 @@ use crate::digest::Digest;
 use crate::imaging::augment::Augment;
 use crate::imaging::transform::{ColorMode, Interpolation, ResizeMode, Transform};
 use crate::imaging::{self, DecodeLimits};
-use crate::manifest::Issue;
+use crate::manifest::{Bounds, Checker, Issue, ValueSpans};
 
 pub struct PreprocessKind;
+
+/// The largest side `size` may give, in pixels.
+pub const MAX_SIDE: u32 = 8192;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,30 +129,49 @@ impl StageKind for PreprocessKind {
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
-        let span = table.span();
+        let spans = ValueSpans::of(&table);
         let c: Config = parse_config(table)?;
-        let mut issues = Vec::new();
-        if c.size[0] == 0 || c.size[1] == 0 || c.size[0] > 8192 || c.size[1] > 8192 {
-            issues.push(Issue::new(span.clone(), format!("`size` {:?} must be between 1 and 8192 pixels on each side", c.size)));
+        let mut ck = Checker::new(&spans);
+        for (i, side) in c.size.iter().enumerate() {
+            ck.int(&format!("size[{i}]"), u64::from(*side), 1, u64::from(MAX_SIDE), "pixels; `size` is [width, height]");
         }
-        if !(c.crop_pct > 0.0 && c.crop_pct <= 1.0) || (c.crop_pct != 1.0 && c.resize != ResizeMode::Crop) {
-            issues.push(
-                Issue::new(span.clone(), format!("`crop_pct` {} needs resize = \"crop\" and a value in (0, 1]", c.crop_pct))
-                    .help("e.g. crop_pct = 0.875: resize to 256, centre crop 224"),
+        if ck.float("crop_pct", c.crop_pct, Bounds::above(0.0, 1.0), "the share of the resized image kept by the centre crop")
+            && c.crop_pct != 1.0
+            && c.resize != ResizeMode::Crop
+        {
+            ck.fail(
+                "crop_pct",
+                format!("`crop_pct` = {} needs resize = \"crop\"", c.crop_pct),
+                "e.g. crop_pct = 0.875: resize to 256, centre crop 224",
             );
         }
         if let Some(n) = &c.normalize {
             let channels = c.color.channels();
-            if n.mean.len() != channels || n.std.len() != channels {
-                issues.push(
-                    Issue::new(span.clone(), format!("`normalize` needs {channels} mean and std values for color = {:?}", c.color))
-                        .help("e.g. normalize = { mean = [0.5], std = [0.5] } for grayscale"),
-                );
+            for (name, values) in [("mean", &n.mean), ("std", &n.std)] {
+                if values.len() != channels {
+                    ck.fail(
+                        &format!("normalize.{name}"),
+                        format!("`normalize.{name}` has {} values but color = {:?} has {channels} channel(s)", values.len(), c.color),
+                        "one value per channel: e.g. normalize = { mean = [0.5], std = [0.5] } for grayscale, three of each for rgb",
+                    );
+                }
             }
-            if n.std.iter().any(|s| *s <= 0.0) {
-                issues.push(Issue::new(span.clone(), "`normalize.std` values must be positive"));
-            }
+            ck.floats("normalize.mean", n.mean.iter().map(|v| f64::from(*v)), Bounds::closed(0.0, 1.0), "a fraction of 255");
+            ck.floats(
+                "normalize.std",
+                n.std.iter().map(|v| f64::from(*v)),
+                Bounds::above(0.0, 10.0),
+                "a fraction of 255; pixels are divided by it",
+            );
         }
+        for bad in c.augment.validate() {
+            let path = format!("augment.{}", bad.field);
+            if spans.is_non_finite(&path) {
+                continue; // reported by the document-wide check
+            }
+            ck.fail(&path, format!("`{path}` = {} is out of range", bad.value), format!("`{path}` must be {}", bad.expected));
+        }
+        let issues = ck.into_issues();
         if !issues.is_empty() {
             return Err(issues);
         }
@@ -185,6 +207,10 @@ impl Stage for PreprocessStage {
         serde_json::to_value(&self.spec).expect("preprocess spec serialises")
     }
 
+    fn plan_issues(&self, plan: &dyn super::PlanView) -> Vec<Issue> {
+        super::one_input_issue(plan).into_iter().collect()
+    }
+
     fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError> {
         let (input, artifact) = dataset::single_input(cx)?;
         let items = dataset::read(cx, input, artifact)?;
@@ -194,7 +220,7 @@ impl Stage for PreprocessStage {
         let op = Digest::of_bytes(format!("preprocess v1 {}", serde_json::to_string(t).expect("transform serialises")).as_bytes());
         let digests: Vec<Digest> = items.iter().map(|i| i.digest).collect();
         let transform_one = |d: &Digest| -> Result<(Digest, u64), String> {
-            let bytes = std::fs::read(cx.cache.blob_path(d)).map_err(|e| format!("cannot read image: {e}"))?;
+            let bytes = cx.cache.read_blob(d).map_err(|e| format!("cannot read image: {e}"))?;
             let (_, img) = imaging::decode(&bytes, &DecodeLimits::default()).map_err(|e| e.to_string())?;
             let png = imaging::encode_png_fast(&t.apply(&img));
             Ok((cx.cache.put_blob_bytes(&png).map_err(|e| e.to_string())?, png.len() as u64))

@@ -47,6 +47,11 @@ pub struct Cnn {
 
 impl Cnn {
     pub fn new(ps: &mut ParamStore, cfg: &CnnConfig, channels: usize, size: [u32; 2], classes: usize) -> Result<Self> {
+        // A manifest's CNN is range-checked when it loads; this guards configs read back from
+        // elsewhere (a model.json): a zero width would divide by zero in batch norm.
+        if cfg.widths.contains(&0) || !(0.0..1.0).contains(&cfg.dropout) {
+            candle_core::bail!("cnn: widths must be at least 1 and dropout in [0, 1), got {:?} and {}", cfg.widths, cfg.dropout);
+        }
         let (mut c, mut h, mut w) = (channels, size[1] as usize, size[0] as usize);
         let mut stages = Vec::new();
         for (i, &width) in cfg.widths.iter().enumerate() {
