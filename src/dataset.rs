@@ -111,7 +111,7 @@ pub fn write(cx: &StageContext<'_>, items: &mut [Item]) -> Result<(), StageError
 /// The items of an upstream dataset artifact.
 pub fn read(cx: &StageContext<'_>, input: &str, artifact: &Artifact) -> Result<Vec<Item>, StageError> {
     let path = cx
-        .input_file(artifact, ITEMS_FILE)
+        .input_file(artifact, ITEMS_FILE)?
         .ok_or_else(|| StageError::Failed(format!("input `{input}` is not a dataset (it has no {ITEMS_FILE})")))?;
     read_file(&path).map_err(|e| StageError::Failed(format!("input `{input}`: {e}")))
 }
@@ -140,7 +140,7 @@ pub struct Meta {
 
 /// The metadata of an upstream dataset (empty when it has none).
 pub fn read_meta(cx: &StageContext<'_>, input: &str, artifact: &Artifact) -> Result<Meta, StageError> {
-    let Some(path) = cx.input_file(artifact, META_FILE) else { return Ok(Meta::default()) };
+    let Some(path) = cx.input_file(artifact, META_FILE)? else { return Ok(Meta::default()) };
     let text = std::fs::read_to_string(&path).map_err(|e| StageError::Failed(format!("input `{input}`: cannot read {META_FILE}: {e}")))?;
     serde_json::from_str(&text).map_err(|e| StageError::Failed(format!("input `{input}`: {META_FILE}: {e}")))
 }

@@ -64,6 +64,7 @@ pub mod serve;
 pub mod slurm;
 pub mod stages;
 pub mod stats;
+pub mod workspace;
 
 use std::path::PathBuf;
 

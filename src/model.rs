@@ -68,6 +68,16 @@ impl TrainedModel {
             .build(&mut ps, card.input.channels, [card.input.width as u32, card.input.height as u32], card.classes.len())
             .map_err(|e| w_err(e.to_string()))?;
         let tensors = read_weights(weights_path).map_err(|e| w_err(e.to_string()))?;
+        // The card names the weights it was written with: damaged or swapped weights must
+        // fail here, not give confident wrong answers (NaN probabilities, say) downstream.
+        let digest = crate::nn::weights_digest(&tensors).map_err(|e| w_err(e.to_string()))?;
+        if digest != card.weights_digest {
+            return Err(w_err(format!(
+                "the weights hash to {} but the model card expects {}: the file is damaged or belongs to another model",
+                &digest[..digest.len().min(12)],
+                &card.weights_digest[..card.weights_digest.len().min(12)]
+            )));
+        }
         let loaded = ps.load(&tensors, |_| false).map_err(|e| w_err(e.to_string()))?;
         if loaded.len() != ps.len() {
             let missing: Vec<&str> = ps.names().filter(|n| !loaded.iter().any(|l| l == n)).take(5).collect();

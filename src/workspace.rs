@@ -50,11 +50,7 @@ impl Confined {
         let Some(name) = abs.file_name() else { return Err(escape(abs.clone())) };
         let parent = abs.parent().unwrap_or(Path::new("/"));
         let real = real_path(parent).join(name);
-        if real.starts_with(&self.real) && real != self.real {
-            Ok(())
-        } else {
-            Err(escape(real))
-        }
+        if real.starts_with(&self.real) && real != self.real { Ok(()) } else { Err(escape(real)) }
     }
 }
 
@@ -92,44 +88,6 @@ pub fn real_path(path: &Path) -> PathBuf {
             }
             (None, _) => return abs,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn symlinks_out_of_the_workspace_are_escapes() {
-        let dir = tempfile::tempdir().unwrap();
-        let ws = dir.path().join("ws");
-        let outside = dir.path().join("outside");
-        std::fs::create_dir_all(ws.join("data")).unwrap();
-        std::fs::create_dir_all(&outside).unwrap();
-        std::os::unix::fs::symlink(&outside, ws.join("link")).unwrap();
-        let confined = Confined::new(&ws, "the workspace");
-
-        confined.check(Path::new("data/out")).unwrap();
-        confined.check(Path::new("new/deeper/out")).unwrap();
-        // The link itself may be replaced: it lives in the workspace.
-        confined.check(Path::new("link")).unwrap();
-        let err = confined.check(Path::new("link/sub")).unwrap_err();
-        assert!(err.real.starts_with(outside.canonicalize().unwrap()), "{err}");
-        assert!(confined.check(Path::new("link/../link/sub")).is_err());
-        assert!(confined.check(&ws.join("../outside/x")).is_err());
-        assert!(confined.check(Path::new("data/..")).is_err(), "the workspace root itself is not an output");
-        assert!(confined.check(Path::new("/etc/passwd")).is_err());
-    }
-
-    #[test]
-    fn a_workspace_reached_through_a_link_is_still_itself() {
-        let dir = tempfile::tempdir().unwrap();
-        let real = dir.path().join("real");
-        std::fs::create_dir_all(real.join("out")).unwrap();
-        std::os::unix::fs::symlink(&real, dir.path().join("alias")).unwrap();
-        let confined = Confined::new(&dir.path().join("alias"), "the workspace");
-        confined.check(Path::new("out/file")).unwrap();
-        confined.check(&real.join("out/file")).unwrap();
     }
 }
 
@@ -179,13 +137,51 @@ pub fn layout_issues(
         );
     } else if let Ok(Some(found)) = crate::cache::foreign_contents(cache_dir) {
         issues.push(
-            Issue::new(span, format!("`{}` is not a kiln cache: it holds {found}", cache_dir.display()))
-                .label("not a kiln cache")
-                .help(format!(
+            Issue::new(span, format!("`{}` is not a kiln cache: it holds {found}", cache_dir.display())).label("not a kiln cache").help(
+                format!(
                     "kiln cleans and collects garbage in its cache; name a new or empty directory (kiln marks its caches with `{}`)",
                     crate::cache::CACHE_TAG
-                )),
+                ),
+            ),
         );
     }
     issues
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlinks_out_of_the_workspace_are_escapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(ws.join("data")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, ws.join("link")).unwrap();
+        let confined = Confined::new(&ws, "the workspace");
+
+        confined.check(Path::new("data/out")).unwrap();
+        confined.check(Path::new("new/deeper/out")).unwrap();
+        // The link itself may be replaced: it lives in the workspace.
+        confined.check(Path::new("link")).unwrap();
+        let err = confined.check(Path::new("link/sub")).unwrap_err();
+        assert!(err.real.starts_with(outside.canonicalize().unwrap()), "{err}");
+        assert!(confined.check(Path::new("link/../link/sub")).is_err());
+        assert!(confined.check(&ws.join("../outside/x")).is_err());
+        assert!(confined.check(Path::new("data/..")).is_err(), "the workspace root itself is not an output");
+        assert!(confined.check(Path::new("/etc/passwd")).is_err());
+    }
+
+    #[test]
+    fn a_workspace_reached_through_a_link_is_still_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir_all(real.join("out")).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("alias")).unwrap();
+        let confined = Confined::new(&dir.path().join("alias"), "the workspace");
+        confined.check(Path::new("out/file")).unwrap();
+        confined.check(&real.join("out/file")).unwrap();
+    }
 }

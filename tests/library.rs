@@ -52,7 +52,7 @@ impl Stage for LineCountStage {
         let mut report = format!("{}\n", self.label);
         for (name, artifact) in cx.inputs {
             for entry in artifact.tree.entries() {
-                let path = cx.input_file(artifact, &entry.path).expect("listed file");
+                let path = cx.input_file(artifact, &entry.path)?.expect("listed file");
                 let text = std::fs::read_to_string(path).map_err(|e| StageError::Failed(e.to_string()))?;
                 report.push_str(&format!("{name}/{}: {}\n", entry.path, text.lines().count()));
             }

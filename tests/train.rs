@@ -135,6 +135,26 @@ fn trains_reproducibly_and_writes_its_artifact() {
     for key in ["balanced_accuracy", "macro_avg", "weighted_avg", "log_loss", "ece", "top_k_accuracy", "per_class"] {
         assert!(metrics.get(key).is_some(), "metrics.json lacks {key}");
     }
+
+    // predict checks the weights against the card: damaged weights are an error, not NaN.
+    let image = a.path().join("probe.png");
+    image::GrayImage::from_fn(24, 24, |x, y| image::Luma([((x * 10 + y * 3) % 256) as u8])).save(&image).unwrap();
+    let copy = a.path().join("model-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["model.json", "model.safetensors"] {
+        std::fs::copy(dir.join(f), copy.join(f)).unwrap();
+    }
+    let args = |m: &Path| vec!["predict".to_string(), m.display().to_string(), image.display().to_string()];
+    let good = kiln(a.path(), &args(&copy).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
+    let mut bytes = std::fs::read(copy.join("model.safetensors")).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x40;
+    std::fs::write(copy.join("model.safetensors"), bytes).unwrap();
+    let bad = kiln(a.path(), &args(&copy).iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && stderr.contains("damaged"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&bad.stdout).contains("NaN"));
 }
 
 #[test]
@@ -275,6 +295,18 @@ fn killed_mid_training_resumes_and_ends_with_the_same_weights() {
     let out = run_ok(ws.path(), &["run", "kiln.toml"]);
     assert!(out.contains("resumed from a checkpoint at epoch 2"), "{out}");
     assert_eq!(model_card(ws.path())["weights_digest"], want, "resuming gives the uninterrupted run's weights");
+    // Not only the weights: the whole artifact (the history reloaded from the checkpoint
+    // included, to the last bit) and so the lock, or eval would run again for nothing.
+    let read = |ws: &Path, file: &str| std::fs::read(ws.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    assert!(
+        read(ws.path(), "outputs/t/train/history.json") == read(reference.path(), "outputs/t/train/history.json"),
+        "history.json differs"
+    );
+    assert_eq!(
+        String::from_utf8(read(ws.path(), "kiln.lock")).unwrap(),
+        String::from_utf8(read(reference.path(), "kiln.lock")).unwrap(),
+        "a resumed run locks exactly what an uninterrupted one does"
+    );
 }
 
 #[test]

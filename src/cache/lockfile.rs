@@ -83,6 +83,8 @@ pub enum LockFileError {
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("cannot parse lock file `{path}`: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("cannot record stage `{stage}` in the lock file: {message}")]
+    Encode { stage: String, message: String },
 }
 
 impl LockedStage {
@@ -121,8 +123,17 @@ impl LockFile {
     }
 
     pub fn to_toml(&self) -> String {
-        let body = toml::to_string(self).expect("lock files serialise to TOML");
-        format!("{HEADER}{body}")
+        self.try_to_toml().unwrap_or_else(|e| format!("{HEADER}# {e}\n"))
+    }
+
+    /// The lock as TOML. Every value in it comes from a validated manifest, but TOML has
+    /// no null: a value it cannot hold is an error naming the stage, never a panic.
+    pub fn try_to_toml(&self) -> Result<String, LockFileError> {
+        let body = toml::to_string(self).map_err(|e| {
+            let stage = self.stages.iter().find(|(_, s)| toml::to_string(s).is_err()).map(|(n, _)| n.clone()).unwrap_or_default();
+            LockFileError::Encode { stage, message: e.to_string() }
+        })?;
+        Ok(format!("{HEADER}{body}"))
     }
 
     /// Writes via a temporary file and a rename, so readers never see half a lock file.
@@ -130,7 +141,7 @@ impl LockFile {
         let io = |action, source| LockFileError::Io { action, path: path.to_path_buf(), source };
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-        std::fs::write(&tmp, self.to_toml()).map_err(|e| io("write", e))?;
+        std::fs::write(&tmp, self.try_to_toml()?).map_err(|e| io("write", e))?;
         std::fs::rename(&tmp, path).map_err(|e| io("replace", e))
     }
 }

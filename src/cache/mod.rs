@@ -62,6 +62,10 @@ pub enum CacheError {
     Corrupt { path: PathBuf, why: String },
     #[error("blob {digest} is missing from the cache")]
     MissingBlob { digest: Digest },
+    #[error("blob {digest} in the cache is corrupt (its content hashes to {actual}); it was removed, so the stage that made it runs again")]
+    CorruptBlob { digest: Digest, actual: Digest },
+    #[error("`{}` is not a kiln cache: it holds {found} and no `{CACHE_TAG}`", path.display())]
+    NotACache { path: PathBuf, found: String },
     #[error("tree {digest} is missing from the cache")]
     MissingTree { digest: Digest },
     #[error(transparent)]
@@ -73,6 +77,94 @@ impl CacheError {
         let path = path.to_path_buf();
         move |source| CacheError::Io { action, path, source }
     }
+}
+
+/// Marks a directory as a kiln cache (the CACHEDIR.TAG convention, so backup tools skip
+/// it too). kiln cleans, collects and verifies only directories that carry it.
+pub const CACHE_TAG: &str = "CACHEDIR.TAG";
+const CACHE_TAG_TEXT: &str = "Signature: 8a477f597d28d172789f06886806bc55\n# This directory is a kiln cache: blobs, trees and stage entries by digest.\n# kiln creates, cleans and deletes files here; see `kiln gc` and `kiln verify`.\n";
+
+/// What a kiln cache directory may hold; a directory made by kiln before the tag existed
+/// holds nothing else, and is adopted.
+const CACHE_NAMES: &[&str] = &["blobs", "trees", "stages", "tmp", "scratch", "runs", "state.redb", "run.lock", CACHE_TAG];
+
+/// Makes `dir` a kiln cache if it is new or empty, and checks that an existing one is
+/// kiln's: a directory with other contents and no [`CACHE_TAG`] is refused, because kiln
+/// empties `tmp/` and removes unreferenced objects in its cache.
+pub fn claim_dir(dir: &Path) -> Result<(), CacheError> {
+    if let Some(found) = foreign_contents(dir).map_err(CacheError::io("list", dir))? {
+        return Err(CacheError::NotACache { path: dir.to_path_buf(), found });
+    }
+    if dir.join(CACHE_TAG).is_file() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(CacheError::io("create cache directory", dir))?;
+    let staged = dir.join(format!(".{CACHE_TAG}.{}", unique_suffix()));
+    std::fs::write(&staged, CACHE_TAG_TEXT).map_err(CacheError::io("write", &staged))?;
+    std::fs::rename(&staged, dir.join(CACHE_TAG)).map_err(CacheError::io("write", &dir.join(CACHE_TAG)))
+}
+
+/// What makes `dir` not a kiln cache (`None` when it is one, is empty or does not
+/// exist): a few of the names it holds that a kiln cache does not.
+pub fn foreign_contents(dir: &Path) -> std::io::Result<Option<String>> {
+    if dir.join(CACHE_TAG).is_file() {
+        return Ok(None);
+    }
+    let names: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(items) => items
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with(&format!(".{CACHE_TAG}.")))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => return Ok(Some("a file, not a directory".into())),
+        Err(e) => return Err(e),
+    };
+    let foreign: Vec<&String> = names.iter().filter(|n| !CACHE_NAMES.contains(&n.as_str())).collect();
+    // A cache made before the tag existed has kiln's names only, objects among them; a
+    // directory that merely has a `tmp/` is somebody else's.
+    let kilns = ["blobs", "trees", "stages"].iter().all(|k| names.iter().any(|n| n == k));
+    if names.is_empty() || (foreign.is_empty() && kilns) {
+        return Ok(None);
+    }
+    let foreign: Vec<&String> = if foreign.is_empty() { names.iter().collect() } else { foreign };
+    let mut shown: Vec<String> = foreign.iter().take(3).map(|n| format!("`{n}`")).collect();
+    if foreign.len() > 3 {
+        shown.push(format!("{} more", foreign.len() - 3));
+    }
+    Ok(Some(shown.join(", ")))
+}
+
+/// Hashes the blob file at `path`: `Ok(())` when it holds `digest`. A corrupt blob is
+/// removed on the spot, so that nothing reads it again and the stage that made it is
+/// recomputed.
+fn check_blob_file(path: &Path, digest: &Digest) -> Result<(), CacheError> {
+    match Digest::of_file(path) {
+        Ok((actual, _)) if actual == *digest => Ok(()),
+        Ok((actual, _)) => {
+            let _ = std::fs::remove_file(path);
+            tracing::warn!("cache blob {} is corrupt (content hashes to {}); removed", digest.short(), actual.short());
+            Err(CacheError::CorruptBlob { digest: *digest, actual })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(CacheError::MissingBlob { digest: *digest }),
+        Err(e) => Err(CacheError::io("read", path)(e)),
+    }
+}
+
+/// Reads a blob whole and checks it against its digest.
+fn read_blob_file(path: &Path, digest: &Digest) -> Result<Vec<u8>, CacheError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(CacheError::MissingBlob { digest: *digest }),
+        Err(e) => return Err(CacheError::io("read", path)(e)),
+    };
+    let actual = Digest::of_bytes(&bytes);
+    if actual != *digest {
+        let _ = std::fs::remove_file(path);
+        tracing::warn!("cache blob {} is corrupt (content hashes to {}); removed", digest.short(), actual.short());
+        return Err(CacheError::CorruptBlob { digest: *digest, actual });
+    }
+    Ok(bytes)
 }
 
 /// How a file gets into the cache.
@@ -121,17 +213,28 @@ impl ArtifactReader {
         let tree = Tree::decode(&bytes).map_err(|e| CacheError::Corrupt { path: tree_file.clone(), why: e.to_string() })?;
         let Some(entry) = tree.entries().iter().find(|e| e.path == path) else { return Ok(None) };
         let blob = object_path(&self.dir, "blobs", &entry.digest);
-        Ok(blob.is_file().then_some(blob))
+        match check_blob_file(&blob, &entry.digest) {
+            Ok(()) => Ok(Some(blob)),
+            Err(CacheError::MissingBlob { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The bytes of `path` inside the artifact `tree`; `None` when the tree or the file is
     /// not in this cache.
     pub fn file(&self, tree: &Digest, path: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let Some(blob) = self.file_path(tree, path)? else { return Ok(None) };
-        match std::fs::read(&blob) {
+        let tree_file = object_path(&self.dir, "trees", tree);
+        let bytes = match std::fs::read(&tree_file) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(CacheError::io("read", &tree_file)(e)),
+        };
+        let tree = Tree::decode(&bytes).map_err(|e| CacheError::Corrupt { path: tree_file.clone(), why: e.to_string() })?;
+        let Some(entry) = tree.entries().iter().find(|e| e.path == path) else { return Ok(None) };
+        match read_blob_file(&object_path(&self.dir, "blobs", &entry.digest), &entry.digest) {
             Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(CacheError::io("read", &blob)(e)),
+            Err(CacheError::MissingBlob { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 }
@@ -150,6 +253,7 @@ impl Cache {
     /// uses a private one: the scheduling kiln holds the cache's own for the whole run, and
     /// blobs, trees and entries are committed by atomic rename, so both can write.
     pub fn open_with_state(dir: &Path, state: &Path, stats: Arc<WorkStats>) -> Result<Cache, CacheError> {
+        claim_dir(dir)?;
         for sub in ["blobs", "trees", "stages", "tmp"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(CacheError::io("create cache directory", &dir.join(sub)))?;
         }
@@ -204,6 +308,20 @@ impl Cache {
 
     pub fn has_blob(&self, digest: &Digest) -> bool {
         self.blob_path(digest).is_file()
+    }
+
+    /// The bytes of a blob, checked against its digest. A corrupt blob is removed and
+    /// reported as [`CacheError::CorruptBlob`].
+    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>, CacheError> {
+        read_blob_file(&self.blob_path(digest), digest)
+    }
+
+    /// The path of a blob whose content was just checked against its digest, for readers
+    /// that open the file themselves (memory-mapped weights and shards).
+    pub fn verified_blob_path(&self, digest: &Digest) -> Result<PathBuf, CacheError> {
+        let path = self.blob_path(digest);
+        check_blob_file(&path, digest)?;
+        Ok(path)
     }
 
     fn tree_path(&self, digest: &Digest) -> PathBuf {
@@ -331,9 +449,21 @@ impl Cache {
         Ok(self.tree_path(&entry.artifact).is_file())
     }
 
-    /// Whether the view at `dest` already shows the tree with this digest.
-    pub fn view_is_current(&self, dest: &Path, tree: &Digest) -> bool {
-        std::fs::read_to_string(dest.join(VIEW_MARKER)).is_ok_and(|m| m == tree.to_hex())
+    /// Whether the view at `dest` already shows `tree`: its marker names the tree and every
+    /// file it shows has the content the tree says. A marker alone is not enough: a view
+    /// is a set of hard links, and one that outlived its blob (removed by `kiln verify`)
+    /// keeps whatever bytes it had.
+    pub fn view_is_current(&self, dest: &Path, tree: &Tree) -> bool {
+        if !std::fs::read_to_string(dest.join(VIEW_MARKER)).is_ok_and(|m| m == tree.digest().to_hex()) {
+            return false;
+        }
+        tree.entries().par_iter().filter(|e| shown_in_view(&e.path)).all(|e| {
+            let file = dest.join(tree::unescape_os(&e.path));
+            // The blob too: a view that outlived its blob shows a result the cache has lost.
+            self.has_blob(&e.digest)
+                && std::fs::symlink_metadata(&file).is_ok_and(|m| m.is_file() && m.len() == e.size)
+                && Digest::of_file(&file).is_ok_and(|(d, _)| d == e.digest)
+        })
     }
 
     /// Writes the files of `tree` at `dest` as independent, writable files (reflink when
@@ -345,10 +475,7 @@ impl Cache {
             .par_iter()
             .map(|e| {
                 let target = if e.path.is_empty() { dest.to_path_buf() } else { dest.join(tree::unescape_os(&e.path)) };
-                let blob = self.blob_path(&e.digest);
-                if !blob.is_file() {
-                    return Err(CacheError::MissingBlob { digest: e.digest });
-                }
+                let blob = self.verified_blob_path(&e.digest)?;
                 if let Some(parent) = target.parent() {
                     std::fs::create_dir_all(parent).map_err(CacheError::io("create", parent))?;
                 }
@@ -357,7 +484,7 @@ impl Cache {
                 let mode = if e.executable { 0o755 } else { 0o644 };
                 std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
                     .map_err(CacheError::io("set permissions on", &target))?;
-                Ok((std::path::absolute(&target).unwrap_or(target), e.digest))
+                Ok::<_, CacheError>((std::path::absolute(&target).unwrap_or(target), e.digest))
             })
             .collect::<Result<_, _>>()?;
         self.state.remember(&written)?;
@@ -369,7 +496,7 @@ impl Cache {
     /// Hidden entries (a path component starting with `.`, such as a dataset's
     /// `.images/`) are left out, and a view already showing `tree` is left alone.
     pub fn link_view(&self, tree: &Tree, dest: &Path) -> Result<(), CacheError> {
-        if self.view_is_current(dest, &tree.digest()) {
+        if self.view_is_current(dest, tree) {
             return Ok(());
         }
         let digest = tree.digest().to_hex();
@@ -378,18 +505,23 @@ impl Cache {
         let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let building = parent.join(format!(".{name}.kiln-new-{}", unique_suffix()));
         std::fs::create_dir_all(&building).map_err(CacheError::io("create", &building))?;
-        let shown = tree.entries().par_iter().filter(|e| !e.path.split('/').any(|c| c.starts_with('.')));
-        shown.try_for_each(|e| {
+        let shown = tree.entries().par_iter().filter(|e| shown_in_view(&e.path));
+        let linked = shown.try_for_each(|e| {
             let target = building.join(tree::unescape_os(&e.path));
             if let Some(p) = target.parent() {
                 std::fs::create_dir_all(p).map_err(CacheError::io("create", p))?;
             }
-            let blob = self.blob_path(&e.digest);
+            let blob = self.verified_blob_path(&e.digest)?;
             if std::fs::hard_link(&blob, &target).is_err() {
                 std::fs::copy(&blob, &target).map_err(CacheError::io("copy", &target))?;
             }
             Ok::<_, CacheError>(())
-        })?;
+        });
+        if let Err(e) = linked {
+            make_writable(&building);
+            let _ = std::fs::remove_dir_all(&building);
+            return Err(e);
+        }
         std::fs::write(building.join(VIEW_MARKER), &digest).map_err(CacheError::io("write", &building))?;
         let old = parent.join(format!(".{name}.kiln-old-{}", unique_suffix()));
         if dest.exists() {
@@ -416,6 +548,12 @@ impl Cache {
         }
         Ok(out)
     }
+}
+
+/// Views leave out hidden entries (a path component starting with `.`, such as a
+/// dataset's `.images/`).
+fn shown_in_view(path: &str) -> bool {
+    !path.split('/').any(|c| c.starts_with('.'))
 }
 
 /// Writes `bytes` to `dest` through a temporary file in the cache and an atomic rename.

@@ -351,8 +351,9 @@ impl Remote {
                 if self.exists(&path).await? {
                     return Ok(());
                 }
-                let file = cache.blob_path(&digest);
-                let bytes = tokio::fs::read(&file).await.map_err(|e| RemoteError::Cache(CacheError::io("read", &file)(e)))?;
+                // Checked as it is read: a corrupt local blob must not spread to every
+                // machine that shares the remote.
+                let bytes = cache.read_blob(&digest).map_err(RemoteError::Cache)?;
                 self.put(&path, bytes).await
             })
             .buffer_unordered(self.jobs)

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rayon::prelude::*;
-use redb::{Database, Durability, ReadableDatabase, ReadableTableMetadata, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::tree::{Tree, TreeEntry, escape_os};
 use crate::digest::Digest;
@@ -41,6 +41,8 @@ const MEMO_CHUNK: usize = 4096;
 pub enum StateError {
     #[error("cannot open state database `{path}`: {source}")]
     Open { path: PathBuf, source: redb::DatabaseError },
+    #[error("cannot rebuild state database `{path}`: {why}")]
+    Damaged { path: PathBuf, why: String },
     #[error("state database: {0}")]
     Db(#[from] redb::Error),
     #[error("dependency `{path}` does not exist")]
@@ -122,7 +124,61 @@ pub struct StateDb {
 }
 
 impl StateDb {
+    /// Opens the index at `path`. It only remembers what can be recomputed, so a damaged
+    /// file (truncated, overwritten) is not an error: it is replaced by an empty index,
+    /// with a warning, and the run hashes files and redoes memoised work again.
     pub fn open(path: &Path, stats: Arc<WorkStats>) -> Result<Self, StateError> {
+        match Self::open_checked(path, stats.clone()) {
+            Ok(state) => Ok(state),
+            Err(why) => {
+                tracing::warn!(
+                    "the state index `{}` is damaged ({why}); rebuilding it: files are hashed again and memoised work is redone",
+                    path.display()
+                );
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(StateError::Io { path: path.to_path_buf(), source: e });
+                    }
+                    _ => {}
+                }
+                Self::open_checked(path, stats).map_err(|why| StateError::Damaged { path: path.to_path_buf(), why })
+            }
+        }
+    }
+
+    /// Opens the database and reads a little of each table, so that damage shows here,
+    /// where it can be repaired, rather than in the middle of a run. redb panics on some
+    /// damaged files instead of returning an error; that is caught too.
+    fn open_checked(path: &Path, stats: Arc<WorkStats>) -> Result<Self, String> {
+        let previous_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<Self, String> {
+            let state = Self::open_unchecked(path, stats).map_err(|e| e.to_string())?;
+            let tx = state.db.begin_read().map_err(|e| e.to_string())?;
+            for table in [FILE_STATE, MEMO] {
+                let table = tx.open_table(table).map_err(|e| e.to_string())?;
+                for row in table.iter().map_err(|e| e.to_string())?.take(64) {
+                    row.map_err(|e| e.to_string())?;
+                }
+                if let Some(row) = table.last().map_err(|e| e.to_string())? {
+                    drop(row);
+                }
+            }
+            drop(tx);
+            Ok(state)
+        }));
+        std::panic::set_hook(previous_hook);
+        opened.unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "the database library panicked".into());
+            Err(message)
+        })
+    }
+
+    fn open_unchecked(path: &Path, stats: Arc<WorkStats>) -> Result<Self, StateError> {
         let db = Database::create(path).map_err(|source| StateError::Open { path: path.to_path_buf(), source })?;
         let state = StateDb { db, stats, dirty: Default::default() };
         // A write here would make every read-only command sync the database on exit.
@@ -427,8 +483,16 @@ fn stat_of(meta: &std::fs::Metadata, digest: Digest) -> FileState {
     FileState { size: meta.len(), mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(), inode: meta.ino(), digest }
 }
 
-/// Symlinked directories can form loops; no real dataset nests this deep.
+/// No real dataset nests this deep (loops through symlinks are caught before this).
 const MAX_DEPTH: usize = 64;
+
+/// A directory's identity (device, inode): a linked folder with the identity of one the
+/// walk is inside (or of one above the root) is a symlink loop.
+type DirId = (u64, u64);
+
+fn dir_id(meta: &std::fs::Metadata) -> DirId {
+    (meta.dev(), meta.ino())
+}
 
 /// Lists every regular file below `root` (following symlinks) with its `stat`.
 ///
@@ -452,13 +516,20 @@ fn walk(root: &Path) -> Result<Vec<Found>, StateError> {
             problem: None,
         }]);
     }
-    walk_dir(&abs, "", 0)
+    // The folders above the root are ancestors too: a link to one leads back to the root.
+    let mut ancestors: Vec<DirId> = match std::fs::canonicalize(&abs) {
+        Ok(canonical) => canonical.ancestors().skip(1).filter_map(|a| std::fs::metadata(a).ok()).map(|m| dir_id(&m)).collect(),
+        Err(_) => Vec::new(),
+    };
+    ancestors.push(dir_id(&meta));
+    walk_dir(&abs, "", 0, &ancestors)
 }
 
-fn walk_dir(dir: &Path, rel: &str, depth: usize) -> Result<Vec<Found>, StateError> {
+/// `ancestors`: the identities of `dir` and of every folder above it.
+fn walk_dir(dir: &Path, rel: &str, depth: usize, ancestors: &[DirId]) -> Result<Vec<Found>, StateError> {
     let io = |path: &Path, source| StateError::Io { path: path.to_path_buf(), source };
     if depth > MAX_DEPTH {
-        return Err(io(dir, std::io::Error::other("directories nest too deep (a symlink loop?)")));
+        return Err(io(dir, std::io::Error::other("directories nest too deep")));
     }
     let mut files = Vec::new();
     let mut subdirs = Vec::new();
@@ -494,7 +565,10 @@ fn walk_dir(dir: &Path, rel: &str, depth: usize) -> Result<Vec<Found>, StateErro
                 }
             }
         } else if kind.is_dir() {
-            subdirs.push((entry.path(), child_rel));
+            match entry.metadata() {
+                Ok(m) => subdirs.push((entry.path(), child_rel, dir_id(&m))),
+                Err(e) => files.push(broken(child_rel, entry.path(), format!("cannot stat: {e}"))),
+            }
             continue;
         } else {
             match entry.metadata() {
@@ -506,13 +580,25 @@ fn walk_dir(dir: &Path, rel: &str, depth: usize) -> Result<Vec<Found>, StateErro
             }
         };
         if meta.is_dir() {
-            subdirs.push((entry.path(), child_rel));
+            // Only a symlink gets here: one back to a folder the walk is inside is one
+            // unreadable entry, not an endless (or exponential) descent.
+            if ancestors.contains(&dir_id(&meta)) {
+                files.push(broken(child_rel, entry.path(), "symlink loop".to_string()));
+            } else {
+                subdirs.push((entry.path(), child_rel, dir_id(&meta)));
+            }
         } else if meta.is_file() {
             let stat = stat_of(&meta, Digest([0; 32]));
             files.push(Found { rel: child_rel, executable: meta.mode() & 0o111 != 0, stat, abs: entry.path(), problem: None });
         }
     }
-    let nested: Vec<Vec<Found>> = subdirs.into_par_iter().map(|(path, r)| walk_dir(&path, &r, depth + 1)).collect::<Result<_, _>>()?;
+    let nested: Vec<Vec<Found>> = subdirs
+        .into_par_iter()
+        .map(|(path, r, id)| {
+            let chain: Vec<DirId> = ancestors.iter().copied().chain([id]).collect();
+            walk_dir(&path, &r, depth + 1, &chain)
+        })
+        .collect::<Result<_, _>>()?;
     files.extend(nested.into_iter().flatten());
     Ok(files)
 }
@@ -527,6 +613,43 @@ mod tests {
         let old = SystemTime::now() - Duration::from_secs(10);
         let f = std::fs::File::options().write(true).open(path).unwrap();
         f.set_modified(old).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_index_is_rebuilt_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("a"), "a").unwrap();
+        backdate(&data.join("a"));
+        let path = dir.path().join("state.redb");
+        let want = {
+            let db = StateDb::open(&path, Default::default()).unwrap();
+            let tree = db.hash_tree(&data, &NullReporter).unwrap();
+            db.flush().unwrap();
+            tree.digest()
+        };
+        let len = std::fs::metadata(&path).unwrap().len();
+        let mut noise = vec![0u8; len as usize];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        type Damage = Box<dyn Fn(&Path)>;
+        let damages: [(&str, Damage); 3] = [
+            ("truncated", Box::new(move |p: &Path| std::fs::File::options().write(true).open(p).unwrap().set_len(len / 2).unwrap())),
+            ("random bytes", Box::new(move |p: &Path| std::fs::write(p, &noise).unwrap())),
+            ("empty", Box::new(|p: &Path| std::fs::write(p, b"").unwrap())),
+        ];
+        for (what, damage) in damages {
+            damage(&path);
+            let db = StateDb::open(&path, Default::default()).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(db.hash_tree(&data, &NullReporter).unwrap().digest(), want, "{what}");
+            db.flush().unwrap();
+        }
     }
 
     #[test]
@@ -566,6 +689,26 @@ mod tests {
         db.hash_tree(&f, &NullReporter).unwrap();
         db.hash_tree(&f, &NullReporter).unwrap();
         assert_eq!(stats.files_hashed.load(Ordering::Relaxed), 2, "a just-written file is rehashed");
+    }
+
+    #[test]
+    fn a_symlink_loop_is_one_unreadable_entry_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("cat")).unwrap();
+        std::fs::create_dir_all(data.join("dog")).unwrap();
+        std::fs::write(data.join("cat/a"), "a").unwrap();
+        std::fs::write(data.join("dog/b"), "b").unwrap();
+        std::os::unix::fs::symlink("..", data.join("cat/loop")).unwrap();
+        std::os::unix::fs::symlink("../..", data.join("dog/up")).unwrap();
+        let db = StateDb::open(&dir.path().join("state.redb"), Default::default()).unwrap();
+        let scan = db.scan(&data, &NullReporter).unwrap();
+        assert_eq!(
+            scan.problems,
+            [("cat/loop".to_string(), "symlink loop".to_string()), ("dog/up".to_string(), "symlink loop".to_string())]
+        );
+        let files: Vec<&str> = scan.tree.entries().iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(files, ["cat/a", "cat/loop", "dog/b", "dog/up"]);
     }
 
     #[test]

@@ -193,6 +193,11 @@ impl Tree {
                 _ => return Err(err("bad file kind")),
             };
             let path = parts.next().ok_or_else(|| err("missing path"))?.to_string();
+            // Restores and views join entry paths onto a destination: a damaged or forged
+            // tree must not be able to lead them out of it.
+            if !path.is_empty() && path.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+                return Err(err("unsafe path"));
+            }
             entries.push(TreeEntry { path, digest, size, executable });
         }
         Ok(Tree { entries, digest: Default::default() })
@@ -313,6 +318,17 @@ mod tests {
         assert_ne!(a.digest(), c.digest());
         let renamed = Tree::new(vec![entry("b", b"2"), entry("y/a", b"1")]);
         assert_ne!(a.digest(), renamed.digest());
+    }
+
+    #[test]
+    fn decode_refuses_paths_that_climb_out() {
+        let good = Tree::new(vec![entry("a/b", b"1")]).encode();
+        assert!(Tree::decode(&good).is_ok());
+        let d = Digest::of_bytes(b"1").to_hex();
+        for bad in ["../x", "a/../../x", "/etc/passwd", "a//b", "./a"] {
+            let text = format!("{MAGIC}\n{d} 1 f {bad}\n");
+            assert!(Tree::decode(text.as_bytes()).is_err(), "{bad} must be refused");
+        }
     }
 
     #[test]

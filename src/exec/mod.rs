@@ -19,6 +19,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
+
 use crate::Error;
 use crate::cache::guard::RunGuard;
 use crate::cache::lockfile::{LockFile, LockedStage};
@@ -29,6 +31,7 @@ use crate::manifest::Manifest;
 use crate::report::{Reporter, StageOutcome};
 use crate::stages::{Artifact, StageContext, StageError};
 use crate::stats::WorkStats;
+use crate::workspace::Confined;
 use inputs::{dep_path, hash_deps, make_key, tree_path};
 use status::{Current, DirtyReason, StageStatus};
 
@@ -107,6 +110,8 @@ struct Done {
 
 struct Shared<'a> {
     manifest: &'a Manifest,
+    /// Where stages may delete, write and restore.
+    workspace: &'a Confined,
     cache: &'a Cache,
     previous: &'a LockFile,
     reporter: &'a dyn Reporter,
@@ -131,19 +136,34 @@ pub fn resolve_targets(manifest: &Manifest, targets: &[String]) -> Result<Vec<us
         .collect()
 }
 
-/// Opens the cache for a command that may write to it, holding the run guard.
+/// Opens the cache for a command that may write to it, holding the run guard, and
+/// removes what interrupted runs left in its `tmp/`.
 pub fn open_cache(
     manifest: &Manifest,
     wait: bool,
     reporter: &dyn Reporter,
     stats: std::sync::Arc<WorkStats>,
 ) -> Result<(RunGuard, Cache), Error> {
-    let guard = RunGuard::acquire(&manifest.cache_dir, wait, |msg| reporter.warn(msg))?;
-    let cache = Cache::open(&manifest.cache_dir, stats)?;
+    let (guard, cache) = open_cache_keeping_tmp(manifest, wait, reporter, stats)?;
     let cleaned = cache.clean_tmp()?;
     if cleaned > 0 {
         tracing::info!("removed {cleaned} leftover(s) of an interrupted run from the cache");
     }
+    Ok((guard, cache))
+}
+
+/// Opens the cache holding the run guard, leaving `tmp/` alone (`kiln status` changes
+/// nothing but the file-state index). The directory is claimed as a kiln cache first, so
+/// no lock file is ever written into a directory that is somebody else's.
+fn open_cache_keeping_tmp(
+    manifest: &Manifest,
+    wait: bool,
+    reporter: &dyn Reporter,
+    stats: std::sync::Arc<WorkStats>,
+) -> Result<(RunGuard, Cache), Error> {
+    crate::cache::claim_dir(&manifest.cache_dir)?;
+    let guard = RunGuard::acquire(&manifest.cache_dir, wait, |msg| reporter.warn(msg))?;
+    let cache = Cache::open(&manifest.cache_dir, stats)?;
     Ok((guard, cache))
 }
 
@@ -158,7 +178,7 @@ pub fn status(
 ) -> Result<Vec<StageStatus>, Error> {
     let graph = Graph::build(manifest).map_err(|issues| manifest_error(manifest, issues))?;
     let selected = graph.select(&resolve_targets(manifest, targets)?, downstream);
-    let (_guard, cache) = open_cache(manifest, wait, reporter, stats)?;
+    let (_guard, cache) = open_cache_keeping_tmp(manifest, wait, reporter, stats)?;
     let lock = LockFile::read(&manifest.lock_path())?;
     let result = status::compute(manifest, &graph, &selected, &cache, &lock, reporter)?;
     cache.state().flush()?;
@@ -173,7 +193,10 @@ pub(crate) fn manifest_error(manifest: &Manifest, issues: Vec<crate::manifest::I
 pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stats: std::sync::Arc<WorkStats>) -> Result<RunSummary, Error> {
     let graph = Graph::build(manifest).map_err(|issues| manifest_error(manifest, issues))?;
     let selected = graph.select(&resolve_targets(manifest, &opts.targets)?, opts.downstream);
+    // Workspace first, then cache: every run takes them in this order.
+    let _workspace = RunGuard::acquire_workspace(&manifest.root, opts.wait, |msg| reporter.warn(msg))?;
     let (_guard, cache) = open_cache(manifest, opts.wait, reporter, stats.clone())?;
+    let workspace = Confined::new(&manifest.root, "the workspace");
     let lock_path = manifest.lock_path();
     let previous = LockFile::read(&lock_path)?;
     let mut lock = previous.clone();
@@ -189,6 +212,7 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
     };
     let mut outcome: Vec<Option<StageOutcome>> = vec![None; n];
     let mut artifact: Vec<Option<Digest>> = vec![None; n];
+    let mut keys: Vec<Option<Digest>> = vec![None; n];
     let mut waiting: Vec<usize> = (0..n).map(|i| graph.upstream(i).iter().filter(|&&j| selected[j]).count()).collect();
     let mut ready: BinaryHeap<Reverse<(usize, usize)>> =
         (0..n).filter(|&i| selected[i] && waiting[i] == 0).map(|i| Reverse((position[i], i))).collect();
@@ -207,6 +231,7 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
     let executor = if opts.executor == Executor::Local { manifest.executor } else { opts.executor };
     let shared = Shared {
         manifest,
+        workspace: &workspace,
         cache: &cache,
         previous: &previous,
         reporter,
@@ -233,11 +258,13 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
                     release(i, &graph, &selected, &mut waiting, &mut ready, &position);
                     continue;
                 }
+                let mut upstream_keys = BTreeMap::new();
                 let upstream: BTreeMap<String, Digest> = decl
                     .inputs
                     .iter()
                     .map(|name| {
                         let j = manifest.stages.binary_search_by(|s| s.name.as_str().cmp(name.get_ref())).expect("inputs were validated");
+                        upstream_keys.insert(name.get_ref().clone(), keys[j].expect("upstream finished"));
                         (name.get_ref().clone(), artifact[j].expect("upstream finished"))
                     })
                     .collect();
@@ -246,10 +273,10 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
                 let tx = tx.clone();
                 let shared = &shared;
                 scope.spawn(move || {
-                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        execute(shared, i, upstream).and_then(|done| show_artifact(shared, i, done))
-                    }))
-                    .unwrap_or_else(|panic| Err(StageError::Failed(format!("kiln bug: the stage panicked: {}", panic_message(&panic)))));
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| execute(shared, i, upstream, &upstream_keys)))
+                        .unwrap_or_else(|panic| {
+                            Err(StageError::Failed(format!("kiln bug: the stage panicked: {}", panic_message(&panic))))
+                        });
                     let _ = tx.send((i, result));
                 });
             }
@@ -276,6 +303,7 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
             let o = match result {
                 Ok(done) => {
                     artifact[i] = Some(done.artifact);
+                    keys[i] = Some(done.locked.key);
                     if lock.stages.get(name) != Some(&done.locked) {
                         lock.stages.insert(name.clone(), done.locked);
                         if let Err(e) = lock_writer.changed(&lock) {
@@ -334,7 +362,7 @@ pub fn run(manifest: &Manifest, opts: &RunOptions, reporter: &dyn Reporter, stat
             )],
         );
     }
-    prune_outputs(manifest)?;
+    prune_outputs(manifest, &workspace)?;
     cache.state().flush()?;
     Ok(RunSummary { stages, lock })
 }
@@ -401,8 +429,13 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-/// One stage, on a worker thread: cached or run, then committed.
-fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Result<Done, StageError> {
+/// One stage, on a worker thread: cached or run, then committed and shown.
+fn execute(
+    cx: &Shared<'_>,
+    i: usize,
+    upstream: BTreeMap<String, Digest>,
+    upstream_keys: &BTreeMap<String, Digest>,
+) -> Result<Done, StageError> {
     let manifest = cx.manifest;
     let decl = &manifest.stages[i];
     let cache = cx.cache;
@@ -418,12 +451,22 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
 
     let force = cx.forced[i];
     if !force && let Some((entry, pulled)) = lookup(cx, &digest)? {
-        let restored = restore_outputs(manifest, cache, &entry, cx.reporter)?;
-        return Ok(Done {
-            outcome: StageOutcome::Cached { restored, pulled },
-            artifact: entry.artifact,
-            locked: locked_stage(cache, &key, entry.artifact, entry.outs)?,
-        });
+        let shown = restore_outputs(cx, &entry).and_then(|restored| show_artifact(cx, i, &entry.artifact).map(|()| restored));
+        match shown {
+            Ok(restored) => {
+                return Ok(Done {
+                    outcome: StageOutcome::Cached { restored, pulled },
+                    artifact: entry.artifact,
+                    locked: locked_stage(cache, &key, entry.artifact, entry.outs)?,
+                });
+            }
+            // A result whose files are gone or damaged is no result: compute it again.
+            Err(StageError::Cache(e @ (CacheError::MissingBlob { .. } | CacheError::CorruptBlob { .. }))) => {
+                cx.reporter.warn(&format!("stage `{}`: the cached result is incomplete ({e}); running the stage again", decl.name));
+                cache.remove_entry(&digest)?;
+            }
+            Err(e) => return Err(e),
+        }
     }
 
     if tracing::enabled!(tracing::Level::INFO) {
@@ -450,7 +493,10 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
 
     let started = Instant::now();
     let entry = match cx.executor {
-        Executor::Local => run_and_commit(manifest, decl, cache, cx.reporter, &key, &dep_trees, &upstream)?,
+        Executor::Local => match run_and_commit(manifest, cx.workspace, decl, cache, cx.reporter, &key, &dep_trees, &upstream) {
+            Ok(entry) => entry,
+            Err(e) => return Err(forget_damaged_inputs(cx, &upstream, upstream_keys, e)),
+        },
         Executor::Slurm => {
             crate::slurm::run_stage(manifest, decl, &digest, &upstream, cx.reporter, cx.interrupted)?;
             // The job committed the result into the shared cache, or uploaded it to the
@@ -465,7 +511,40 @@ fn execute(cx: &Shared<'_>, i: usize, upstream: BTreeMap<String, Digest>) -> Res
         remote.push(cache, &entry, &|m: &str| cx.reporter.warn(m));
     }
     let (artifact, outs) = (entry.artifact, entry.outs.clone());
+    show_artifact(cx, i, &artifact)?;
     Ok(Done { outcome: StageOutcome::ran(started.elapsed()), artifact, locked: locked_stage(cache, &key, artifact, outs)? })
+}
+
+/// A stage that failed may have failed on an upstream blob that is gone or was found
+/// corrupt (and removed) as it was read. Such an upstream result can no longer be used:
+/// its entry is removed, so the next run computes it again instead of failing the same
+/// way, and the failure says so.
+fn forget_damaged_inputs(
+    cx: &Shared<'_>,
+    upstream: &BTreeMap<String, Digest>,
+    upstream_keys: &BTreeMap<String, Digest>,
+    error: StageError,
+) -> StageError {
+    let mut forgotten = Vec::new();
+    for (name, artifact) in upstream {
+        let damaged = match cx.cache.get_tree(artifact) {
+            Ok(Some(tree)) => tree.entries().par_iter().any(|e| !cx.cache.has_blob(&e.digest)),
+            Ok(None) | Err(_) => true,
+        };
+        if damaged
+            && let Some(key) = upstream_keys.get(name)
+            && cx.cache.remove_entry(key).is_ok()
+        {
+            forgotten.push(format!("`{name}`"));
+        }
+    }
+    if forgotten.is_empty() {
+        return error;
+    }
+    StageError::Failed(format!(
+        "{error}\n(the cached result of {} lost files in the cache; it was removed and the next run computes it again)",
+        forgotten.join(", ")
+    ))
 }
 
 /// A complete result for `key`: from the local cache, else from the remote (`true`).
@@ -484,8 +563,10 @@ fn lookup(cx: &Shared<'_>, key: &Digest) -> Result<Option<(StageEntry, bool)>, S
 /// Runs one stage in this process and commits its result: blobs, then tree, then entry.
 /// The local executor calls it for every stage; a Slurm job calls it (through
 /// [`run_one`]) for the one stage it was given.
+#[allow(clippy::too_many_arguments)]
 fn run_and_commit(
     manifest: &Manifest,
+    workspace: &Confined,
     decl: &crate::manifest::StageDecl,
     cache: &Cache,
     reporter: &dyn Reporter,
@@ -508,6 +589,7 @@ fn run_and_commit(
     // Stale outputs must not leak into a new result.
     for out in &workspace_outs {
         let abs = manifest.root.join(out);
+        workspace.check(&abs).map_err(StageError::Escape)?;
         remove_path(&abs)?;
         if let Some(parent) = abs.parent() {
             std::fs::create_dir_all(parent).map_err(CacheError::io("create", parent))?;
@@ -593,7 +675,8 @@ pub fn run_one(
             expected.short()
         )));
     }
-    let entry = run_and_commit(manifest, decl, cache, reporter, &key, &dep_trees, &upstream)
+    let workspace = Confined::new(&manifest.root, "the workspace");
+    let entry = run_and_commit(manifest, &workspace, decl, cache, reporter, &key, &dep_trees, &upstream)
         .map_err(|e| Error::Usage(format!("stage `{name}` failed: {e}")))?;
     if let Some(r) = &remote
         && !r.push(cache, &entry, &warn)
@@ -620,9 +703,9 @@ fn locked_stage(
         .filter(|e| e.path == "metrics.json" || e.path.strip_suffix("/metrics.json").is_some_and(|dir| !dir.contains('/')))
         .min_by_key(|e| e.path.len());
     if let Some(entry) = metrics_file {
-        let path = cache.blob_path(&entry.digest);
+        let bytes = cache.read_blob(&entry.digest)?;
         // A metrics file that is not JSON is the stage's business, not a reason to fail.
-        if let Ok(doc) = std::fs::read(&path).map_err(|_| ()).and_then(|b| serde_json::from_slice(&b).map_err(|_| ())) {
+        if let Ok(doc) = serde_json::from_slice(&bytes) {
             locked.metrics = crate::cache::lockfile::headline_metrics(&doc);
         }
     }
@@ -673,7 +756,8 @@ fn commit_workspace_outs(
 }
 
 /// Puts back workspace outputs of a cached stage that are missing or were changed.
-fn restore_outputs(manifest: &Manifest, cache: &Cache, entry: &StageEntry, reporter: &dyn Reporter) -> Result<usize, StageError> {
+fn restore_outputs(cx: &Shared<'_>, entry: &StageEntry) -> Result<usize, StageError> {
+    let (manifest, cache, reporter) = (cx.manifest, cx.cache, cx.reporter);
     if entry.outs.is_empty() {
         return Ok(0);
     }
@@ -687,6 +771,7 @@ fn restore_outputs(manifest: &Manifest, cache: &Cache, entry: &StageEntry, repor
             Err(e) => return Err(CacheError::from(e).into()),
         };
         if !intact {
+            cx.workspace.check(&abs).map_err(StageError::Escape)?;
             remove_path(&abs)?;
             cache.restore(&tree.subtree(&tree_path(out)), &abs)?;
             restored += 1;
@@ -698,24 +783,26 @@ fn restore_outputs(manifest: &Manifest, cache: &Cache, entry: &StageEntry, repor
 /// Rebuilds `outputs/<pipeline>/<stage>/` for an artifact stage as soon as it finishes,
 /// so people (and `command` stages below it, through `KILN_INPUT_<STAGE>`) see the result
 /// of this run, not of the last one.
-fn show_artifact(cx: &Shared<'_>, i: usize, done: Done) -> Result<Done, StageError> {
+fn show_artifact(cx: &Shared<'_>, i: usize, artifact: &Digest) -> Result<(), StageError> {
     let decl = &cx.manifest.stages[i];
-    let view = cx.manifest.outputs_dir().join(&decl.name);
-    if !decl.stage.writes_workspace() && !cx.cache.view_is_current(&view, &done.artifact) {
-        let tree = cx.cache.get_tree(&done.artifact)?.ok_or(CacheError::MissingTree { digest: done.artifact })?;
-        cx.cache.link_view(&tree, &view)?;
+    if decl.stage.writes_workspace() {
+        return Ok(());
     }
-    Ok(done)
+    let view = cx.manifest.outputs_dir().join(&decl.name);
+    cx.workspace.check(&view).map_err(StageError::Escape)?;
+    let tree = cx.cache.get_tree(artifact)?.ok_or(CacheError::MissingTree { digest: *artifact })?;
+    cx.cache.link_view(&tree, &view)?;
+    Ok(())
 }
 
 /// Drops views of stages the manifest no longer has (or that now write the workspace).
-fn prune_outputs(manifest: &Manifest) -> Result<(), Error> {
+fn prune_outputs(manifest: &Manifest, workspace: &Confined) -> Result<(), Error> {
     let dir = manifest.outputs_dir();
     let Ok(items) = std::fs::read_dir(&dir) else { return Ok(()) };
     for item in items.flatten() {
         let name = item.file_name().to_string_lossy().into_owned();
         let keep = manifest.stage(&name).is_some_and(|s| !s.stage.writes_workspace());
-        if !name.starts_with('.') && !keep {
+        if !name.starts_with('.') && !keep && workspace.check(&item.path()).is_ok() {
             remove_path(&item.path())?;
         }
     }

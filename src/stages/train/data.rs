@@ -57,7 +57,7 @@ impl Split {
         };
         let Some(info) = m.splits.get(split) else { return Ok(out) };
         for shard in &info.shards {
-            let path = cx.input_file(artifact, &shard.file).ok_or_else(|| fail(format!("shard `{}` is missing", shard.file)))?;
+            let path = cx.input_file(artifact, &shard.file)?.ok_or_else(|| fail(format!("shard `{}` is missing", shard.file)))?;
             let bytes = std::fs::read(&path).map_err(|e| fail(format!("cannot read shard `{}`: {e}", shard.file)))?;
             let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| fail(format!("shard `{}`: {e}", shard.file)))?;
             let images = st.tensor("images").map_err(|e| fail(format!("shard `{}`: {e}", shard.file)))?;
