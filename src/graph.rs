@@ -3,7 +3,8 @@
 //! Edges come from two places: a stage's `inputs` naming another stage, and a stage's
 //! `deps` overlapping another stage's declared `outs` (DVC-style implicit edges). Building
 //! the graph validates it: overlapping outputs, a stage reading its own output, and every
-//! cycle (each reported with all of its stages) are manifest errors.
+//! cycle (each reported with all of its stages) are manifest errors. It is built once per
+//! command, by [`crate::plan::Plan`].
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
@@ -11,7 +12,9 @@ use std::collections::{BTreeSet, BinaryHeap};
 use petgraph::algo::tarjan_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
 
-use crate::manifest::{Issue, Manifest, path_contains, paths_overlap};
+use crate::diagnostic::Issue;
+use crate::manifest::Manifest;
+use crate::paths::{Out, contains as path_contains, overlaps as paths_overlap};
 
 #[derive(Debug)]
 pub struct Graph {
@@ -38,8 +41,7 @@ impl Graph {
             }
         }
 
-        let outs: Vec<(usize, &crate::stages::Out)> =
-            stages.iter().enumerate().flat_map(|(i, s)| s.stage.outs().iter().map(move |o| (i, o))).collect();
+        let outs: Vec<(usize, &Out)> = stages.iter().enumerate().flat_map(|(i, s)| s.stage.outs().iter().map(move |o| (i, o))).collect();
         for (a, (i, out_a)) in outs.iter().enumerate() {
             for (j, out_b) in &outs[a + 1..] {
                 if i != j && paths_overlap(&out_a.path, &out_b.path) {

@@ -51,8 +51,9 @@ impl ModelFiles {
         if let Some((manifest, stage)) = spec.rsplit_once(':')
             && manifest.ends_with(".toml")
         {
-            let manifest = crate::manifest::Manifest::load(Path::new(manifest), &crate::stages::StageRegistry::builtin())
-                .map_err(|e| fail(e.to_string()))?;
+            let plan =
+                crate::plan::Plan::load(Path::new(manifest), &crate::stages::StageRegistry::builtin()).map_err(|e| fail(e.to_string()))?;
+            let manifest = plan.manifest();
             let decl = manifest.stage(stage).ok_or_else(|| {
                 fail(format!(
                     "no stage `{stage}`; stages: {}",

@@ -15,9 +15,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::lockfile::LockFile;
 use crate::digest::Digest;
-use crate::exec::RunSummary;
 use crate::manifest::{Manifest, Override};
 use crate::report::StageOutcome;
+
+/// What `kiln run` did: the engine's answer ([`crate::exec::run`]), from which the run's
+/// record is made.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSummary {
+    /// Every selected stage in run order.
+    pub stages: Vec<(String, StageOutcome)>,
+    /// The lock file as this run leaves it (also when it was not written).
+    pub lock: LockFile,
+}
+
+impl RunSummary {
+    pub fn failed(&self) -> usize {
+        self.stages.iter().filter(|(_, o)| matches!(o, StageOutcome::Failed { .. })).count()
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunRecord {

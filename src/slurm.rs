@@ -14,45 +14,12 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::digest::Digest;
 use crate::manifest::{Manifest, StageDecl};
 use crate::report::Reporter;
 use crate::stages::StageError;
 
-/// `resources = { cpus = 2, mem = "4G", gpus = 1, time = "01:00:00", partition = "gpu" }`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Resources {
-    pub cpus: Option<u32>,
-    pub mem: Option<String>,
-    pub gpus: Option<u32>,
-    pub time: Option<String>,
-    pub partition: Option<String>,
-}
-
-impl Resources {
-    pub fn sbatch_args(&self) -> Vec<String> {
-        let mut a = Vec::new();
-        if let Some(c) = self.cpus {
-            a.push(format!("--cpus-per-task={c}"));
-        }
-        if let Some(m) = &self.mem {
-            a.push(format!("--mem={m}"));
-        }
-        if let Some(g) = self.gpus {
-            a.push(format!("--gres=gpu:{g}"));
-        }
-        if let Some(t) = &self.time {
-            a.push(format!("--time={t}"));
-        }
-        if let Some(p) = &self.partition {
-            a.push(format!("--partition={p}"));
-        }
-        a
-    }
-}
+pub use crate::manifest::Resources;
 
 /// Quotes a word for `sh`.
 fn sh_quote(s: &str) -> String {
@@ -144,7 +111,7 @@ pub fn run_stage(
 ) -> Result<(), StageError> {
     let exe = std::env::current_exe().map_err(|e| StageError::Failed(format!("cannot find the kiln executable: {e}")))?;
     let logs: PathBuf = manifest.outputs_dir().join(".slurm");
-    std::fs::create_dir_all(&logs).map_err(|e| StageError::Failed(format!("cannot create {}: {e}", logs.display())))?;
+    std::fs::create_dir_all(&logs).map_err(StageError::io("create", &logs))?;
     let log = logs.join(format!("{}-{}.log", decl.name, &key.to_hex()[..12]));
     let mut sbatch = Command::new("sbatch");
     sbatch
@@ -165,7 +132,7 @@ pub fn run_stage(
     loop {
         if interrupted.is_some_and(|f| f.load(Ordering::Relaxed)) {
             let _ = Command::new("scancel").arg(&job).status();
-            return Err(StageError::Failed(format!("interrupted: Slurm job {job} cancelled")));
+            return Err(StageError::Interrupted(format!("Slurm job {job} cancelled")));
         }
         match query(&job) {
             Some(s) if s.is_active() => unknown = 0,

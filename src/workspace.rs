@@ -10,6 +10,8 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use crate::diagnostic::Issue;
+
 /// A path that resolves outside the directory it must stay in.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("`{}` resolves to `{}`, outside {what} `{}`", path.display(), real.display(), inside.display())]
@@ -91,27 +93,25 @@ pub fn real_path(path: &Path) -> PathBuf {
     }
 }
 
-/// Plan-time checks of where a manifest makes kiln write: every declared output and the
-/// views resolve inside the workspace, and the cache is a directory of its own (never the
-/// workspace, one of its ancestors, `/`, or a directory that holds other things).
-pub fn layout_issues(
+/// Plan-time checks of where a manifest makes kiln write: every declared output (`outs`: its
+/// path and where the manifest names it) and the views resolve inside the workspace, and the
+/// cache is a directory of its own (never the workspace, one of its ancestors, `/`, or a
+/// directory that holds other things; `cache_span` is where the manifest names it).
+pub fn layout_issues<'a>(
     root: &Path,
     cache_dir: &Path,
     cache_span: Option<std::ops::Range<usize>>,
-    stages: &[crate::manifest::StageDecl],
-) -> Vec<crate::manifest::Issue> {
-    use crate::manifest::Issue;
+    outs: impl IntoIterator<Item = (&'a str, std::ops::Range<usize>)>,
+) -> Vec<Issue> {
     let mut issues = Vec::new();
     let workspace = Confined::new(root, "the workspace");
-    for decl in stages {
-        for out in decl.stage.outs() {
-            if let Err(e) = workspace.check(Path::new(&out.path)) {
-                issues.push(
-                    Issue::new(out.span.clone(), format!("output `{}` resolves to `{}`, outside the workspace", out.path, e.real.display()))
-                        .label("leaves the workspace through a symlink")
-                        .help("kiln deletes an output before its stage runs and restores it from the cache: name a path that no symlink leads out of the workspace"),
-                );
-            }
+    for (out, span) in outs {
+        if let Err(e) = workspace.check(Path::new(out)) {
+            issues.push(
+                Issue::new(span, format!("output `{out}` resolves to `{}`, outside the workspace", e.real.display()))
+                    .label("leaves the workspace through a symlink")
+                    .help("kiln deletes an output before its stage runs and restores it from the cache: name a path that no symlink leads out of the workspace"),
+            );
         }
     }
     let views = root.join("outputs").join("views");

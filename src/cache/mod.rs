@@ -17,8 +17,10 @@
 
 pub mod gc;
 pub mod guard;
+pub mod index;
 pub mod key;
 pub mod lockfile;
+pub mod memo;
 pub mod remote;
 pub mod state;
 pub mod tree;
@@ -32,8 +34,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+pub use index::Scan;
 pub use key::{CacheKey, KEY_FORMAT};
-pub use state::{MemoStore, Scan, StateDb, StateError};
+pub use memo::MemoStore;
+pub use state::{StateDb, StateError};
 pub use tree::{Tree, TreeDiff, TreeEntry};
 
 use crate::digest::Digest;

@@ -4,8 +4,6 @@ use clap::{Args, ValueEnum};
 
 use super::{load, split_manifest};
 use crate::Error;
-use crate::exec::manifest_error;
-use crate::graph::Graph;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Format {
@@ -25,8 +23,8 @@ pub struct DagArgs {
 
 pub fn dag(args: DagArgs) -> Result<(), Error> {
     let (path, _) = split_manifest(&args.words)?;
-    let manifest = load(&path)?;
-    let graph = Graph::build(&manifest).map_err(|i| manifest_error(&manifest, i))?;
+    let plan = load(&path)?;
+    let (manifest, graph) = (plan.manifest(), plan.graph());
     let stages = &manifest.stages;
     let edges = || graph.order().iter().flat_map(|&i| graph.upstream(i).iter().map(move |&j| (j, i)));
     let mut out = String::new();

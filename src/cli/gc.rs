@@ -37,8 +37,9 @@ pub struct VerifyArgs {
 
 pub fn gc(args: GcArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Result<(), Error> {
     let (path, _) = split_manifest(&args.words)?;
-    let manifest = load(&path)?;
-    let (_guard, cache) = open_cache(&manifest, true, reporter, stats)?;
+    let plan = load(&path)?;
+    let manifest = plan.manifest();
+    let (_guard, cache) = open_cache(manifest, true, reporter, stats)?;
     let mut roots = roots_beside(&manifest.path)?;
     // Experiments (`--set`, `--sweep`) have no lock file to keep them: their records do,
     // so they stay comparable (`kiln metrics diff r1 r2`) until `kiln runs --drop`. Plain
@@ -86,8 +87,8 @@ fn roots_beside(manifest: &Path) -> Result<Roots, Error> {
 
 pub fn verify(args: VerifyArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Result<(), Error> {
     let (path, _) = split_manifest(&args.words)?;
-    let manifest = load(&path)?;
-    let (_guard, cache) = open_cache(&manifest, true, reporter, stats)?;
+    let plan = load(&path)?;
+    let (_guard, cache) = open_cache(plan.manifest(), true, reporter, stats)?;
     let report = crate::cache::gc::verify(&cache)?;
     for p in &report.problems {
         reporter.line(p);

@@ -75,9 +75,10 @@ fn show(args: ShowArgs, out: &CliReporter) -> Result<(), Error> {
         return Ok(());
     }
     let (path, rest) = split_manifest(&args.words)?;
-    let manifest = load(&path)?;
+    let plan = load(&path)?;
+    let manifest = plan.manifest();
     let state = rest.first().map(String::as_str).unwrap_or("workspace");
-    let snap = snapshot(&manifest, state)?;
+    let snap = snapshot(manifest, state)?;
     let reader = ArtifactReader::new(&manifest.cache_dir);
     if snap.stages.is_empty() {
         out.line(&format!("no metrics in {state}: run a stage that writes metrics.json (an eval stage) first"));
@@ -189,9 +190,10 @@ fn lock_in_git(manifest: &Manifest) -> bool {
 
 fn diff(args: DiffArgs, out: &CliReporter) -> Result<(), Error> {
     let (path, rest) = split_manifest(&args.words)?;
-    let manifest = load(&path)?;
+    let plan = load(&path)?;
+    let manifest = plan.manifest();
     let (a, b) = match rest.as_slice() {
-        [] if lock_in_git(&manifest) => ("HEAD".to_string(), "workspace".to_string()),
+        [] if lock_in_git(manifest) => ("HEAD".to_string(), "workspace".to_string()),
         [] => {
             let runs: Vec<String> =
                 RunLog::new(&manifest.cache_dir).list()?.into_iter().filter(|r| r.pipeline == manifest.name).map(|r| r.id).collect();
@@ -209,7 +211,7 @@ fn diff(args: DiffArgs, out: &CliReporter) -> Result<(), Error> {
         [a, b] => (a.clone(), b.clone()),
         [_, _, extra, ..] => return Err(Error::Usage(format!("`kiln metrics diff` compares two states; `{extra}` is a third"))),
     };
-    let (sa, sb) = (snapshot(&manifest, &a)?, snapshot(&manifest, &b)?);
+    let (sa, sb) = (snapshot(manifest, &a)?, snapshot(manifest, &b)?);
     let diffs = compare::diff(&sa, &sb, &ArtifactReader::new(&manifest.cache_dir))?;
     if args.json {
         let doc = serde_json::json!({ "a": a, "b": b, "stages": diffs });

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use crate::manifest::Manifest;
+use crate::plan::Plan;
 use crate::stages::StageRegistry;
 use crate::stats::WorkStats;
 use crate::{Error, exit};
@@ -159,6 +159,7 @@ fn discover_manifest() -> Result<PathBuf, Error> {
     }
 }
 
-fn load(path: &Path) -> Result<Manifest, Error> {
-    Manifest::load(path, &StageRegistry::builtin())
+/// The plan of the manifest at `path`: checked, with its stage graph.
+fn load(path: &Path) -> Result<Plan, Error> {
+    Plan::load(path, &StageRegistry::builtin())
 }

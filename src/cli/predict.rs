@@ -10,13 +10,13 @@ use rayon::prelude::*;
 
 use super::progress::CliReporter;
 use crate::Error;
+use crate::formats::csv_field;
 use crate::imaging::DecodeLimits;
 use crate::nn::device::DeviceChoice;
 use crate::predict::{ModelFiles, Predictor};
 use crate::report::Reporter;
 use crate::serve::batcher::BatchConfig;
 use crate::serve::{DEFAULT_MAX_BODY, ServeConfig};
-use crate::stages::eval::csv_field;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Format {

@@ -10,7 +10,8 @@ use super::{load, split_manifest};
 use crate::Error;
 use crate::cache::lockfile::LockFile;
 use crate::cache::remote::{Fetched, Remote};
-use crate::exec::{open_cache, resolve_targets};
+use crate::exec::open_cache;
+use crate::plan::Plan;
 use crate::report::Reporter;
 use crate::stats::WorkStats;
 
@@ -21,9 +22,10 @@ pub struct RemoteArgs {
     words: Vec<String>,
 }
 
-fn setup(args: &RemoteArgs) -> Result<(crate::manifest::Manifest, Vec<String>, Remote), Error> {
+fn setup(args: &RemoteArgs) -> Result<(Plan, Vec<String>, Remote), Error> {
     let (path, targets) = split_manifest(&args.words)?;
-    let manifest = load(&path)?;
+    let plan = load(&path)?;
+    let manifest = plan.manifest();
     let config = manifest.remote.clone().ok_or_else(|| {
         Error::Usage(format!(
             "`{}` has no [cache.remote]: add `url = \"s3://BUCKET/PREFIX\"` (and `endpoint` for S3-compatible servers)",
@@ -34,14 +36,15 @@ fn setup(args: &RemoteArgs) -> Result<(crate::manifest::Manifest, Vec<String>, R
     let stages = if targets.is_empty() {
         manifest.stages.iter().map(|s| s.name.clone()).collect()
     } else {
-        resolve_targets(&manifest, &targets)?.into_iter().map(|i| manifest.stages[i].name.clone()).collect()
+        plan.resolve_targets(&targets)?.into_iter().map(|i| manifest.stages[i].name.clone()).collect()
     };
-    Ok((manifest, stages, remote))
+    Ok((plan, stages, remote))
 }
 
 pub fn push(args: RemoteArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Result<(), Error> {
-    let (manifest, stages, remote) = setup(&args)?;
-    let (_guard, cache) = open_cache(&manifest, true, reporter, stats)?;
+    let (plan, stages, remote) = setup(&args)?;
+    let manifest = plan.manifest();
+    let (_guard, cache) = open_cache(manifest, true, reporter, stats)?;
     let lock = LockFile::read(&manifest.lock_path())?;
     let progress = reporter.progress("pushing", stages.len() as u64, "stages");
     let (mut pushed, mut missing) = (0, Vec::new());
@@ -69,12 +72,13 @@ pub fn push(args: RemoteArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> 
         t.uploaded_bytes.load(Ordering::Relaxed) as f64 / 1e6,
         if missing.is_empty() { String::new() } else { format!("; not in the local cache (run them first): {}", missing.join(", ")) }
     ));
-    if remote.is_online() { Ok(()) } else { Err(Error::Usage(format!("the remote {} could not be reached", remote.url()))) }
+    if remote.is_online() { Ok(()) } else { Err(Error::Failed(format!("the remote {} could not be reached", remote.url()))) }
 }
 
 pub fn pull(args: RemoteArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Result<(), Error> {
-    let (manifest, stages, remote) = setup(&args)?;
-    let (_guard, cache) = open_cache(&manifest, true, reporter, stats)?;
+    let (plan, stages, remote) = setup(&args)?;
+    let manifest = plan.manifest();
+    let (_guard, cache) = open_cache(manifest, true, reporter, stats)?;
     let lock = LockFile::read(&manifest.lock_path())?;
     let progress = reporter.progress("pulling", stages.len() as u64, "stages");
     let (mut pulled, mut present, mut absent) = (0, 0, Vec::new());
@@ -104,5 +108,5 @@ pub fn pull(args: RemoteArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> 
         t.downloaded_bytes.load(Ordering::Relaxed) as f64 / 1e6,
         if absent.is_empty() { String::new() } else { format!("; not on the remote: {}", absent.join(", ")) }
     ));
-    if remote.is_online() { Ok(()) } else { Err(Error::Usage(format!("the remote {} could not be reached", remote.url()))) }
+    if remote.is_online() { Ok(()) } else { Err(Error::Failed(format!("the remote {} could not be reached", remote.url()))) }
 }

@@ -26,11 +26,12 @@ pub struct ReportArgs {
 
 pub fn report(args: ReportArgs, out: &CliReporter) -> Result<(), Error> {
     let (path, targets) = split_manifest(&args.words)?;
-    let manifest = load(&path)?;
+    let plan = load(&path)?;
+    let manifest = plan.manifest();
     if targets.is_empty() {
-        return html(&manifest, &args, out);
+        return html(&plan, &args, out);
     }
-    let stages = crate::exec::resolve_targets(&manifest, &targets)?;
+    let stages = plan.resolve_targets(&targets)?;
     for i in stages {
         let decl = &manifest.stages[i];
         let file = manifest.outputs_dir().join(&decl.name).join(format!("{}_report.json", decl.kind));
@@ -89,9 +90,9 @@ pub fn report(args: ReportArgs, out: &CliReporter) -> Result<(), Error> {
     Ok(())
 }
 
-fn html(manifest: &crate::manifest::Manifest, args: &ReportArgs, out: &CliReporter) -> Result<(), Error> {
+fn html(plan: &crate::plan::Plan, args: &ReportArgs, out: &CliReporter) -> Result<(), Error> {
     use crate::html_report::{ReportInput, StageRow, render};
-    let graph = crate::graph::Graph::build(manifest).map_err(|issues| crate::exec::manifest_error(manifest, issues))?;
+    let (manifest, graph) = (plan.manifest(), plan.graph());
     let log = crate::runs::RunLog::new(&manifest.cache_dir);
     let run = match &args.run {
         Some(id) => Some(log.get(id)?),
@@ -118,7 +119,7 @@ fn html(manifest: &crate::manifest::Manifest, args: &ReportArgs, out: &CliReport
             (stages, format!("{} — lock file", manifest.name), Vec::new(), "lock".to_string())
         }
     };
-    let input = ReportInput { manifest, graph: &graph, stages, title, overrides, reader: &reader };
+    let input = ReportInput { manifest, graph, stages, title, overrides, reader: &reader };
     let page = render(&input)?;
     let dest = args.out.clone().unwrap_or_else(|| manifest.root.join("outputs").join(format!("{}-{tag}.html", manifest.name)));
     if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {

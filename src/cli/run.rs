@@ -9,7 +9,8 @@ use super::split_manifest;
 use crate::Error;
 use crate::exec::status::{DirtyReason, StageState};
 use crate::exec::{self, RunOptions, RunSummary};
-use crate::manifest::Override;
+use crate::manifest::{Executor, Override};
+use crate::plan::Plan;
 use crate::report::StageOutcome;
 use crate::runs::{RunLog, RunRecord};
 use crate::stats::WorkStats;
@@ -53,7 +54,7 @@ pub struct RunArgs {
     /// Where stages run: `local` (threads of this process) or `slurm` (one `sbatch` job
     /// per stage; workspace and cache on a shared filesystem). Default: `[pipeline] executor`.
     #[arg(long, value_enum)]
-    executor: Option<crate::exec::Executor>,
+    executor: Option<Executor>,
     /// Do not use `[cache.remote]` for this run.
     #[arg(long)]
     no_remote: bool,
@@ -68,20 +69,20 @@ pub fn run(args: RunArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Resu
         args.set.iter().map(|a| Override::parse(a).map_err(|e| Error::Usage(format!("--set {e}")))).collect::<Result<_, _>>()?;
     let grid = sweep_grid(&args.sweep)?;
     if args.dry_run {
-        let manifest = load_with(&path, &set)?;
-        return dry_run(&manifest, &targets, &args, reporter, stats);
+        let plan = load_with(&path, &set)?;
+        return dry_run(&plan, &targets, &args, reporter, stats);
     }
     if grid.is_empty() {
-        let manifest = load_with(&path, &set)?;
-        let (summary, id) = run_once(&manifest, &targets, &args, None, reporter, stats)?;
-        if !manifest.overrides.is_empty() {
+        let plan = load_with(&path, &set)?;
+        let (summary, id) = run_once(&plan, &targets, &args, None, reporter, stats)?;
+        if !plan.manifest().overrides.is_empty() {
             reporter.note(&format!("recorded as run {id} (the lock file is unchanged: runs with --set are experiments)"));
         }
         return finish(&summary);
     }
     // Every manifest is checked before the first point runs, so a typo in the last value
     // does not surface an hour into the sweep.
-    let manifests: Vec<_> = grid
+    let plans: Vec<_> = grid
         .iter()
         .map(|point| {
             let overrides: Vec<Override> = set.iter().chain(point).cloned().collect();
@@ -91,22 +92,22 @@ pub fn run(args: RunArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Resu
     let mut sweep_id = None;
     let mut ids = Vec::new();
     let mut failed = 0;
-    for (n, (manifest, point)) in manifests.iter().zip(&grid).enumerate() {
+    for (n, (plan, point)) in plans.iter().zip(&grid).enumerate() {
         let label: Vec<String> = point.iter().map(Override::to_arg).collect();
         reporter.note(&format!("sweep {}/{}: {}", n + 1, grid.len(), label.join(" ")));
-        let (summary, id) = run_once(manifest, &targets, &args, Some(sweep_id.clone().unwrap_or_default()), reporter, stats.clone())?;
+        let (summary, id) = run_once(plan, &targets, &args, Some(sweep_id.clone().unwrap_or_default()), reporter, stats.clone())?;
         sweep_id.get_or_insert(id.clone());
         failed += summary.failed();
         ids.push(id);
     }
-    let log = RunLog::new(&manifests[0].cache_dir);
+    let log = RunLog::new(&plans[0].manifest().cache_dir);
     let records: Vec<RunRecord> = ids.iter().map(|id| log.get(id)).collect::<Result<_, _>>()?;
     super::runs::print_table(&records, args.sort.as_deref(), true, reporter)?;
     if failed > 0 { Err(Error::StagesFailed { failed }) } else { Ok(()) }
 }
 
-fn load_with(path: &std::path::Path, overrides: &[Override]) -> Result<crate::manifest::Manifest, Error> {
-    crate::manifest::Manifest::load_with(path, &crate::stages::StageRegistry::builtin(), overrides)
+fn load_with(path: &std::path::Path, overrides: &[Override]) -> Result<Plan, Error> {
+    Plan::load_with(path, &crate::stages::StageRegistry::builtin(), overrides)
 }
 
 /// `--sweep a=1,2 --sweep b=x,y` → the four points, the first key varying slowest.
@@ -153,13 +154,14 @@ fn split_top_level(s: &str) -> Vec<String> {
 }
 
 fn run_once(
-    manifest: &crate::manifest::Manifest,
+    plan: &Plan,
     targets: &[String],
     args: &RunArgs,
     sweep: Option<String>,
     reporter: &CliReporter,
     stats: Arc<WorkStats>,
 ) -> Result<(RunSummary, String), Error> {
+    let manifest = plan.manifest();
     let started = std::time::SystemTime::now();
     let mut opts = RunOptions {
         targets: targets.to_vec(),
@@ -172,19 +174,19 @@ fn run_once(
         executor: args.executor.unwrap_or(manifest.executor),
         ..RunOptions::default()
     };
-    if opts.executor == crate::exec::Executor::Slurm {
+    if opts.executor == Executor::Slurm {
         // Ctrl-C and SIGTERM must cancel the jobs, not orphan them: the workers see the
         // flag, `scancel` their jobs and the run stops.
         let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::flag::register(signal, flag.clone()).map_err(|e| Error::Usage(format!("cannot handle signals: {e}")))?;
+            signal_hook::flag::register(signal, flag.clone()).map_err(|e| Error::Failed(format!("cannot handle signals: {e}")))?;
         }
         opts.interrupted = Some(flag);
     }
     if let Some(j) = args.jobs {
         opts.jobs = j.max(1);
     }
-    let summary = exec::run(manifest, &opts, reporter, stats)?;
+    let summary = exec::run(plan, &opts, reporter, stats)?;
     let mut record = RunRecord::new(manifest, &summary, &summary.lock, started, sweep);
     let id = RunLog::new(&manifest.cache_dir).append(&mut record)?;
     let count = |f: fn(&StageOutcome) -> bool| summary.stages.iter().filter(|(_, o)| f(o)).count();
@@ -201,14 +203,8 @@ fn finish(summary: &RunSummary) -> Result<(), Error> {
     if failed > 0 { Err(Error::StagesFailed { failed }) } else { Ok(()) }
 }
 
-fn dry_run(
-    manifest: &crate::manifest::Manifest,
-    targets: &[String],
-    args: &RunArgs,
-    reporter: &CliReporter,
-    stats: Arc<WorkStats>,
-) -> Result<(), Error> {
-    let statuses = exec::status(manifest, targets, args.downstream, !args.no_wait, reporter, stats)?;
+fn dry_run(plan: &Plan, targets: &[String], args: &RunArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Result<(), Error> {
+    let statuses = exec::status(plan, targets, args.downstream, !args.no_wait, reporter, stats)?;
     for s in statuses {
         let restorable = s.reasons.iter().all(DirtyReason::is_restorable);
         let verdict = match s.state {
@@ -264,7 +260,8 @@ pub struct RunStageArgs {
 
 pub fn run_stage(args: RunStageArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Result<(), Error> {
     let set: Vec<Override> = args.set.iter().map(|a| Override::parse(a).map_err(Error::Usage)).collect::<Result<_, _>>()?;
-    let manifest = load_with(&args.manifest, &set)?;
+    let plan = load_with(&args.manifest, &set)?;
+    let manifest = plan.manifest();
     let digest = |s: &str| s.parse::<crate::Digest>().map_err(|e| Error::Usage(format!("`{s}`: {e}")));
     let key = digest(&args.key)?;
     let mut upstream = std::collections::BTreeMap::new();
@@ -274,7 +271,7 @@ pub fn run_stage(args: RunStageArgs, reporter: &CliReporter, stats: Arc<WorkStat
     }
     let state = manifest.cache_dir.join("tmp").join(format!("node-{}-{}.redb", std::process::id(), key.short()));
     let cache = crate::cache::Cache::open_with_state(&manifest.cache_dir, &state, stats)?;
-    let result = exec::run_one(&manifest, &args.stage, upstream, &key, &cache, reporter);
+    let result = exec::run_one(&plan, &args.stage, upstream, &key, &cache, reporter);
     drop(cache);
     let _ = std::fs::remove_file(&state);
     result

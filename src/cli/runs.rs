@@ -32,7 +32,8 @@ pub fn runs(args: RunsArgs, out: &CliReporter) -> Result<(), Error> {
     if let Some(extra) = rest.first() {
         return Err(Error::Usage(format!("`kiln runs` takes a manifest, not `{extra}`")));
     }
-    let manifest = load(&path)?;
+    let plan = load(&path)?;
+    let manifest = plan.manifest();
     let log = RunLog::new(&manifest.cache_dir);
     if !args.drop.is_empty() {
         let all = args.drop.iter().any(|d| d == "all");

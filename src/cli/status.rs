@@ -25,8 +25,8 @@ pub struct StatusArgs {
 
 pub fn status(args: StatusArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Result<(), Error> {
     let (path, targets) = split_manifest(&args.words)?;
-    let manifest = load(&path)?;
-    let statuses = exec::status(&manifest, &targets, false, !args.no_wait, reporter, stats)?;
+    let plan = load(&path)?;
+    let statuses = exec::status(&plan, &targets, false, !args.no_wait, reporter, stats)?;
     if args.json {
         reporter.line(&serde_json::to_string_pretty(&statuses).expect("status serialises"));
         return Ok(());

@@ -1,17 +1,12 @@
 //! Reading a stage's inputs and turning them into its cache key.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use crate::cache::{Cache, CacheKey, KEY_FORMAT, Scan, StateError};
 use crate::digest::Digest;
 use crate::manifest::{Manifest, StageDecl};
+use crate::paths::dep_path;
 use crate::report::Reporter;
-
-/// Where a dependency path lives on disk.
-pub fn dep_path(root: &Path, dep: &str) -> PathBuf {
-    if dep.starts_with('/') { PathBuf::from(dep) } else { root.join(dep) }
-}
 
 /// The scan (tree and unreadable entries) of every dependency path; `None` for a path
 /// that does not exist. Stages get these scans too, so no dependency is walked twice.

@@ -9,12 +9,12 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::inputs::{dep_path, hash_deps, make_key};
+use super::inputs::{hash_deps, make_key};
 use crate::cache::lockfile::{LockFile, LockedStage};
 use crate::cache::{Cache, CacheError, Scan, Tree, TreeDiff};
 use crate::digest::Digest;
-use crate::graph::Graph;
-use crate::manifest::Manifest;
+use crate::paths::dep_path;
+use crate::plan::Plan;
 use crate::report::Reporter;
 
 /// How many file names a reason lists before it says "and N more".
@@ -314,13 +314,13 @@ pub struct StageStatus {
 /// The status of every selected stage, in run order. Reads dependencies through the
 /// file-state index; runs nothing and writes no artifacts.
 pub fn compute(
-    manifest: &Manifest,
-    graph: &Graph,
+    plan: &Plan,
     selected: &[bool],
     cache: &Cache,
     lock: &LockFile,
     reporter: &dyn Reporter,
 ) -> Result<Vec<StageStatus>, CacheError> {
+    let (manifest, graph) = (plan.manifest(), plan.graph());
     let mut artifact: Vec<Option<Digest>> = vec![None; manifest.stages.len()];
     let mut out = Vec::new();
     for &i in graph.order() {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-use super::Issue;
+use crate::diagnostic::Issue;
 
 pub struct Resolver<'a, 'i> {
     params: Option<&'a Spanned<DeValue<'i>>>,

@@ -10,19 +10,23 @@
 //!    the parameter's type, an embedded one is formatted into the string);
 //! 4. **per stage**: `kind`, `inputs` and `deps` are read by kiln, everything else is parsed
 //!    by the stage kind's own `deny_unknown_fields` type, which range-checks every value at
-//!    its span ([`Checker`]);
-//! 5. **cross-stage**: unknown inputs, overlapping outputs and cycles ([`crate::graph`]);
-//! 6. **plan**: each stage against the stages upstream ([`Stage::plan_issues`]), pointing at
-//!    the values involved through [`StageDecl::spans`].
+//!    its span ([`Checker`](crate::diagnostic::Checker));
+//! 5. **cross-stage**: unknown inputs, and outputs and the cache that would leave the
+//!    workspace ([`crate::workspace::layout_issues`]).
 //!
-//! Each pass collects all of its issues; the load fails with one [`ManifestError`] that
-//! lists every problem with file:line:column.
+//! Each pass collects all of its issues into a [`Parsed`] manifest. The stage graph
+//! (overlapping outputs, cycles) and the checks of each stage against the stages upstream
+//! ([`crate::stages::Stage::plan_issues`], pointing at values through [`StageDecl::spans`])
+//! need the whole manifest: [`crate::plan::Plan`] runs them once, and fails with one
+//! [`ManifestError`] that lists every problem with file:line:column.
+//!
+//! The manifest sits below the engine: what it tells the engine ([`Executor`],
+//! [`Resources`]) is declared in [`settings`], its problems are [`crate::diagnostic`]'s, and
+//! its paths [`crate::paths`]'.
 
-pub mod diagnostic;
 mod interpolate;
 pub mod overrides;
-mod paths;
-pub mod spans;
+pub mod settings;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -32,11 +36,12 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-pub use diagnostic::{Issue, ManifestError};
+pub use crate::diagnostic::{Issue, ManifestError};
 pub use overrides::Override;
-pub use paths::{contains as path_contains, normalize_dep, normalize_out, overlaps as paths_overlap};
-pub use spans::{Bounds, Checker, ValueSpans};
+pub use settings::{Executor, Resources};
 
+use crate::diagnostic::{ValueSpans, did_you_mean, spans};
+use crate::paths::normalize_dep;
 use crate::stages::{ParseContext, Stage, StageRegistry};
 
 /// A validated pipeline manifest.
@@ -59,7 +64,7 @@ pub struct Manifest {
     /// `[cache.remote]`: a shared S3-compatible cache.
     pub remote: Option<crate::cache::remote::RemoteConfig>,
     /// `[pipeline] executor`: where stages run unless `kiln run --executor` says otherwise.
-    pub executor: crate::exec::Executor,
+    pub executor: Executor,
 }
 
 /// One `[stages.NAME]` table after validation.
@@ -79,59 +84,34 @@ pub struct StageDecl {
     pub uses: std::collections::BTreeMap<String, serde_json::Value>,
     /// What a Slurm job for this stage asks for; not part of the key (it cannot change a
     /// result).
-    pub resources: Option<crate::slurm::Resources>,
+    pub resources: Option<Resources>,
     pub stage: Arc<dyn Stage>,
     /// Where each value of the stage's table is written (`inputs` included), so plan
     /// checks can point at the value that causes a problem.
     pub spans: Arc<ValueSpans>,
 }
 
+/// A manifest as read and checked on its own: everything that parsed and every problem
+/// found. [`crate::plan::Plan`] adds the stage graph and the checks across stages.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The manifest text with `--set` overrides appended (as comments and values), which
+    /// every issue's span points into.
+    pub source: Arc<str>,
+    /// `None` when the TOML itself is broken.
+    pub manifest: Option<Manifest>,
+    pub issues: Vec<Issue>,
+}
+
 impl Manifest {
-    /// Reads, parses and validates a manifest, including its stage graph.
-    pub fn load(path: &Path, registry: &StageRegistry) -> Result<Manifest, crate::Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io {
-            action: "read manifest",
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_str(path, text, registry)
-    }
-
-    /// [`Manifest::load`], with `--set` overrides applied.
-    pub fn load_with(path: &Path, registry: &StageRegistry, overrides: &[Override]) -> Result<Manifest, crate::Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io {
-            action: "read manifest",
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_str_with(path, text, registry, overrides)
-    }
-
-    pub fn from_str(path: &Path, text: String, registry: &StageRegistry) -> Result<Manifest, crate::Error> {
-        Self::from_str_with(path, text, registry, &[])
-    }
-
-    pub fn from_str_with(path: &Path, text: String, registry: &StageRegistry, overrides: &[Override]) -> Result<Manifest, crate::Error> {
-        let (text, placed) = overrides::append(&text, overrides);
+    /// Parses manifest `text` (read from `path`) with `--set` overrides applied, running
+    /// every check that needs no stage graph.
+    pub fn parse(path: &Path, text: &str, registry: &StageRegistry, overrides: &[Override]) -> Parsed {
+        let (text, placed) = overrides::append(text, overrides);
         let source: Arc<str> = Arc::from(text);
-        let fail = |issues: Vec<Issue>| crate::Error::Manifest(Box::new(ManifestError::new(path, &source, issues)));
-        let (manifest, mut issues) = parse(path, &source, &placed, registry);
+        let (manifest, issues) = parse(path, &source, &placed, registry);
         let manifest = manifest.map(|m| Manifest { overrides: overrides.to_vec(), ..m });
-        // The graph checks run on every stage that parsed, even when others did not.
-        if let Some(m) = &manifest
-            && let Err(mut graph_issues) = crate::graph::Graph::build(m)
-        {
-            issues.append(&mut graph_issues);
-        }
-        if let Some(m) = &manifest
-            && issues.is_empty()
-        {
-            issues.extend(plan_checks(m));
-        }
-        match manifest {
-            Some(m) if issues.is_empty() => Ok(m),
-            _ => Err(fail(issues)),
-        }
+        Parsed { source, manifest, issues }
     }
 
     /// `pipelines/NAME.toml` → `pipelines/NAME.lock`.
@@ -158,7 +138,7 @@ struct RawPipeline {
     cache: Option<Spanned<String>>,
     root: Option<String>,
     #[serde(default)]
-    executor: crate::exec::Executor,
+    executor: Executor,
 }
 
 /// The manifest built from everything that parsed (`None` when the TOML itself is
@@ -291,7 +271,8 @@ fn parse(path: &Path, src: &str, placed: &[overrides::Placed], registry: &StageR
     }
     stages.sort_by(|a, b| a.name.cmp(&b.name));
     check_inputs(&declared, &mut issues);
-    issues.extend(crate::workspace::layout_issues(&root, &cache_dir, raw_pipeline.cache.as_ref().map(|c| c.span()), &stages));
+    let outs = stages.iter().flat_map(|decl| decl.stage.outs().iter().map(|o| (o.path.as_str(), o.span.clone())));
+    issues.extend(crate::workspace::layout_issues(&root, &cache_dir, raw_pipeline.cache.as_ref().map(|c| c.span()), outs));
 
     let manifest = Manifest {
         path: path.to_path_buf(),
@@ -349,7 +330,7 @@ fn parse_stage<'i>(
     let resources = match table.remove("resources") {
         Some(value) => {
             let span = value.span();
-            match crate::slurm::Resources::deserialize(ValueDeserializer::from(value)) {
+            match Resources::deserialize(ValueDeserializer::from(value)) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     issues.push(
@@ -390,7 +371,7 @@ fn parse_stage<'i>(
 
     let Some(stage_kind) = registry.get(kind.get_ref()) else {
         let mut issue = Issue::new(kind.span(), format!("unknown stage kind `{}`", kind.get_ref())).label("unknown kind");
-        issue = match diagnostic::did_you_mean(kind.get_ref(), registry.names()) {
+        issue = match did_you_mean(kind.get_ref(), registry.names()) {
             Some(near) => issue.help(format!("did you mean `{near}`? known kinds: {}", registry.names_list())),
             None => issue.help(format!("known kinds: {}", registry.names_list())),
         };
@@ -443,74 +424,6 @@ fn parse_stage<'i>(
     })
 }
 
-struct Plan<'a> {
-    manifest: &'a Manifest,
-    stage: &'a StageDecl,
-}
-
-fn plan_stage(decl: &StageDecl) -> crate::stages::PlanStage<'_> {
-    crate::stages::PlanStage {
-        name: &decl.name,
-        kind: &decl.kind,
-        inputs: decl.inputs.iter().map(|i| i.get_ref().as_str()).collect(),
-        stage: &*decl.stage,
-        spans: &decl.spans,
-    }
-}
-
-impl crate::stages::PlanView for Plan<'_> {
-    fn ancestor(&self, kind: &str) -> Option<(String, serde_json::Value)> {
-        self.ancestor_stage(kind).map(|s| (s.name.to_string(), s.stage.params()))
-    }
-
-    fn ancestor_stage(&self, kind: &str) -> Option<crate::stages::PlanStage<'_>> {
-        // Breadth-first over `inputs`, so the nearest one wins.
-        let mut queue: std::collections::VecDeque<&StageDecl> = std::collections::VecDeque::from([self.stage]);
-        let mut seen = std::collections::HashSet::new();
-        while let Some(decl) = queue.pop_front() {
-            for input in &decl.inputs {
-                let Some(up) = self.manifest.stage(input.get_ref()) else { continue };
-                if !seen.insert(up.name.as_str()) {
-                    continue;
-                }
-                if up.kind == kind {
-                    return Some(plan_stage(up));
-                }
-                queue.push_back(up);
-            }
-        }
-        None
-    }
-
-    fn this(&self) -> crate::stages::PlanStage<'_> {
-        plan_stage(self.stage)
-    }
-
-    fn stage(&self, name: &str) -> Option<crate::stages::PlanStage<'_>> {
-        self.manifest.stage(name).map(plan_stage)
-    }
-
-    fn span(&self, path: &str) -> Range<usize> {
-        self.stage.spans.get(path)
-    }
-}
-
-fn plan_checks(m: &Manifest) -> Vec<Issue> {
-    let mut issues = Vec::new();
-    for decl in &m.stages {
-        let plan = Plan { manifest: m, stage: decl };
-        let prefix = |message: &str| format!("stage `{}`: {message}", decl.name);
-        for p in decl.stage.check_plan(&plan) {
-            issues.push(Issue::new(decl.span.clone(), prefix(&p)));
-        }
-        for mut issue in decl.stage.plan_issues(&plan) {
-            issue.message = prefix(&issue.message);
-            issues.push(issue);
-        }
-    }
-    issues
-}
-
 fn looks_like_path(s: &str) -> bool {
     s.contains('/') || s.starts_with('.') || s.contains('.')
 }
@@ -550,7 +463,7 @@ fn check_inputs(declared: &[(String, Vec<Spanned<String>>)], issues: &mut Vec<Is
             if names.binary_search(&wanted.as_str()).is_err() {
                 let mut issue = Issue::new(input.span(), format!("stage `{stage}` names unknown input stage `{wanted}`"))
                     .label("no stage of this name");
-                issue = match diagnostic::did_you_mean(wanted, names.iter().copied()) {
+                issue = match did_you_mean(wanted, names.iter().copied()) {
                     Some(near) => issue.help(format!("did you mean `{near}`? for a path in the workspace write `./{wanted}`")),
                     None => issue.help(format!("declare `[stages.{wanted}]`, or write `./{wanted}` for a path in the workspace")),
                 };

@@ -12,8 +12,8 @@ use std::ops::Range;
 use toml::Spanned;
 use toml::de::{DeArray, DeTable, DeValue};
 
-use super::Issue;
-use super::diagnostic::did_you_mean;
+use crate::diagnostic::Issue;
+use crate::diagnostic::did_you_mean;
 
 /// One `KEY=VALUE` from the command line. `KEY` is `STAGE.FIELD[.SUB…]`, `params.NAME[.SUB…]`,
 /// `pipeline.FIELD` or `cache.remote.FIELD`; `VALUE` is TOML (`5e-4`, `[32, 64]`, `true`, `"text"`), and anything

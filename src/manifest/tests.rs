@@ -1,10 +1,14 @@
 use std::path::Path;
 
 use super::*;
+use crate::diagnostic;
+use crate::plan::Plan;
 use crate::stages::StageRegistry;
 
+/// Loads a manifest the way every command does: through its [`Plan`], so the graph and
+/// plan checks run too.
 fn load(text: &str) -> Result<Manifest, crate::Error> {
-    Manifest::from_str(Path::new("/w/pipelines/t.toml"), text.to_string(), &StageRegistry::builtin())
+    Plan::from_str(Path::new("/w/pipelines/t.toml"), text.to_string(), &StageRegistry::builtin()).map(Plan::into_manifest)
 }
 
 /// (location, message) of every problem, in file order.
@@ -69,7 +73,7 @@ fn root_is_relative_to_the_manifest() {
     std::fs::create_dir(dir.path().join("pipelines")).unwrap();
     let path = dir.path().join("pipelines/p.toml");
     let text = "[pipeline]\nroot = \"..\"\n[stages.a]\nkind = \"command\"\ncmd = \"true\"\n";
-    let m = Manifest::from_str(&path, text.into(), &StageRegistry::builtin()).unwrap();
+    let m = Plan::from_str(&path, text.into(), &StageRegistry::builtin()).unwrap().into_manifest();
     assert_eq!(m.root, dir.path().canonicalize().unwrap());
     assert_eq!(m.outputs_dir(), m.root.join("outputs/p"));
 }
@@ -310,7 +314,7 @@ fn the_quickstart_and_every_bundled_pipeline_pass_every_check() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml")
-            && let Err(e) = Manifest::load(&path, &StageRegistry::builtin())
+            && let Err(e) = Plan::load(&path, &StageRegistry::builtin())
         {
             panic!("{}: {}", path.display(), describe(&e));
         }
@@ -616,7 +620,7 @@ fn a_non_finite_override_is_reported_where_it_is_written() {
         let (src, _) = overrides::append(&text, &overrides);
         let (line, col) = diagnostic::line_col(&src, src.rfind(written).unwrap());
         let found: Vec<(String, String)> =
-            match Manifest::from_str_with(Path::new("/w/pipelines/t.toml"), text.clone(), &StageRegistry::builtin(), &overrides) {
+            match Plan::from_str_with(Path::new("/w/pipelines/t.toml"), text.clone(), &StageRegistry::builtin(), &overrides) {
                 Ok(_) => panic!("--set {arg} was accepted"),
                 Err(crate::Error::Manifest(e)) => e
                     .problems

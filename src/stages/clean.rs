@@ -25,11 +25,11 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use toml::de::DeValue;
 
-use super::{ParseContext, Stage, StageContext, StageError, StageKind, parse_config};
-use crate::dataset::{self, DuplicateRef, Item};
+use super::{ParseContext, Stage, StageContext, StageError, StageKind, io, parse_config};
+use crate::diagnostic::{Bounds, Checker, Issue, ValueSpans};
 use crate::digest::Digest;
+use crate::formats::dataset::{DuplicateRef, Item};
 use crate::imaging::{self, DecodeLimits, Defect, Probe};
-use crate::manifest::{Bounds, Checker, Issue, ValueSpans};
 
 pub struct CleanKind;
 
@@ -227,9 +227,9 @@ impl Stage for CleanStage {
     }
 
     fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError> {
-        let (input, artifact) = dataset::single_input(cx)?;
-        let items = dataset::read(cx, input, artifact)?;
-        let meta = dataset::read_meta(cx, input, artifact)?;
+        let (input, artifact) = io::single_input(cx)?;
+        let items = io::read(cx, input, artifact)?;
+        let meta = io::read_meta(cx, input, artifact)?;
         let probes = probe_all(cx, &items, &DecodeLimits { max_pixels: self.config.max_pixels, max_bytes: self.config.max_bytes })?;
         let c = &self.config.checks;
         let mut findings: Vec<Vec<Finding>> = vec![Vec::new(); items.len()];
@@ -516,9 +516,9 @@ impl Stage for CleanStage {
             duplicate_groups: groups,
             findings: findings.into_iter().flatten().collect(),
         };
-        dataset::write(cx, &mut kept_items)?;
-        dataset::write_meta(cx, &meta)?;
-        dataset::write_json(cx, "clean_report.json", &report)
+        io::write(cx, &mut kept_items)?;
+        io::write_meta(cx, &meta)?;
+        io::write_json(cx, "clean_report.json", &report)
     }
 }
 

@@ -24,7 +24,8 @@ use toml::Spanned;
 use toml::de::DeValue;
 
 use super::{Out, ParseContext, Stage, StageContext, StageError, StageKind};
-use crate::manifest::{Issue, normalize_out};
+use crate::diagnostic::Issue;
+use crate::paths::{normalize_out, overlaps};
 
 pub struct CommandKind;
 
@@ -68,7 +69,7 @@ impl StageKind for CommandKind {
         for out in raw.outs {
             match normalize_out(out.get_ref()) {
                 Ok(path) => {
-                    if let Some(prev) = outs.iter().find(|o| crate::manifest::paths_overlap(&o.path, &path)) {
+                    if let Some(prev) = outs.iter().find(|o| overlaps(&o.path, &path)) {
                         issues.push(
                             Issue::new(out.span(), format!("output `{path}` overlaps output `{}` of the same stage", prev.path))
                                 .help("declare each output once; a directory covers what is inside it"),

@@ -35,13 +35,14 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use toml::de::DeValue;
 
-use super::preprocess::{AugmentWhere, Spec};
-use super::{ParseContext, Stage, StageContext, StageError, StageKind, parse_config};
-use crate::dataset::{self, Item};
+use super::{ParseContext, Stage, StageContext, StageError, StageKind, io, parse_config, upstream};
+use crate::diagnostic::{Bounds, Checker, Issue, ValueSpans};
 use crate::digest::Digest;
+use crate::formats::dataset::{Item, MULTI};
+use crate::formats::preprocess::{AugmentWhere, Normalize, Spec};
+use crate::formats::shards::{Dtype, Encoding, ShardInfo, ShardManifest, SplitInfo};
 use crate::imaging::transform::{ColorMode, pixels};
 use crate::imaging::{self, DecodeLimits};
-use crate::manifest::{Bounds, Checker, Issue, ValueSpans};
 use crate::rng::Rng;
 
 pub struct ConvertKind;
@@ -49,23 +50,6 @@ pub struct ConvertKind;
 /// Bounds of `shard_mb` and `copies` (see the README's validation notes).
 const MAX_SHARD_MB: u64 = 16 * 1024;
 const MAX_COPIES: u64 = 1000;
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Encoding {
-    #[default]
-    Index,
-    OneHot,
-    MultiHot,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Dtype {
-    #[default]
-    U8,
-    F32,
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -180,68 +164,6 @@ impl StageKind for ConvertKind {
     }
 }
 
-/// One safetensors file of a split.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ShardInfo {
-    pub file: String,
-    pub rows: usize,
-    /// Item id of every row, in order (augmented copies as `id#augN`).
-    pub ids: Vec<String>,
-    /// Where each row's image came from (the item's `source`), for people.
-    #[serde(default)]
-    pub sources: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SplitInfo {
-    pub rows: usize,
-    pub items: usize,
-    pub shards: Vec<ShardInfo>,
-}
-
-/// `manifest.json`: what the shards hold and how to read them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ShardManifest {
-    pub format: String,
-    pub layout: String,
-    pub dtype: Dtype,
-    pub channels: usize,
-    pub height: u32,
-    pub width: u32,
-    pub encoding: Encoding,
-    pub classes: Vec<String>,
-    /// The preprocess stage's deterministic transform (what predict must redo on new images).
-    #[serde(default)]
-    pub transform: Option<crate::imaging::transform::Transform>,
-    /// Mean and std per channel, as fractions of 255. Already applied when `dtype` is
-    /// `f32`; to apply at load time when it is `u8`.
-    pub normalization: Option<super::preprocess::Normalize>,
-    pub normalization_applied: bool,
-    /// `{ mode, spec, copies }` when the preprocess stage asked for augmentation.
-    pub augmentation: Option<serde_json::Value>,
-    pub splits: BTreeMap<String, SplitInfo>,
-}
-
-impl ShardManifest {
-    /// The manifest of an upstream convert artifact.
-    pub fn read(cx: &StageContext<'_>, input: &str, artifact: &super::Artifact) -> Result<ShardManifest, StageError> {
-        let path = cx
-            .input_file(artifact, "manifest.json")?
-            .ok_or_else(|| StageError::Failed(format!("input `{input}` has no manifest.json: is it a convert stage?")))?;
-        let bytes = std::fs::read(&path).map_err(|e| StageError::Failed(format!("cannot read {}: {e}", path.display())))?;
-        serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("input `{input}`: manifest.json: {e}")))
-    }
-
-    /// The augmentation to apply while training, when it is online.
-    pub fn online_augment(&self) -> Option<crate::imaging::augment::Augment> {
-        let a = self.augmentation.as_ref()?;
-        if a.get("mode")?.as_str()? != "online" {
-            return None;
-        }
-        serde_json::from_value(a.get("spec")?.clone()).ok()
-    }
-}
-
 #[derive(Debug, Serialize)]
 struct Report {
     per_class: BTreeMap<String, BTreeMap<String, usize>>,
@@ -262,8 +184,8 @@ impl Stage for ConvertStage {
     fn plan_issues(&self, plan: &dyn super::PlanView) -> Vec<Issue> {
         let mut issues: Vec<Issue> = super::one_input_issue(plan).into_iter().collect();
         let this = plan.this();
-        let chain = super::label::dataset_chain(plan, &this);
-        let Some(known) = super::label::synthetic_labels(&chain) else { return issues };
+        let chain = upstream::dataset_chain(plan, &this);
+        let Some(known) = upstream::synthetic_labels(&chain) else { return issues };
         let s = &self.config.split;
         // The smallest class decides; a class nothing draws is the label stage's problem.
         let Some((class, n)) = known.counts.iter().filter(|(_, n)| **n > 0).min_by_key(|(_, n)| **n) else { return issues };
@@ -296,14 +218,14 @@ impl Stage for ConvertStage {
     }
 
     fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError> {
-        let (input, artifact) = dataset::single_input(cx)?;
-        let items = dataset::read(cx, input, artifact)?;
-        let meta = dataset::read_meta(cx, input, artifact)?;
+        let (input, artifact) = io::single_input(cx)?;
+        let items = io::read(cx, input, artifact)?;
+        let meta = io::read_meta(cx, input, artifact)?;
         if items.is_empty() {
-            return Err(StageError::Failed(format!("input `{input}` has no items")));
+            return Err(StageError::data(input, "it has no items"));
         }
         let labels_of =
-            |item: &Item| -> Vec<String> { item.label.as_deref().map(|l| l.split('|').map(String::from).collect()).unwrap_or_default() };
+            |item: &Item| -> Vec<String> { item.label.as_deref().map(|l| l.split(MULTI).map(String::from).collect()).unwrap_or_default() };
         let classes: Vec<String> = match &meta.classes {
             Some(c) => c.clone(),
             None => {
@@ -317,13 +239,13 @@ impl Stage for ConvertStage {
         for item in &items {
             let ls = labels_of(item);
             if ls.is_empty() {
-                return Err(StageError::Failed(format!("item `{}` has no label: run a label stage before convert", item.id)));
+                return Err(StageError::data(input, format!("item `{}` has no label: run a label stage before convert", item.id)));
             }
             if let Some(bad) = ls.iter().find(|l| !index.contains_key(l.as_str())) {
-                return Err(StageError::Failed(format!("item `{}` has label `{bad}`, which is not among the classes", item.id)));
+                return Err(StageError::data(input, format!("item `{}` has label `{bad}`, which is not among the classes", item.id)));
             }
             if ls.len() > 1 && self.config.encoding != Encoding::MultiHot {
-                return Err(StageError::Failed(format!("item `{}` has several labels; use encoding = \"multi_hot\"", item.id)));
+                return Err(StageError::data(input, format!("item `{}` has several labels; use encoding = \"multi_hot\"", item.id)));
             }
         }
 
@@ -334,10 +256,13 @@ impl Stage for ConvertStage {
             None => (ColorMode::Rgb, items[0].width.unwrap_or(0), items[0].height.unwrap_or(0)),
         };
         if let Some(odd) = items.iter().find(|i| i.width != Some(width) || i.height != Some(height)) {
-            return Err(StageError::Failed(format!(
-                "item `{}` is {:?}x{:?}, others {width}x{height}: add a preprocess stage to give every image one size",
-                odd.id, odd.width, odd.height
-            )));
+            return Err(StageError::data(
+                input,
+                format!(
+                    "item `{}` is {:?}x{:?}, others {width}x{height}: add a preprocess stage to give every image one size",
+                    odd.id, odd.width, odd.height
+                ),
+            ));
         }
         let offline = spec.as_ref().filter(|s| s.augmentation == AugmentWhere::Offline && !s.augment.is_identity());
 
@@ -352,8 +277,8 @@ impl Stage for ConvertStage {
         };
         let row_bytes = channels * (width * height) as usize * if self.config.dtype == Dtype::F32 { 4 } else { 1 };
         let rows_per_shard = ((self.config.shard_mb << 20) as usize / row_bytes.max(1)).max(1);
-        std::fs::create_dir_all(cx.out_dir.join("shards"))
-            .map_err(|e| StageError::Failed(format!("cannot create shards directory: {e}")))?;
+        let shards_dir = cx.out_dir.join("shards");
+        std::fs::create_dir_all(&shards_dir).map_err(StageError::io("create", &shards_dir))?;
         let mut splits = BTreeMap::new();
         let mut per_class: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
         for split in SPLITS {
@@ -416,9 +341,9 @@ impl Stage for ConvertStage {
             ));
         }
         let class_to_index: BTreeMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
-        dataset::write_json(cx, "manifest.json", &manifest)?;
-        dataset::write_json(cx, "class_to_index.json", &class_to_index)?;
-        dataset::write_json(cx, "convert_report.json", &Report { per_class, leakage })
+        io::write_json(cx, "manifest.json", &manifest)?;
+        io::write_json(cx, "class_to_index.json", &class_to_index)?;
+        io::write_json(cx, "convert_report.json", &Report { per_class, leakage })
     }
 }
 
@@ -529,7 +454,7 @@ struct ShardLayout<'a> {
     labels_of: &'a dyn Fn(&Item) -> Vec<String>,
     /// (channels, height, width)
     dims: (usize, usize, usize),
-    normalize: Option<super::preprocess::Normalize>,
+    normalize: Option<Normalize>,
 }
 
 impl ShardLayout<'_> {
@@ -576,7 +501,8 @@ impl ShardLayout<'_> {
             ("labels", safetensors::tensor::TensorView::new(label_dtype, label_shape, &labels).map_err(|e| fail(e.to_string()))?),
         ];
         let bytes = safetensors::serialize(tensors, None).map_err(|e| fail(e.to_string()))?;
-        std::fs::write(cx.out_dir.join(file), bytes).map_err(|e| fail(e.to_string()))
+        let path = cx.out_dir.join(file);
+        std::fs::write(&path, bytes).map_err(StageError::io("write", &path))
     }
 }
 
@@ -603,7 +529,7 @@ fn chw_to_hwc(chw: &[u8], c: usize) -> Vec<u8> {
 }
 
 fn load_chw(cx: &StageContext<'_>, digest: &Digest, color: ColorMode) -> Result<Vec<u8>, StageError> {
-    let bytes = cx.cache.read_blob(digest).map_err(|e| StageError::Failed(format!("cannot read image {}: {e}", digest.short())))?;
+    let bytes = cx.cache.read_blob(digest)?;
     let (_, img) =
         imaging::decode(&bytes, &DecodeLimits::default()).map_err(|e| StageError::Failed(format!("image {}: {e}", digest.short())))?;
     Ok(to_chw(&img, color))

@@ -20,12 +20,11 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use toml::de::DeValue;
 
-use super::convert::ShardManifest;
-use super::preprocess::Normalize;
-use super::train::data::Split;
-use super::{Artifact, ParseContext, Stage, StageContext, StageError, StageKind, parse_config};
-use crate::dataset;
-use crate::manifest::{Checker, Issue, ValueSpans};
+use super::{Artifact, ParseContext, PlanStage, PlanView, Stage, StageContext, StageError, StageKind, io, parse_config, upstream};
+use crate::diagnostic::{Checker, Issue, ValueSpans};
+use crate::formats::csv_field;
+use crate::formats::preprocess::Normalize;
+use crate::formats::shards::{MAX_BATCH, ShardManifest, Split};
 use crate::metrics;
 use crate::model::TrainedModel;
 use crate::nn::device::DeviceChoice;
@@ -75,7 +74,7 @@ impl StageKind for EvalKind {
                 "the split of the convert stage's shards to score",
             );
         }
-        ck.int("batch_size", config.batch_size as u64, 1, super::train::MAX_BATCH, "images scored at once");
+        ck.int("batch_size", config.batch_size as u64, 1, MAX_BATCH, "images scored at once");
         let issues = ck.into_issues();
         if !issues.is_empty() {
             return Err(issues);
@@ -90,10 +89,10 @@ fn find<'a>(cx: &'a StageContext<'_>, file: &str) -> Option<(&'a str, &'a Artifa
 
 impl Stage for EvalStage {
     /// A model and shards among the inputs, and a split that the convert stage fills.
-    fn plan_issues(&self, plan: &dyn super::PlanView) -> Vec<Issue> {
+    fn plan_issues(&self, plan: &dyn PlanView) -> Vec<Issue> {
         let mut issues = Vec::new();
         let this = plan.this();
-        let inputs: Vec<super::PlanStage<'_>> = this.distinct_inputs().into_iter().filter_map(|n| plan.stage(n)).collect();
+        let inputs: Vec<PlanStage<'_>> = this.distinct_inputs().into_iter().filter_map(|n| plan.stage(n)).collect();
         // A command or a library kind may write a model.json or shards too: judge only
         // when every input is a built-in artifact kind.
         let builtin = ["collect", "clean", "label", "preprocess", "convert", "train", "eval"];
@@ -118,8 +117,8 @@ impl Stage for EvalStage {
         let why = match (from_items, name) {
             (false, _) | (true, "val") if share == Some(0.0) => Some(format!("its `split.{name}` is 0")),
             (true, "test") => {
-                let chain = super::label::dataset_chain(plan, &convert);
-                super::label::synthetic_labels(&chain).map(|known| {
+                let chain = upstream::dataset_chain(plan, &convert);
+                upstream::synthetic_labels(&chain).map(|known| {
                     format!(
                         "it keeps the sources' splits (`from_items = true`) and the synthetic items of stage `{}` have none",
                         known.collect
@@ -146,30 +145,30 @@ impl Stage for EvalStage {
 
     fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError> {
         let (model_input, model_art) = find(cx, "model.json")
-            .ok_or_else(|| StageError::Failed("no input holds a model.json: list the train stage in `inputs`".into()))?;
+            .ok_or_else(|| StageError::Config("no input holds a model.json: list the train stage in `inputs`".into()))?;
         let (data_input, data_art) = find(cx, "manifest.json")
-            .ok_or_else(|| StageError::Failed("no input holds shards (manifest.json): list the convert stage in `inputs`".into()))?;
-        let path = |a: &Artifact, f: &str| cx.input_file(a, f)?.ok_or_else(|| StageError::Failed(format!("input is missing {f}")));
-        let device = self.config.device.open().map_err(|e| StageError::Failed(format!("open device: {e}")))?;
+            .ok_or_else(|| StageError::Config("no input holds shards (manifest.json): list the convert stage in `inputs`".into()))?;
+        let path = |a: &Artifact, f: &str| cx.input_file(a, f)?.ok_or_else(|| StageError::data(model_input, format!("it is missing {f}")));
+        let device = self.config.device.open().map_err(|e| StageError::Config(format!("open device: {e}")))?;
         let model = TrainedModel::load(&path(model_art, "model.json")?, &path(model_art, "model.safetensors")?, device.clone())
-            .map_err(|e| StageError::Failed(format!("input `{model_input}`: {e}")))?;
+            .map_err(|e| StageError::data(model_input, e.to_string()))?;
         let manifest = ShardManifest::read(cx, data_input, data_art)?;
         if manifest.classes != model.card.classes {
-            return Err(StageError::Failed(format!(
+            return Err(StageError::Config(format!(
                 "the model from `{model_input}` knows classes {:?}, the shards of `{data_input}` have {:?}",
                 model.card.classes, manifest.classes
             )));
         }
         let input = &model.card.input;
         if (input.channels, input.height, input.width) != (manifest.channels, manifest.height as usize, manifest.width as usize) {
-            return Err(StageError::Failed(format!(
+            return Err(StageError::Config(format!(
                 "the model takes {}x{}x{} input, the shards of `{data_input}` are {}x{}x{}",
                 input.channels, input.height, input.width, manifest.channels, manifest.height, manifest.width
             )));
         }
         let split = Split::load(cx, data_input, data_art, &manifest, &self.config.split)?;
         if split.is_empty() {
-            return Err(StageError::Failed(format!("split `{}` of `{data_input}` is empty", self.config.split)));
+            return Err(StageError::Config(format!("split `{}` of `{data_input}` is empty", self.config.split)));
         }
         let norm = Normalize { mean: input.mean.clone(), std: input.std.clone() };
         let progress = cx.reporter.progress(&format!("{}: predicting", cx.stage), split.len() as u64, "images");
@@ -182,11 +181,11 @@ impl Stage for EvalStage {
         }
         progress.finish();
         let report = metrics::report(&probs, &split.labels, &manifest.classes);
-        dataset::write_json(cx, "metrics.json", &report)?;
+        io::write_json(cx, "metrics.json", &report)?;
         write_predictions(cx, &split, &probs, &manifest.classes)?;
         let mistakes = confident_mistakes(&split, &probs, &manifest.classes, MISTAKES);
         write_thumbnails(cx, &split, &mistakes, manifest.normalization.as_ref().filter(|_| manifest.normalization_applied))?;
-        dataset::write_json(cx, "mistakes.json", &mistakes)?;
+        io::write_json(cx, "mistakes.json", &mistakes)?;
         cx.reporter.summary(
             cx.stage,
             &[format!(
@@ -216,11 +215,6 @@ pub struct Mistake {
     row: usize,
 }
 
-/// One CSV field, quoted when it must be (RFC 4180).
-pub fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")).into() } else { s.into() }
-}
-
 fn write_predictions(cx: &StageContext<'_>, split: &Split, probs: &[Vec<f32>], classes: &[String]) -> Result<(), StageError> {
     let mut csv = String::from("id,source,label,predicted,p_max,correct");
     for c in classes {
@@ -245,7 +239,8 @@ fn write_predictions(cx: &StageContext<'_>, split: &Split, probs: &[Vec<f32>], c
         }
         csv.push('\n');
     }
-    std::fs::write(cx.out_dir.join("predictions.csv"), csv).map_err(|e| StageError::Failed(format!("cannot write predictions.csv: {e}")))
+    let path = cx.out_dir.join("predictions.csv");
+    std::fs::write(&path, csv).map_err(StageError::io("write", &path))
 }
 
 /// The `n` wrong predictions with the highest predicted probability; ties by id, so the
@@ -286,7 +281,7 @@ fn write_thumbnails(cx: &StageContext<'_>, split: &Split, mistakes: &[Mistake], 
         return Ok(());
     }
     let dir = cx.out_dir.join("mistakes");
-    std::fs::create_dir_all(&dir).map_err(|e| StageError::Failed(format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(StageError::io("create", &dir))?;
     let [c, h, w] = split.shape;
     for m in mistakes {
         let chw = split.row_bytes(m.row, applied);
@@ -305,7 +300,7 @@ fn write_thumbnails(cx: &StageContext<'_>, split: &Split, mistakes: &[Mistake], 
         };
         let path = cx.out_dir.join(&m.thumbnail);
         image::save_buffer_with_format(&path, &pixels, w as u32, h as u32, color, image::ImageFormat::Png)
-            .map_err(|e| StageError::Failed(format!("cannot write {}: {e}", path.display())))?;
+            .map_err(|e| StageError::io("write", &path)(std::io::Error::other(e)))?;
     }
     Ok(())
 }

@@ -20,23 +20,19 @@
 //! and `label_report.json` (class balance, dropped items and why, conflicts).
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Range;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use toml::de::DeValue;
 
-use super::{ParseContext, PlanStage, PlanView, Stage, StageContext, StageError, StageKind, parse_config};
-use crate::dataset;
+use super::{ParseContext, PlanView, Stage, StageContext, StageError, StageKind, io, parse_config, upstream};
+use crate::diagnostic::{Bounds, Checker, Issue, ValueSpans};
 use crate::digest::Digest;
-use crate::exec::inputs::dep_path;
-use crate::manifest::{Bounds, Checker, Issue, ValueSpans, normalize_dep};
+use crate::formats::dataset::MULTI;
+use crate::paths::{dep_path, normalize_dep};
 
 pub struct LabelKind;
-
-/// Separates the classes of an item that has several (`cat|dog`).
-pub const MULTI: &str = "|";
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -287,8 +283,8 @@ impl Stage for LabelStage {
     fn plan_issues(&self, plan: &dyn PlanView) -> Vec<Issue> {
         let mut issues: Vec<Issue> = super::one_input_issue(plan).into_iter().collect();
         let this = plan.this();
-        let chain = dataset_chain(plan, &this);
-        let Some(known) = synthetic_labels(&chain) else { return issues };
+        let chain = upstream::dataset_chain(plan, &this);
+        let Some(known) = upstream::synthetic_labels(&chain) else { return issues };
         let cfg = &self.config;
         match cfg.from {
             From::Collected => {}
@@ -350,9 +346,9 @@ impl Stage for LabelStage {
     }
 
     fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError> {
-        let (input, artifact) = dataset::single_input(cx)?;
-        let items = dataset::read(cx, input, artifact)?;
-        let mut meta = dataset::read_meta(cx, input, artifact)?;
+        let (input, artifact) = io::single_input(cx)?;
+        let items = io::read(cx, input, artifact)?;
+        let mut meta = io::read_meta(cx, input, artifact)?;
         let mapping = self.load_mapping(cx)?;
         let cfg = &self.config;
         let mut aliases_applied = 0;
@@ -427,10 +423,10 @@ impl Stage for LabelStage {
             };
             let Some(label) = label else {
                 if cfg.missing == OnMissing::Error {
-                    return Err(StageError::Failed(format!(
-                        "item `{}` ({}) has no label (set `missing = \"drop\"` to drop such items)",
-                        item.id, item.source
-                    )));
+                    return Err(StageError::data(
+                        input,
+                        format!("item `{}` ({}) has no label (set `missing = \"drop\"` to drop such items)", item.id, item.source),
+                    ));
                 }
                 dropped.push(Dropped { id: item.id.clone(), source: item.source.clone(), reason: "no label".into() });
                 continue;
@@ -450,12 +446,15 @@ impl Stage for LabelStage {
         }
         if cfg.unknown == OnUnknown::Error && !unknown.is_empty() {
             let shown: Vec<String> = unknown.iter().take(5).map(|(src, l)| format!("`{l}` ({src})")).collect();
-            return Err(StageError::Failed(format!(
-                "{} items have labels not in `classes`: {}{}; add them to `classes` or `aliases`, or set `unknown = \"drop\"`",
-                unknown.len(),
-                shown.join(", "),
-                if unknown.len() > 5 { ", …" } else { "" }
-            )));
+            return Err(StageError::data(
+                input,
+                format!(
+                    "{} items have labels not in `classes`: {}{}; add them to `classes` or `aliases`, or set `unknown = \"drop\"`",
+                    unknown.len(),
+                    shown.join(", "),
+                    if unknown.len() > 5 { ", …" } else { "" }
+                ),
+            ));
         }
 
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
@@ -495,120 +494,12 @@ impl Stage for LabelStage {
             dropped,
             conflicts,
         };
-        dataset::write(cx, &mut labelled)?;
+        io::write(cx, &mut labelled)?;
         meta.classes = Some(classes.clone());
-        dataset::write_meta(cx, &meta)?;
-        dataset::write_json(cx, "classes.json", &classes)?;
-        dataset::write_json(cx, "label_report.json", &report)
+        io::write_meta(cx, &meta)?;
+        io::write_json(cx, "classes.json", &classes)?;
+        io::write_json(cx, "label_report.json", &report)
     }
-}
-
-/// The dataset stages feeding `start`, nearest first: its single input, that stage's
-/// single input, and so on through the kinds whose effect on items and labels the plan
-/// knows (clean, preprocess, label, convert), ending with a collect stage. The chain stops
-/// early, with no collect stage at its end, at a stage with several inputs or of another
-/// kind.
-pub(crate) fn dataset_chain<'p>(plan: &'p dyn PlanView, start: &PlanStage<'p>) -> Vec<PlanStage<'p>> {
-    let mut chain: Vec<PlanStage<'p>> = Vec::new();
-    let mut inputs = start.distinct_inputs();
-    // The graph has no cycles by now; the bound only keeps a bug from looping.
-    while chain.len() < 256 {
-        let [only] = inputs.as_slice() else { break };
-        let Some(up) = plan.stage(only) else { break };
-        if !["collect", "clean", "preprocess", "label", "convert"].contains(&up.kind) {
-            break;
-        }
-        inputs = up.distinct_inputs();
-        let last = up.kind == "collect";
-        chain.push(up);
-        if last {
-            break;
-        }
-    }
-    chain
-}
-
-/// What synthetic sources fix before anything runs: the labels that reach a stage and how
-/// many items each has at most (clean may remove items, never add them).
-pub(crate) struct SyntheticLabels {
-    /// Label → most items, after the label stages on the way (a listed class that nothing
-    /// draws has 0).
-    pub counts: BTreeMap<String, u64>,
-    /// The collect stage.
-    pub collect: String,
-    /// Where its first source's `count` and `shapes` are written.
-    pub count_span: Range<usize>,
-    pub shapes_span: Range<usize>,
-}
-
-/// [`SyntheticLabels`] for a [`dataset_chain`]: known when it ends at a collect stage whose
-/// sources are all synthetic, and every label stage on the way takes the collected labels.
-pub(crate) fn synthetic_labels(chain: &[PlanStage<'_>]) -> Option<SyntheticLabels> {
-    let collect = chain.last().filter(|s| s.kind == "collect")?;
-    let params = collect.stage.params();
-    let sources = params.get("sources")?.as_array()?;
-    if sources.is_empty() {
-        return None;
-    }
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-    for source in sources {
-        if source.get("type")?.as_str()? != "synthetic" {
-            return None;
-        }
-        let count = source.get("count")?.as_u64()?;
-        let shapes: Vec<String> = match source.get("shapes").and_then(|v| v.as_array()) {
-            Some(list) if !list.is_empty() => list.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<_>>()?,
-            _ => crate::imaging::synth::SHAPES.iter().map(|s| s.name().to_string()).collect(),
-        };
-        // Item i draws shapes[i % k].
-        let k = shapes.len() as u64;
-        for (j, shape) in shapes.into_iter().enumerate() {
-            let n = count / k + ((j as u64) < count % k) as u64;
-            *counts.entry(shape).or_default() += n;
-        }
-    }
-    for label in chain.iter().rev().filter(|s| s.kind == "label") {
-        let p = label.stage.params();
-        if p.get("from").and_then(|v| v.as_str()) != Some("collected") {
-            return None;
-        }
-        let mut next: BTreeMap<String, u64> = BTreeMap::new();
-        for (name, n) in counts {
-            let to =
-                p.get("aliases").and_then(|a| a.get(name.as_str())).and_then(|v| v.as_str()).map_or_else(|| name.clone(), str::to_string);
-            if to.contains(MULTI) {
-                return None;
-            }
-            *next.entry(to).or_default() += n;
-        }
-        counts = next;
-        if let Some(classes) = p.get("classes").and_then(|v| v.as_array()).filter(|c| !c.is_empty()) {
-            let listed: BTreeMap<String, u64> =
-                classes.iter().filter_map(|c| c.as_str()).map(|c| (c.to_string(), counts.get(c).copied().unwrap_or(0))).collect();
-            counts = listed;
-        }
-    }
-    Some(SyntheticLabels {
-        counts,
-        collect: collect.name.to_string(),
-        count_span: collect.spans.get("sources[0].count"),
-        shapes_span: collect.spans.get("sources[0].shapes"),
-    })
-}
-
-/// The classes a stage downstream of `chain` numbers its labels by, when the plan knows
-/// them: the nearest label stage's `classes`, else the labels synthetic sources draw; with
-/// where they are fixed.
-pub(crate) fn known_classes(chain: &[PlanStage<'_>]) -> Option<(Vec<String>, Range<usize>)> {
-    if let Some(label) = chain.iter().find(|s| s.kind == "label") {
-        let p = label.stage.params();
-        if let Some(classes) = p.get("classes").and_then(|v| v.as_array()).filter(|c| !c.is_empty()) {
-            return Some((classes.iter().filter_map(|c| c.as_str().map(str::to_string)).collect(), label.spans.get("classes")));
-        }
-    }
-    let known = synthetic_labels(chain)?;
-    let classes = known.counts.iter().filter(|(_, n)| **n > 0).map(|(c, _)| c.clone()).collect();
-    Some((classes, known.shapes_span))
 }
 
 impl LabelStage {
@@ -649,7 +540,7 @@ impl LabelStage {
         let fail = |e: String| StageError::Failed(format!("mapping `{}`: {e}", m.path));
         let rows: Vec<HashMap<String, serde_json::Value>> = if m.path.ends_with(".jsonl") || m.path.ends_with(".ndjson") {
             std::fs::read_to_string(&path)
-                .map_err(|e| fail(e.to_string()))?
+                .map_err(StageError::io("read", &path))?
                 .lines()
                 .filter(|l| !l.trim().is_empty())
                 .map(|l| serde_json::from_str(l).map_err(|e| fail(e.to_string())))

@@ -10,15 +10,24 @@
 //! - **artifact** (built-in kinds): it writes into [`StageContext::out_dir`], a fresh
 //!   directory inside the cache; kiln moves the files into the content-addressed store
 //!   and shows them to people at `outputs/<pipeline>/<stage>/`.
+//!
+//! This module is the contract between the engine and the kinds. Each kind is a module of
+//! its own that never imports another kind (the crate's `layering` test checks it): what
+//! kinds exchange is in [`crate::formats`], reading it from a stage's inputs in [`io`], and
+//! what the plan knows of a dataset's upstream stages in [`upstream`]. The built-in kinds are
+//! registered in `builtin.rs`, the only place that names them all.
 
+mod builtin;
 pub mod clean;
 pub mod collect;
 pub mod command;
 pub mod convert;
 pub mod eval;
+pub mod io;
 pub mod label;
 pub mod preprocess;
 pub mod train;
+pub mod upstream;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -30,9 +39,11 @@ use toml::Spanned;
 use toml::de::DeValue;
 
 use crate::cache::{Cache, CacheError, Tree};
+use crate::diagnostic::{Issue, ValueSpans};
 use crate::digest::Digest;
-use crate::manifest::Issue;
 use crate::report::Reporter;
+
+pub use crate::paths::Out;
 
 /// What a stage kind may consult while parsing.
 pub struct ParseContext<'a> {
@@ -60,13 +71,6 @@ pub trait StageKind: Send + Sync {
     /// Bump when a change to the implementation can change results: it is in every key.
     fn version(&self) -> u32;
     fn parse(&self, table: Spanned<DeValue<'_>>, cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>>;
-}
-
-/// A workspace path a stage writes.
-#[derive(Debug, Clone)]
-pub struct Out {
-    pub path: String,
-    pub span: Range<usize>,
 }
 
 pub trait Stage: Send + Sync + fmt::Debug {
@@ -132,7 +136,7 @@ pub struct PlanStage<'a> {
     pub inputs: Vec<&'a str>,
     pub stage: &'a dyn Stage,
     /// Where each value of its table is written.
-    pub spans: &'a crate::manifest::ValueSpans,
+    pub spans: &'a ValueSpans,
 }
 
 impl<'a> PlanStage<'a> {
@@ -145,7 +149,7 @@ impl<'a> PlanStage<'a> {
     }
 }
 
-/// The kinds that read exactly one dataset ([`crate::dataset::single_input`]) must name
+/// The kinds that read exactly one dataset ([`io::single_input`]) must name
 /// exactly one input stage: found when the manifest loads rather than when the stage runs.
 pub fn one_input_issue(plan: &dyn PlanView) -> Option<Issue> {
     let this = plan.this();
@@ -193,7 +197,7 @@ pub struct StageContext<'a> {
 impl StageContext<'_> {
     /// The engine's scan of a dependency path, as the manifest names it.
     pub fn dep_scan(&self, path: &str) -> Option<&crate::cache::Scan> {
-        let key = crate::manifest::normalize_dep(path).ok()?;
+        let key = crate::paths::normalize_dep(path).ok()?;
         self.deps.get(&key)?.as_ref()
     }
 
@@ -214,6 +218,7 @@ impl StageContext<'_> {
     }
 }
 
+/// Why a stage failed. The engine reports it as the stage's failure (exit code 1).
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     #[error("cannot start `{program}`: {source}")]
@@ -229,8 +234,35 @@ pub enum StageError {
     /// A path the stage would delete or write leads out of the workspace.
     #[error("refusing to touch {0}")]
     Escape(crate::workspace::Escape),
+    /// Reading or writing a file failed.
+    #[error("cannot {action} `{}`: {source}", path.display())]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    /// What an input stage gave cannot be used (not the format this stage reads, an item
+    /// it cannot take).
+    #[error("input `{input}`: {why}")]
+    Data { input: String, why: String },
+    /// A setting that only shows as wrong when the stage runs (a device that is not there,
+    /// inputs that do not hold what the stage needs).
+    #[error("{0}")]
+    Config(String),
+    /// The run was interrupted (SIGINT/SIGTERM) while the stage ran.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
     #[error("{0}")]
     Failed(String),
+}
+
+impl StageError {
+    /// For `map_err`: an I/O error on `path`.
+    pub fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StageError {
+        let path = path.to_path_buf();
+        move |source| StageError::Io { action, path, source }
+    }
+
+    /// Bad data from input stage `input`.
+    pub fn data(input: &str, why: impl Into<String>) -> StageError {
+        StageError::Data { input: input.to_string(), why: why.into() }
+    }
 }
 
 /// The stage kinds a manifest may use.
@@ -241,20 +273,6 @@ pub struct StageRegistry {
 impl StageRegistry {
     pub fn empty() -> Self {
         StageRegistry { kinds: BTreeMap::new() }
-    }
-
-    /// Every kind kiln ships.
-    pub fn builtin() -> Self {
-        let mut r = Self::empty();
-        r.register(Arc::new(command::CommandKind));
-        r.register(Arc::new(collect::CollectKind));
-        r.register(Arc::new(clean::CleanKind));
-        r.register(Arc::new(label::LabelKind));
-        r.register(Arc::new(preprocess::PreprocessKind));
-        r.register(Arc::new(convert::ConvertKind));
-        r.register(Arc::new(train::TrainKind));
-        r.register(Arc::new(eval::EvalKind));
-        r
     }
 
     /// Adds a kind (library users can bring their own).
@@ -272,11 +290,5 @@ impl StageRegistry {
 
     pub fn names_list(&self) -> String {
         self.names().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
-    }
-}
-
-impl Default for StageRegistry {
-    fn default() -> Self {
-        Self::builtin()
     }
 }

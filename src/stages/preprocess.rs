@@ -27,62 +27,16 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use toml::de::DeValue;
 
-use super::{ParseContext, Stage, StageContext, StageError, StageKind, parse_config};
-use crate::dataset::{self, Item};
+use super::{ParseContext, Stage, StageContext, StageError, StageKind, io, parse_config};
+use crate::diagnostic::{Bounds, Checker, Issue, ValueSpans};
 use crate::digest::Digest;
+use crate::formats::dataset::Item;
+use crate::formats::preprocess::{AugmentWhere, MAX_SIDE, Normalize, Spec};
 use crate::imaging::augment::Augment;
 use crate::imaging::transform::{ColorMode, Interpolation, ResizeMode, Transform};
 use crate::imaging::{self, DecodeLimits};
-use crate::manifest::{Bounds, Checker, Issue, ValueSpans};
 
 pub struct PreprocessKind;
-
-/// The largest side `size` may give, in pixels.
-pub const MAX_SIDE: u32 = 8192;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Normalize {
-    pub mean: Vec<f32>,
-    pub std: Vec<f32>,
-}
-
-impl Normalize {
-    /// Pixels as fractions of 255, unchanged.
-    pub fn identity(channels: usize) -> Self {
-        Normalize { mean: vec![0.0; channels], std: vec![1.0; channels] }
-    }
-
-    /// Equal to within 1e-3 per value (presets are written as rounded decimals).
-    pub fn approx_eq(&self, other: &Normalize) -> bool {
-        self.mean.len() == other.mean.len()
-            && self.std.len() == other.std.len()
-            && self.mean.iter().chain(&self.std).zip(other.mean.iter().chain(&other.std)).all(|(a, b)| (a - b).abs() < 1e-3)
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AugmentWhere {
-    /// Fresh draws every epoch, in the train stage.
-    #[default]
-    Online,
-    /// Fixed augmented copies of each training image, written by convert.
-    Offline,
-}
-
-/// What preprocessing a dataset went through: carried in its `dataset.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Spec {
-    pub transform: Transform,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub normalize: Option<Normalize>,
-    #[serde(default)]
-    pub augment: Augment,
-    #[serde(default)]
-    pub augmentation: AugmentWhere,
-}
 
 fn one() -> f64 {
     1.0
@@ -212,9 +166,9 @@ impl Stage for PreprocessStage {
     }
 
     fn run(&self, cx: &StageContext<'_>) -> Result<(), StageError> {
-        let (input, artifact) = dataset::single_input(cx)?;
-        let items = dataset::read(cx, input, artifact)?;
-        let mut meta = dataset::read_meta(cx, input, artifact)?;
+        let (input, artifact) = io::single_input(cx)?;
+        let items = io::read(cx, input, artifact)?;
+        let mut meta = io::read_meta(cx, input, artifact)?;
         let t = &self.spec.transform;
         // The memo key holds only the deterministic transform: augmentation edits reuse it.
         let op = Digest::of_bytes(format!("preprocess v1 {}", serde_json::to_string(t).expect("transform serialises")).as_bytes());
@@ -258,8 +212,8 @@ impl Stage for PreprocessStage {
         }
         meta.preprocess = Some(self.spec.clone());
         let report = Report { items_in: items.len(), items_out: out.len(), failed };
-        dataset::write(cx, &mut out)?;
-        dataset::write_meta(cx, &meta)?;
-        dataset::write_json(cx, "preprocess_report.json", &report)
+        io::write(cx, &mut out)?;
+        io::write_meta(cx, &meta)?;
+        io::write_json(cx, "preprocess_report.json", &report)
     }
 }

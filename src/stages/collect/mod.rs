@@ -44,11 +44,12 @@ use toml::de::DeValue;
 
 use super::{ParseContext, Stage, StageContext, StageError, StageKind, parse_config};
 use crate::cache::tree::unescape_os;
-use crate::dataset::{self, Item};
+use crate::diagnostic::Issue;
 use crate::digest::Digest;
-use crate::exec::inputs::dep_path;
+use crate::formats::dataset::Item;
 use crate::imaging::{self, synth};
-use crate::manifest::{Issue, normalize_dep};
+use crate::paths::{dep_path, normalize_dep};
+use crate::stages::io as dataset;
 
 mod files;
 mod http;

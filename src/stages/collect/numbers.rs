@@ -6,7 +6,7 @@
 use toml::Spanned;
 use toml::de::DeValue;
 
-use crate::manifest::Issue;
+use crate::diagnostic::Issue;
 
 /// What one numeric option of a source may be.
 struct Rule {

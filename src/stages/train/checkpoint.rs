@@ -33,21 +33,24 @@ pub struct Progress {
     pub tensors: String,
 }
 
-fn fail(what: &str, path: &Path, e: impl std::fmt::Display) -> StageError {
-    StageError::Failed(format!("cannot {what} checkpoint {}: {e}", path.display()))
+/// A checkpoint file that could not be written (weights are written by candle, whose
+/// errors are not I/O errors: they are carried as one).
+fn unwritten(path: &Path, e: impl std::fmt::Display) -> StageError {
+    StageError::io("write checkpoint", path)(std::io::Error::other(e.to_string()))
 }
 
 pub fn save(dir: &Path, progress: &mut Progress, tensors: &BTreeMap<String, Tensor>) -> Result<(), StageError> {
-    std::fs::create_dir_all(dir).map_err(|e| fail("create", dir, e))?;
+    std::fs::create_dir_all(dir).map_err(StageError::io("create checkpoint directory", dir))?;
     let name = format!("state-{}-{}.safetensors", progress.epoch, progress.batch);
     let tmp = dir.join(format!("{name}.tmp"));
-    crate::nn::save_weights(tensors, &tmp).map_err(|e| fail("write", &tmp, e))?;
-    std::fs::rename(&tmp, dir.join(&name)).map_err(|e| fail("write", &tmp, e))?;
+    crate::nn::save_weights(tensors, &tmp).map_err(|e| unwritten(&tmp, e))?;
+    std::fs::rename(&tmp, dir.join(&name)).map_err(StageError::io("write checkpoint", &tmp))?;
     let previous = std::mem::replace(&mut progress.tensors, name);
     let json = dir.join("progress.json");
     let tmp = dir.join("progress.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(progress).expect("progress serialises")).map_err(|e| fail("write", &tmp, e))?;
-    std::fs::rename(&tmp, &json).map_err(|e| fail("write", &json, e))?;
+    std::fs::write(&tmp, serde_json::to_vec_pretty(progress).expect("progress serialises"))
+        .map_err(StageError::io("write checkpoint", &tmp))?;
+    std::fs::rename(&tmp, &json).map_err(StageError::io("write checkpoint", &json))?;
     if !previous.is_empty() && previous != progress.tensors {
         let _ = std::fs::remove_file(dir.join(previous));
     }
@@ -62,8 +65,8 @@ pub fn load(dir: &Path) -> Option<(Progress, BTreeMap<String, Tensor>)> {
 }
 
 pub fn save_best(dir: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(), StageError> {
-    std::fs::create_dir_all(dir).map_err(|e| fail("create", dir, e))?;
+    std::fs::create_dir_all(dir).map_err(StageError::io("create checkpoint directory", dir))?;
     let tmp = dir.join("best.safetensors.tmp");
-    crate::nn::save_weights(tensors, &tmp).map_err(|e| fail("write", &tmp, e))?;
-    std::fs::rename(&tmp, dir.join("best.safetensors")).map_err(|e| fail("write", &tmp, e))
+    crate::nn::save_weights(tensors, &tmp).map_err(|e| unwritten(&tmp, e))?;
+    std::fs::rename(&tmp, dir.join("best.safetensors")).map_err(StageError::io("write checkpoint", &tmp))
 }

@@ -26,7 +26,6 @@
 
 mod checkpoint;
 mod curves;
-pub mod data;
 mod fit;
 
 use std::sync::Arc;
@@ -35,14 +34,16 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use toml::de::DeValue;
 
-use super::{ParseContext, PlanView, Stage, StageContext, StageError, StageKind, parse_config};
-use crate::manifest::spans::show;
-use crate::manifest::{Bounds, Checker, Issue, ValueSpans, normalize_dep};
+use super::{ParseContext, PlanView, Stage, StageContext, StageError, StageKind, parse_config, upstream};
+use crate::diagnostic::spans::show;
+use crate::diagnostic::{Bounds, Checker, Issue, ValueSpans};
+use crate::formats::preprocess::{MAX_SIDE, Normalize};
+use crate::formats::shards::MAX_BATCH;
 use crate::nn::device::DeviceChoice;
 use crate::nn::models::{Arch, CnnConfig};
 use crate::nn::optim::OptimizerKind;
 use crate::nn::schedule::ScheduleKind;
-use crate::stages::preprocess::Normalize;
+use crate::paths::normalize_dep;
 
 pub use fit::EpochRecord;
 
@@ -50,7 +51,6 @@ pub struct TrainKind;
 
 /// Bounds of the train stage's options (the README's validation notes list them).
 pub const MAX_EPOCHS: u64 = 100_000;
-pub const MAX_BATCH: u64 = 65_536;
 /// The most weights a model may have: 100 M, about 1.6 GB with gradients and Adam's state.
 pub const MAX_PARAMETERS: u128 = 100_000_000;
 const MAX_CNN_STAGES: u64 = 12;
@@ -391,13 +391,7 @@ fn check_cnn(ck: &mut Checker<'_>, cnn: &CnnConfig) -> bool {
 fn check_input(ck: &mut Checker<'_>, input: &InputOverride) {
     if let Some(size) = input.size {
         for (i, side) in size.iter().enumerate() {
-            ck.int(
-                &format!("input.size[{i}]"),
-                u64::from(*side),
-                1,
-                u64::from(super::preprocess::MAX_SIDE),
-                "pixels; `size` is [width, height]",
-            );
+            ck.int(&format!("input.size[{i}]"), u64::from(*side), 1, u64::from(MAX_SIDE), "pixels; `size` is [width, height]");
         }
     }
     if input.mean.is_some() != input.std.is_some() {
@@ -518,8 +512,8 @@ impl Stage for TrainStage {
                 .help("add a convert stage between them, e.g. `[stages.convert]` with `kind = \"convert\"` and `inputs = [\"...\"]`"),
             );
         }
-        let chain = super::label::dataset_chain(plan, &this);
-        let classes = super::label::known_classes(&chain);
+        let chain = upstream::dataset_chain(plan, &this);
+        let classes = upstream::known_classes(&chain);
         if let Some((names, span)) = &classes
             && names.len() < 2
         {

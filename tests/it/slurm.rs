@@ -6,13 +6,11 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn which(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-        || ["/usr/sbin", "/usr/bin"].iter().any(|d| Path::new(d).join(program).is_file())
-}
+use crate::support::{KILN, free_port, shipped, stage_map, which, workspace_with};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// On `PATH`, or in /usr/sbin or /usr/bin (Slurm's daemons are in sbin, which a `PATH` may lack).
+fn installed(program: &str) -> bool {
+    which(program).is_some() || ["/usr/sbin", "/usr/bin"].iter().any(|d| Path::new(d).join(program).is_file())
 }
 
 struct Cluster {
@@ -23,7 +21,7 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Option<Cluster> {
-        if !which("slurmctld") || !which("slurmd") || !which("sbatch") {
+        if !installed("slurmctld") || !installed("slurmd") || !installed("sbatch") {
             eprintln!("skipping: Slurm is not installed (apt-get install slurm-wlm munge)");
             return None;
         }
@@ -92,11 +90,11 @@ impl Cluster {
 
     /// `kiln run` in `ws`, in the background.
     fn spawn_run(&self, ws: &Path) -> Child {
-        self.cmd(env!("CARGO_BIN_EXE_kiln")).arg("run").current_dir(ws).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        self.cmd(KILN).arg("run").current_dir(ws).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
     }
 
     fn kiln(&self, ws: &Path, args: &[&str]) -> Output {
-        self.cmd(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(ws).output().unwrap()
+        self.cmd(KILN).args(args).current_dir(ws).output().unwrap()
     }
 }
 
@@ -110,17 +108,6 @@ impl Drop for Cluster {
     }
 }
 
-fn stage_lines(stdout: &str) -> std::collections::BTreeMap<String, String> {
-    stdout
-        .lines()
-        .filter_map(|l| {
-            let (name, rest) = l.split_once(char::is_whitespace)?;
-            let rest = rest.trim();
-            ["ran", "cached", "failed", "skipped"].iter().any(|w| rest.starts_with(w)).then(|| (name.to_string(), rest.to_string()))
-        })
-        .collect()
-}
-
 fn lock(ws: &Path) -> toml::Table {
     toml::from_str(&std::fs::read_to_string(ws.join("pipelines/quickstart.lock")).unwrap()).unwrap()
 }
@@ -128,20 +115,14 @@ fn lock(ws: &Path) -> toml::Table {
 #[test]
 fn slurm_runs_give_local_results_and_cancelled_jobs_fail_with_slurms_reason() {
     let Some(cluster) = Cluster::start() else { return };
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/quickstart.toml"))
-        .unwrap()
-        .replace("epochs = 20", "epochs = 2");
-    let (local, slurm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for ws in [local.path(), slurm.path()] {
-        std::fs::create_dir(ws.join("pipelines")).unwrap();
-        std::fs::write(ws.join("pipelines/quickstart.toml"), &text).unwrap();
-    }
+    let text = shipped("pipelines/quickstart.toml").replace("epochs = 20", "epochs = 2");
+    let (local, slurm) = (workspace_with("pipelines/quickstart.toml", &text), workspace_with("pipelines/quickstart.toml", &text));
     let out = cluster.kiln(local.path(), &["run", "pipelines/quickstart.toml"]);
     assert!(out.status.success());
     let out = cluster.kiln(slurm.path(), &["run", "pipelines/quickstart.toml", "--executor", "slurm"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    let lines = stage_lines(&stdout);
+    let lines = stage_map(&stdout);
     assert_eq!(lines.len(), 8);
     assert!(lines.values().all(|o| o.starts_with("ran")), "{stdout}");
     assert_eq!(std::fs::read_dir(slurm.path().join("outputs/quickstart/.slurm")).unwrap().count(), 8, "one job log per stage");
@@ -153,7 +134,7 @@ fn slurm_runs_give_local_results_and_cancelled_jobs_fail_with_slurms_reason() {
     );
     // Cached stages submit nothing.
     let out = cluster.kiln(slurm.path(), &["run", "pipelines/quickstart.toml", "--executor", "slurm"]);
-    assert!(stage_lines(&String::from_utf8_lossy(&out.stdout)).values().all(|o| o == "cached"));
+    assert!(stage_map(&String::from_utf8_lossy(&out.stdout)).values().all(|o| o == "cached"));
 
     // scancel of a running stage: failed with Slurm's reason, dependents skipped; the next
     // run redoes only what did not finish.
@@ -182,14 +163,14 @@ fn slurm_runs_give_local_results_and_cancelled_jobs_fail_with_slurms_reason() {
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    let lines = stage_lines(&stdout);
+    let lines = stage_map(&stdout);
     assert!(lines["first"].starts_with("ran"), "{stdout}");
     assert!(lines["slow"].starts_with("failed") && lines["slow"].contains("CANCELLED"), "{stdout}");
     assert!(lines["after"].starts_with("skipped"), "{stdout}");
     let out = cluster.kiln(ws, &["run"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    let lines = stage_lines(&stdout);
+    let lines = stage_map(&stdout);
     assert_eq!(lines["first"], "cached", "{stdout}");
     assert!(lines["slow"].starts_with("ran") && lines["after"].starts_with("ran"), "{stdout}");
     assert_eq!(std::fs::read_to_string(ws.join("after.txt")).unwrap(), "1\n");

@@ -2,20 +2,13 @@
 //! on 127.0.0.1 (sqlite metadata, replication factor 1). Skips when `garage` is not on PATH
 //! (`.ci/run` installs it).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::{command, free_port, shipped, stage_lines, stage_map, which, workspace_with};
+
 const MANIFEST: &str = "pipelines/quickstart.toml";
-
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 struct Garage {
     child: Child,
@@ -111,9 +104,8 @@ fn garage_cli(bin: &Path, config: &Path, args: &[&str]) -> String {
 }
 
 fn kiln(ws: &Path, g: &Garage, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
+    command(ws)
         .args(args)
-        .current_dir(ws)
         .env("AWS_ACCESS_KEY_ID", &g.key_id)
         .env("AWS_SECRET_ACCESS_KEY", &g.secret)
         .env("AWS_REGION", "garage")
@@ -129,18 +121,6 @@ fn ok(ws: &Path, g: &Garage, args: &[&str]) -> (String, String) {
     (stdout, stderr)
 }
 
-fn stage_lines(stdout: &str) -> Vec<(String, String)> {
-    stdout
-        .lines()
-        .filter_map(|l| {
-            let (name, rest) = l.split_once(char::is_whitespace)?;
-            let rest = rest.trim();
-            (rest.starts_with("ran") || rest.starts_with("cached") || rest.starts_with("failed"))
-                .then(|| (name.to_string(), rest.to_string()))
-        })
-        .collect()
-}
-
 fn wipe(ws: &Path) {
     for d in ["cache", "outputs", "reports"] {
         let _ = std::fs::remove_dir_all(ws.join(d));
@@ -150,12 +130,10 @@ fn wipe(ws: &Path) {
 #[test]
 fn remote_cache_shares_results_detects_corruption_and_survives_outages() {
     let Some(mut garage) = Garage::start() else { return };
-    let ws = tempfile::tempdir().unwrap();
-    let ws = ws.path();
-    std::fs::create_dir(ws.join("pipelines")).unwrap();
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(MANIFEST)).unwrap().replace("epochs = 20", "epochs = 3");
+    let text = shipped(MANIFEST).replace("epochs = 20", "epochs = 3");
     let text = format!("{text}\n[cache.remote]\nurl = \"s3://kiln-test/team\"\nendpoint = \"{}\"\nregion = \"garage\"\n", garage.endpoint);
-    std::fs::write(ws.join(MANIFEST), text).unwrap();
+    let ws = workspace_with(MANIFEST, &text);
+    let ws = ws.path();
 
     // 1. A run uploads every result.
     let (stdout, stderr) = ok(ws, &garage, &["run", MANIFEST]);
@@ -187,7 +165,7 @@ fn remote_cache_shares_results_detects_corruption_and_survives_outages() {
     remote.put_raw(&name, b"not the weights".to_vec()).unwrap();
     wipe(ws);
     let (stdout, stderr) = ok(ws, &garage, &["run", MANIFEST]);
-    let third: std::collections::BTreeMap<String, String> = stage_lines(&stdout).into_iter().collect();
+    let third = stage_map(&stdout);
     assert!(stderr.contains("corrupt"), "{stderr}");
     assert!(third["train"].starts_with("ran"), "{stdout}");
     // Train recomputed the same artifact, so eval is taken from the remote (early cutoff).
@@ -211,9 +189,8 @@ fn remote_cache_shares_results_detects_corruption_and_survives_outages() {
     // 5. The remote goes away mid-run: the run still succeeds, locally, with one warning.
     wipe(ws);
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let mut child = command(ws)
         .args(["run", MANIFEST, "-j", "1"])
-        .current_dir(ws)
         .env("AWS_ACCESS_KEY_ID", &garage.key_id)
         .env("AWS_SECRET_ACCESS_KEY", &garage.secret)
         .stdout(Stdio::piped())

@@ -2,17 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn kiln(dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(dir).env("NO_COLOR", "1").output().unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn json(path: impl AsRef<Path>) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path.as_ref()).unwrap_or_else(|e| panic!("{}: {e}", path.as_ref().display()))).unwrap()
-}
+use crate::support::{plain_ok, read_json, workspace_with};
 
 const SHAPES: &str = r#"
 [pipeline]
@@ -48,7 +39,7 @@ split = { train = 0.7, val = 0.15, test = 0.15 }
 
 /// Split → row ids, from the manifest.
 fn rows(ws: &Path, pipeline: &str) -> BTreeMap<String, Vec<String>> {
-    let m = json(ws.join(format!("outputs/{pipeline}/convert/manifest.json")));
+    let m = read_json(ws.join(format!("outputs/{pipeline}/convert/manifest.json")));
     m["splits"]
         .as_object()
         .unwrap()
@@ -69,9 +60,8 @@ fn rows(ws: &Path, pipeline: &str) -> BTreeMap<String, Vec<String>> {
 
 #[test]
 fn splits_are_disjoint_stratified_and_reproducible() {
-    let a = tempfile::tempdir().unwrap();
-    std::fs::write(a.path().join("kiln.toml"), SHAPES).unwrap();
-    kiln(a.path(), &["run"]);
+    let a = workspace_with("kiln.toml", SHAPES);
+    plain_ok(a.path(), &["run"]);
     let splits = rows(a.path(), "shapes");
     let all: Vec<&String> = splits.values().flatten().collect();
     let unique: BTreeSet<&String> = all.iter().copied().collect();
@@ -79,7 +69,7 @@ fn splits_are_disjoint_stratified_and_reproducible() {
     assert_eq!(unique.len(), 200, "no item in two splits");
 
     // 50 items per shape: 15% is 7.5, so 7 or 8 per class in val and test.
-    let report = json(a.path().join("outputs/shapes/convert/convert_report.json"));
+    let report = read_json(a.path().join("outputs/shapes/convert/convert_report.json"));
     for split in ["val", "test"] {
         for (class, n) in report["per_class"][split].as_object().unwrap() {
             let n = n.as_u64().unwrap();
@@ -95,13 +85,12 @@ fn splits_are_disjoint_stratified_and_reproducible() {
     assert_eq!(images.dtype(), safetensors::Dtype::U8);
     let labels = st.tensor("labels").unwrap();
     assert_eq!(labels.dtype(), safetensors::Dtype::I64);
-    let classes = json(a.path().join("outputs/shapes/convert/class_to_index.json"));
+    let classes = read_json(a.path().join("outputs/shapes/convert/class_to_index.json"));
     assert_eq!(classes, serde_json::json!({"circle": 0, "square": 1, "star": 2, "triangle": 3}));
 
     // Same manifest and seed in another place: the same bytes.
-    let b = tempfile::tempdir().unwrap();
-    std::fs::write(b.path().join("kiln.toml"), SHAPES).unwrap();
-    kiln(b.path(), &["run"]);
+    let b = workspace_with("kiln.toml", SHAPES);
+    plain_ok(b.path(), &["run"]);
     let digest = |ws: &Path| {
         let lock: toml::Table = toml::from_str(&std::fs::read_to_string(ws.join("kiln.lock")).unwrap()).unwrap();
         lock["stages"]["convert"]["artifact"].as_str().unwrap().to_string()
@@ -110,15 +99,14 @@ fn splits_are_disjoint_stratified_and_reproducible() {
 
     // Another seed, another split.
     std::fs::write(b.path().join("kiln.toml"), SHAPES.replace("seed = 11", "seed = 12")).unwrap();
-    kiln(b.path(), &["run"]);
+    plain_ok(b.path(), &["run"]);
     assert_ne!(rows(b.path(), "shapes")["test"], splits["test"]);
 }
 
 #[test]
 fn f32_shards_are_normalised_and_one_hot() {
-    let ws = tempfile::tempdir().unwrap();
-    std::fs::write(ws.path().join("kiln.toml"), SHAPES.replace("split = {", "dtype = \"f32\"\nencoding = \"one_hot\"\nsplit = {")).unwrap();
-    kiln(ws.path(), &["run"]);
+    let ws = workspace_with("kiln.toml", &SHAPES.replace("split = {", "dtype = \"f32\"\nencoding = \"one_hot\"\nsplit = {"));
+    plain_ok(ws.path(), &["run"]);
     let bytes = std::fs::read(ws.path().join("outputs/shapes/convert/shards/val-00000.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let images = st.tensor("images").unwrap();
@@ -130,7 +118,7 @@ fn f32_shards_are_normalised_and_one_hot() {
     assert_eq!(labels.shape()[1], 4);
     let onehot: Vec<f32> = labels.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     assert!(onehot.chunks(4).all(|row| row.iter().sum::<f32>() == 1.0));
-    assert_eq!(json(ws.path().join("outputs/shapes/convert/manifest.json"))["normalization_applied"], true);
+    assert_eq!(read_json(ws.path().join("outputs/shapes/convert/manifest.json"))["normalization_applied"], true);
 }
 
 fn png(seed: u64) -> Vec<u8> {
@@ -156,7 +144,7 @@ fn duplicate_groups_stay_together_and_folder_splits_report_leakage() {
         )
     };
     std::fs::write(ws.path().join("kiln.toml"), manifest("{ train = 0.5, val = 0.0, test = 0.5 }")).unwrap();
-    kiln(ws.path(), &["run"]);
+    plain_ok(ws.path(), &["run"]);
     let side = |rows: &BTreeMap<String, Vec<String>>, id: &str| {
         rows.iter().find(|(_, ids)| ids.iter().any(|i| i == id)).map(|(s, _)| s.clone()).unwrap()
     };
@@ -165,13 +153,13 @@ fn duplicate_groups_stay_together_and_folder_splits_report_leakage() {
     assert_eq!(side(&r, "data/train/b/3.png"), side(&r, "data/test/b/3_leaked.png"));
 
     std::fs::write(ws.path().join("kiln.toml"), manifest("{ from_items = true, val = 0.1 }")).unwrap();
-    let out = kiln(ws.path(), &["run"]);
+    let out = plain_ok(ws.path(), &["run"]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("1 duplicate groups straddle splits"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report = json(ws.path().join("outputs/kiln/convert/convert_report.json"));
+    let report = read_json(ws.path().join("outputs/kiln/convert/convert_report.json"));
     assert_eq!(report["leakage"], serde_json::json!(["data/test/b/3_leaked.png"]));
     let r = rows(ws.path(), "kiln");
     assert_eq!(r["test"].len(), 13, "folder splits are kept: 12 test images and the leaked copy");
@@ -188,7 +176,7 @@ fn changing_augmentation_redoes_only_augmentation_for_the_training_split() {
         )
     };
     std::fs::write(ws.path().join("kiln.toml"), manifest(10.0)).unwrap();
-    kiln(ws.path(), &["run"]);
+    plain_ok(ws.path(), &["run"]);
     let r = rows(ws.path(), "shapes");
     let train_items = r["train"].iter().filter(|id| !id.contains("#aug")).count();
     assert_eq!(r["train"].len(), train_items * 3, "each training image plus two augmented copies");
@@ -196,8 +184,8 @@ fn changing_augmentation_redoes_only_augmentation_for_the_training_split() {
 
     std::fs::write(ws.path().join("kiln.toml"), manifest(20.0)).unwrap();
     let stats = ws.path().join("stats.json");
-    kiln(ws.path(), &["--work-stats", stats.to_str().unwrap(), "run"]);
-    let s = json(&stats);
+    plain_ok(ws.path(), &["--work-stats", stats.to_str().unwrap(), "run"]);
+    let s = read_json(&stats);
     assert_eq!(
         s["memo_misses"].as_u64().unwrap(),
         2 * train_items as u64,
@@ -222,8 +210,8 @@ fn several_labels_per_item_encode_multi_hot() {
         "[stages.collect]\nkind = \"collect\"\n[[stages.collect.sources]]\ntype = \"listing\"\npath = \"data/list.csv\"\nlabel_field = \"tags\"\n\n[stages.label]\nkind = \"label\"\ninputs = [\"collect\"]\nclasses = [\"cat\", \"dog\"]\naliases = { Dog = \"dog\" }\n\n[stages.convert]\nkind = \"convert\"\ninputs = [\"label\"]\nencoding = \"multi_hot\"\nsplit = { train = 1.0, val = 0.0, test = 0.0 }\n",
     )
     .unwrap();
-    kiln(ws.path(), &["run"]);
-    let report = json(ws.path().join("outputs/kiln/label/label_report.json"));
+    plain_ok(ws.path(), &["run"]);
+    let report = read_json(ws.path().join("outputs/kiln/label/label_report.json"));
     assert_eq!(report["classes"], serde_json::json!([{"class": "cat", "count": 4}, {"class": "dog", "count": 4}]));
     let bytes = std::fs::read(ws.path().join("outputs/kiln/convert/shards/train-00000.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();

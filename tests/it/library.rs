@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use kiln::diagnostic::Issue;
 use kiln::exec::{self, RunOptions};
-use kiln::manifest::{Issue, Manifest};
+use kiln::plan::Plan;
 use kiln::report::{NullReporter, StageOutcome};
 use kiln::stages::{ParseContext, Stage, StageContext, StageError, StageKind, StageRegistry};
 use serde::Deserialize;
@@ -93,7 +94,7 @@ cmd = "cp $KILN_INPUT_SECOND/nested/counts.txt from_second.txt"
 outs = ["from_second.txt"]
 "#;
     std::fs::write(&path, manifest).unwrap();
-    let m = Manifest::load(&path, &registry()).unwrap();
+    let m = Plan::load(&path, &registry()).unwrap();
     let opts = RunOptions { jobs: 2, ..RunOptions::default() };
 
     let summary = exec::run(&m, &opts, &NullReporter, Default::default()).unwrap();
@@ -118,7 +119,7 @@ outs = ["from_second.txt"]
 
     // Renaming a stage away drops its view.
     std::fs::write(&path, manifest.replace("second", "third").replace("SECOND", "THIRD")).unwrap();
-    let m = Manifest::load(&path, &registry()).unwrap();
+    let m = Plan::load(&path, &registry()).unwrap();
     exec::run(&m, &opts, &NullReporter, Default::default()).unwrap();
     assert!(!dir.path().join("outputs/lib/second").exists());
     assert!(dir.path().join("outputs/lib/third/nested/counts.txt").is_file());

@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::support::{command, png, read_json};
 
 #[derive(Default)]
 struct Log {
@@ -15,10 +16,7 @@ struct Log {
 }
 
 fn png_bytes(shade: u8) -> Vec<u8> {
-    let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(24, 24, |x, y| image::Rgb([shade, (x * 10) as u8, (y * 10) as u8])));
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
+    png(&image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(24, 24, |x, y| image::Rgb([shade, (x * 10) as u8, (y * 10) as u8]))))
 }
 
 fn respond(mut stream: TcpStream, log: &Mutex<Log>, flaky_failures: &Mutex<u32>) {
@@ -107,16 +105,13 @@ fn urls_are_fetched_with_retries_limits_and_conditional_reruns() {
     .unwrap();
     let stats = ws.path().join("stats.json");
     let run = |args: &[&str]| {
-        let out =
-            Command::new(env!("CARGO_BIN_EXE_kiln")).arg("--work-stats").arg(&stats).args(args).current_dir(ws.path()).output().unwrap();
+        let out = command(ws.path()).arg("--work-stats").arg(&stats).args(args).output().unwrap();
         assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        let counters: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
-        counters
+        read_json(&stats)
     };
     let first = run(&["run"]);
     assert_eq!(first["http_downloads"], 3, "{first}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ws.path().join("outputs/kiln/collect/collect_report.json")).unwrap()).unwrap();
+    let report = read_json(ws.path().join("outputs/kiln/collect/collect_report.json"));
     let problems: BTreeMap<String, String> = report["problems"]
         .as_array()
         .unwrap()

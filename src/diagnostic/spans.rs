@@ -216,7 +216,7 @@ fn non_finite_float(text: &str) -> bool {
 /// a stage that ran with one would fail late (a NaN loss, a `null` in the cache key). Stage
 /// kinds still check their tables, so a stage's other problems (and a kind's own message
 /// for the value) are reported with it, but no manifest with one loads.
-pub(super) fn reject_non_finite(doc: &DeTable<'_>, src: &str, issues: &mut Vec<Issue>) {
+pub(crate) fn reject_non_finite(doc: &DeTable<'_>, src: &str, issues: &mut Vec<Issue>) {
     for (_, value) in doc.iter() {
         reject_in(value, src, issues);
     }
@@ -240,7 +240,7 @@ fn reject_in(value: &Spanned<DeValue<'_>>, src: &str, issues: &mut Vec<Issue>) {
 
 /// Whether JSON made from TOML holds a `null`: TOML has none, so one can only be a NaN or
 /// infinite float that serde_json turned into `null`.
-pub(super) fn has_null(v: &serde_json::Value) -> bool {
+pub(crate) fn has_null(v: &serde_json::Value) -> bool {
     match v {
         serde_json::Value::Null => true,
         serde_json::Value::Array(items) => items.iter().any(has_null),

@@ -2,8 +2,10 @@
 //! reproducible weights, resume after `kill -9`, exactly which stages rerun, clear errors.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::support::{command, read_json, unwrap_diagnostic, workspace_with};
 
 const MANIFEST: &str = r#"
 [pipeline]
@@ -53,14 +55,13 @@ inputs = ["train", "convert"]
 "#;
 
 fn workspace(epochs: usize, checkpoint_secs: f64) -> tempfile::TempDir {
-    let ws = tempfile::tempdir().unwrap();
     let text = MANIFEST.replace("EPOCHS", &epochs.to_string()).replace("CHECKPOINT", &format!("{checkpoint_secs:?}"));
-    std::fs::write(ws.path().join("kiln.toml"), text).unwrap();
-    ws
+    workspace_with("kiln.toml", &text)
 }
 
+/// `kiln ARGS --no-progress` in `ws`.
 fn kiln(ws: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).arg("--no-progress").current_dir(ws).output().unwrap()
+    command(ws).args(args).arg("--no-progress").output().unwrap()
 }
 
 fn run_ok(ws: &Path, args: &[&str]) -> String {
@@ -82,7 +83,7 @@ fn outcomes(text: &str) -> Vec<(String, String)> {
 }
 
 fn model_card(ws: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(ws.join("outputs/t/train/model.json")).unwrap()).unwrap()
+    read_json(ws.join("outputs/t/train/model.json"))
 }
 
 fn scratch_progress(ws: &Path) -> Option<PathBuf> {
@@ -117,14 +118,12 @@ fn trains_reproducibly_and_writes_its_artifact() {
     assert!(scratch_progress(a.path()).is_none());
 
     // eval: metrics agree with the per-item predictions it wrote.
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(a.path().join("outputs/t/eval/metrics.json")).unwrap()).unwrap();
+    let metrics = read_json(a.path().join("outputs/t/eval/metrics.json"));
     let predictions = std::fs::read_to_string(a.path().join("outputs/t/eval/predictions.csv")).unwrap();
     let header: Vec<&str> = predictions.lines().next().unwrap().split(',').collect();
     let correct_col = header.iter().position(|h| *h == "correct").unwrap();
     let rows: Vec<&str> = predictions.lines().skip(1).collect();
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(a.path().join("outputs/t/convert/manifest.json")).unwrap()).unwrap();
+    let manifest = read_json(a.path().join("outputs/t/convert/manifest.json"));
     assert_eq!(rows.len() as u64, manifest["splits"]["test"]["rows"].as_u64().unwrap());
     assert_eq!(metrics["samples"].as_u64().unwrap(), rows.len() as u64);
     let correct = rows.iter().filter(|r| r.split(',').nth(correct_col) == Some("1")).count();
@@ -210,8 +209,7 @@ fn head_fine_tuning_memoises_backbone_features_across_runs() {
         .replace("device = \"cpu\"", "device = \"cpu\"\nweights = \"pre.safetensors\"\nfinetune = \"head\"");
     std::fs::write(&path, text).unwrap();
     let first = run_ok(ws.path(), &["run", "kiln.toml"]);
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ws.path().join("outputs/t/convert/manifest.json")).unwrap()).unwrap();
+    let manifest = read_json(ws.path().join("outputs/t/convert/manifest.json"));
     let rows = manifest["splits"]["train"]["rows"].as_u64().unwrap() + manifest["splits"]["val"]["rows"].as_u64().unwrap();
     assert!(first.contains(&format!("backbone features: {rows} computed, 0 memoised")), "{first}");
     // Only the head's settings change: the backbone's features come from the memo.
@@ -227,12 +225,7 @@ fn thread_count_does_not_change_the_weights() {
     let one = workspace(2, 60.0);
     let two = workspace(2, 60.0);
     for (ws, threads) in [(&one, "1"), (&two, "2")] {
-        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["run", "kiln.toml", "--no-progress"])
-            .env("RAYON_NUM_THREADS", threads)
-            .current_dir(ws.path())
-            .output()
-            .unwrap();
+        let out = command(ws.path()).args(["run", "kiln.toml", "--no-progress"]).env("RAYON_NUM_THREADS", threads).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     assert_eq!(model_card(one.path())["weights_digest"], model_card(two.path())["weights_digest"]);
@@ -267,13 +260,8 @@ fn killed_mid_training_resumes_and_ends_with_the_same_weights() {
 
     let ws = workspace(4, 0.0);
     run_ok(ws.path(), &["run", "kiln.toml", "convert"]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["run", "kiln.toml", "--no-progress"])
-        .current_dir(ws.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child =
+        command(ws.path()).args(["run", "kiln.toml", "--no-progress"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     // Kill once a checkpoint inside the second epoch exists.
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -322,7 +310,7 @@ fn a_pretrained_model_on_mismatched_input_is_a_manifest_error() {
     std::fs::write(&path, text).unwrap();
     let out = kiln(ws.path(), &["status", "kiln.toml"]);
     // Undo the diagnostic's line wrapping.
-    let text = String::from_utf8_lossy(&out.stderr).replace('│', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    let text = unwrap_diagnostic(&String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(2), "found when the manifest loads, before anything runs: {text}");
     assert!(text.contains("expects 224x224 input but stage `preprocess` writes 16x16"), "{text}");
     assert!(text.contains("expects RGB input but stage `preprocess` writes grayscale"), "{text}");
@@ -333,7 +321,7 @@ fn a_pretrained_model_on_mismatched_input_is_a_manifest_error() {
         .replace("finetune = \"head\"", "finetune = \"head\"\ninput = { size = [16, 16], mean = [0.5], std = [0.25] }");
     std::fs::write(&path, text).unwrap();
     let out = kiln(ws.path(), &["status", "kiln.toml"]);
-    let text = String::from_utf8_lossy(&out.stderr).replace('│', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    let text = unwrap_diagnostic(&String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(2));
     assert!(text.contains("1 problem") && text.contains("expects RGB input"), "{text}");
 }

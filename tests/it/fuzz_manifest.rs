@@ -20,24 +20,15 @@
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use kiln::rng::Rng;
 
+use crate::support::{env_seed, env_u64, plain_command, tail};
+
 const DAG_LIMIT: Duration = Duration::from_secs(30);
 const DRY_RUN_LIMIT: Duration = Duration::from_secs(60);
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
-}
-
-fn seed() -> u64 {
-    std::env::var("KILN_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64))
-}
 
 struct Bundled {
     /// File stem: `quickstart` for `pipelines/quickstart.toml`.
@@ -75,11 +66,8 @@ struct Ran {
 /// quotes a 10 kB line several times must not stall kiln on a full pipe.
 fn kiln(ws: &Path, args: &[&str], limit: Duration) -> Ran {
     let err = ws.join("logs/kiln.stderr");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let mut child = plain_command(ws)
         .args(args)
-        .current_dir(ws)
-        .env("NO_COLOR", "1")
-        .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(&err).unwrap())
@@ -476,7 +464,7 @@ fn mutated_manifests_never_crash_and_always_point_at_their_errors() {
     let manifests = bundled();
     let max_cases = env_u64("KILN_FUZZ_CASES", 2000);
     let budget = Duration::from_secs(env_u64("KILN_FUZZ_SECS", 60));
-    let seed = seed();
+    let seed = env_seed("KILN_FUZZ_SEED");
     let only = std::env::var("KILN_FUZZ_CASE").ok().and_then(|v| v.trim().parse::<u64>().ok());
     let cases: Vec<u64> = match only {
         Some(case) => vec![case],
@@ -526,7 +514,7 @@ fn mutated_manifests_never_crash_and_always_point_at_their_errors() {
             String::new()
         };
         failures.push(format!(
-            "case {case} on {rel}: replay with KILN_FUZZ_SEED={seed} KILN_FUZZ_CASE={case} cargo test --test fuzz_manifest\n\
+            "case {case} on {rel}: replay with KILN_FUZZ_SEED={seed} KILN_FUZZ_CASE={case} cargo test --test it fuzz_manifest::\n\
              mutations:\n  {}\nproblems:\n  {}\nstderr (tail):\n{}\nmutant (saved as {}):\n{shown}{cut}",
             mutant.steps.join("\n  "),
             problems.join("\n  "),
@@ -555,15 +543,4 @@ fn mutated_manifests_never_crash_and_always_point_at_their_errors() {
             failures[..shown].join("\n\n----------------------------------------\n\n")
         );
     }
-}
-
-fn tail(s: &str, n: usize) -> &str {
-    if s.len() <= n {
-        return s;
-    }
-    let mut start = s.len() - n;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
 }

@@ -1,13 +1,21 @@
-//! Manifest problems that point at the manifest text.
+//! Manifest problems that point at the manifest text, and where each value is written.
 //!
-//! Every validation pass pushes [`Issue`]s instead of returning on the first one, so a user
-//! fixing a manifest sees all of its problems at once (as nextest and cargo do).
+//! The bottom of the crate: the manifest, the stage kinds and the graph all report
+//! [`Issue`]s, so none of them owns the type. Every validation pass pushes issues instead
+//! of returning on the first one, so a user fixing a manifest sees all of its problems at
+//! once (as nextest and cargo do); [`ManifestError`] attaches them to the text.
+//! [`spans`] finds the text of a value ([`ValueSpans`]) and range-checks values at it
+//! ([`Checker`]).
+
+pub mod spans;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use miette::{Diagnostic, NamedSource, SourceSpan};
+
+pub use spans::{Bounds, Checker, ValueSpans};
 
 /// One problem found in a manifest, before it is attached to the manifest's text.
 #[derive(Debug, Clone)]

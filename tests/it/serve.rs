@@ -11,17 +11,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::{command, kiln, ok, read_json, workspace_with};
+
 const MANIFEST: &str = "pipelines/tiny.toml";
-
-fn kiln(ws: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(ws).output().unwrap()
-}
-
-fn ok(ws: &Path, args: &[&str]) -> String {
-    let out = kiln(ws, args);
-    assert!(out.status.success(), "kiln {args:?}:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Two classes of photos-like images (dark and bright, with texture), of assorted sizes,
 /// as PNG and JPEG files in an ImageFolder tree.
@@ -49,13 +41,8 @@ fn make_images(root: &Path) {
     }
 }
 
-fn workspace() -> tempfile::TempDir {
-    let ws = tempfile::tempdir().unwrap();
-    make_images(&ws.path().join("data"));
-    std::fs::create_dir(ws.path().join("pipelines")).unwrap();
-    std::fs::write(
-        ws.path().join(MANIFEST),
-        r#"
+/// A small pipeline over the images in `data/` (two classes): a tiny CNN, two epochs, eval.
+const TINY: &str = r#"
 [pipeline]
 name = "tiny"
 seed = 5
@@ -99,9 +86,11 @@ device = "cpu"
 [stages.eval]
 kind = "eval"
 inputs = ["train", "convert"]
-"#,
-    )
-    .unwrap();
+"#;
+
+fn workspace() -> tempfile::TempDir {
+    let ws = workspace_with(MANIFEST, TINY);
+    make_images(&ws.path().join("data"));
     ws
 }
 
@@ -132,10 +121,9 @@ struct Server {
 
 impl Server {
     fn start(ws: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        let mut child = command(ws)
             .args(["serve", &format!("{MANIFEST}:train"), "--addr", "127.0.0.1:0"])
             .args(extra)
-            .current_dir(ws)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -341,8 +329,7 @@ fn bad_model_specs_are_clear_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("MANIFEST.toml:STAGE"));
     let mut stderr = String::new();
-    let mut child =
-        Command::new(env!("CARGO_BIN_EXE_kiln")).args(["serve", "nowhere"]).current_dir(ws.path()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = command(ws.path()).args(["serve", "nowhere"]).stderr(Stdio::piped()).spawn().unwrap();
     child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(2), "{stderr}");
 }
@@ -370,8 +357,7 @@ fn watch_swaps_in_a_new_result_of_the_stage() {
         assert!(std::time::Instant::now() < deadline, "the server kept the old model");
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
-    let card: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ws.join("outputs/tiny/train/model.json")).unwrap()).unwrap();
+    let card = read_json(ws.join("outputs/tiny/train/model.json"));
     assert_eq!(after, card["weights_digest"].as_str().unwrap(), "the new model is the stage's new result");
     let image = std::fs::read(ws.join("data/dark/img_01.png")).unwrap();
     let (status, body) = post(&format!("{}/v1/predict", server.base), "image/png", &image);

@@ -1,7 +1,24 @@
-//! Normalisation of workspace paths named in a manifest.
+//! Workspace paths named in a manifest: normalised, compared, and found on disk.
 //!
 //! Paths are kept as `/`-separated strings relative to the workspace root, so that the
-//! cache key of a stage is the same on every machine and every checkout location.
+//! cache key of a stage is the same on every machine and every checkout location. The
+//! manifest, the graph, the engine and the stage kinds all use these helpers, so they sit
+//! at the bottom of the crate.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// A workspace path a stage writes, with where the manifest names it.
+#[derive(Debug, Clone)]
+pub struct Out {
+    pub path: String,
+    pub span: Range<usize>,
+}
+
+/// Where a dependency path (normalised, as the manifest names it) lives on disk.
+pub fn dep_path(root: &Path, dep: &str) -> PathBuf {
+    if dep.starts_with('/') { PathBuf::from(dep) } else { root.join(dep) }
+}
 
 /// A path a stage reads. May leave the workspace (`../shared/data`) or be absolute
 /// (`/usr/share/datasets`): data often lives outside the repository.

@@ -2,45 +2,12 @@
 //! directory, runs the CLI, and asserts exactly which stages ran and which were cached.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::process::{Child, Output, Stdio};
 
-struct Workspace {
-    dir: tempfile::TempDir,
-}
+use crate::support::{Workspace, backdate, text, unwrap_diagnostic, wait_for};
 
+/// What only these tests need of a [`Workspace`]: their commands append to `log/ran`.
 impl Workspace {
-    fn new(manifest: &str) -> Self {
-        let ws = Workspace { dir: tempfile::tempdir().unwrap() };
-        ws.write("kiln.toml", manifest);
-        ws
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn write(&self, rel: &str, text: &str) {
-        let p = self.path(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-    }
-
-    fn read(&self, rel: &str) -> String {
-        std::fs::read_to_string(self.path(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-        c.args(args).current_dir(self.dir.path()).env_remove("RUST_LOG").env("NO_COLOR", "1");
-        c
-    }
-
-    fn kiln(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
     /// Runs `kiln run`, asserts success, returns stage → first word of its outcome.
     fn run_ok(&self, extra: &[&str]) -> BTreeMap<String, String> {
         let mut args = vec!["run"];
@@ -71,10 +38,8 @@ impl Workspace {
     }
 }
 
-fn text(out: &Output) -> String {
-    format!("--- stdout\n{}--- stderr\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
+/// Stage → the first word of its line (`ran`, `cached`, `fresh`, `stale`…), from `kiln run`
+/// or `kiln status`.
 fn outcomes(out: &Output) -> BTreeMap<String, String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -88,19 +53,6 @@ fn outcomes(out: &Output) -> BTreeMap<String, String> {
 
 fn expect(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
-}
-
-fn backdate(path: &Path) {
-    let f = std::fs::File::options().write(true).open(path).unwrap();
-    f.set_modified(SystemTime::now() - Duration::from_secs(60)).unwrap();
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 const CHAIN: &str = r#"
@@ -246,25 +198,46 @@ deps = ["data"]
     assert!(report.contains("-data/d7/f7.txt"), "{report}");
 }
 
+/// A manifest that kiln must refuse when it loads: exit 2, before the cache is touched.
+struct BadManifest {
+    what: &'static str,
+    manifest: &'static str,
+    /// `kiln.toml:LINE:COLUMN` of the offending value.
+    at: &'static str,
+    /// A fragment of the message.
+    says: &'static str,
+}
+
+const BAD_MANIFESTS: &[BadManifest] = &[
+    BadManifest {
+        what: "cycle",
+        manifest: "[stages.a]\nkind = \"command\"\ncmd = \"true\"\ninputs = [\"b\"]\n[stages.b]\nkind = \"command\"\ncmd = \"true\"\ninputs = [\"a\"]\n",
+        at: "kiln.toml:1:9",
+        says: "dependency cycle between stages `a`, `b`",
+    },
+    BadManifest {
+        what: "unknown input",
+        manifest: "[stages.a]\nkind = \"command\"\ncmd = \"true\"\ninputs = [\"ghost\"]\n",
+        at: "kiln.toml:4:11",
+        says: "unknown input stage `ghost`",
+    },
+    BadManifest {
+        what: "unknown key",
+        manifest: "[stages.a]\nkind = \"command\"\ncmd = \"true\"\ncommand = \"x\"\n",
+        at: "kiln.toml:4:1",
+        says: "unknown field `command`",
+    },
+    BadManifest {
+        what: "wrong type",
+        manifest: "[stages.a]\nkind = \"command\"\ncmd = \"true\"\nouts = \"x\"\n",
+        at: "kiln.toml:4:8",
+        says: "invalid type",
+    },
+];
+
 #[test]
 fn invalid_manifests_exit_2_with_line_and_column() {
-    let cases = [
-        (
-            "cycle",
-            "[stages.a]\nkind = \"command\"\ncmd = \"true\"\ninputs = [\"b\"]\n[stages.b]\nkind = \"command\"\ncmd = \"true\"\ninputs = [\"a\"]\n",
-            "kiln.toml:1:9",
-            "dependency cycle between stages `a`, `b`",
-        ),
-        (
-            "unknown input",
-            "[stages.a]\nkind = \"command\"\ncmd = \"true\"\ninputs = [\"ghost\"]\n",
-            "kiln.toml:4:11",
-            "unknown input stage `ghost`",
-        ),
-        ("unknown key", "[stages.a]\nkind = \"command\"\ncmd = \"true\"\ncommand = \"x\"\n", "kiln.toml:4:1", "unknown field `command`"),
-        ("wrong type", "[stages.a]\nkind = \"command\"\ncmd = \"true\"\nouts = \"x\"\n", "kiln.toml:4:8", "invalid type"),
-    ];
-    for (what, manifest, location, message) in cases {
+    for &BadManifest { what, manifest, at: location, says: message } in BAD_MANIFESTS {
         let ws = Workspace::new(manifest);
         let out = ws.kiln(&["run"]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -535,7 +508,7 @@ fn non_finite_and_out_of_range_values_exit_2_at_their_value() {
     // A `--set` value is checked where it is shown: under the manifest, as a comment line.
     let ws = Workspace::new("[params]\nrate = 0.5\n\n[stages.a]\nkind = \"command\"\ncmd = \"echo ${params.rate}\"\n");
     let out = ws.kiln(&["run", "--set", "params.rate=nan"]);
-    let err = String::from_utf8_lossy(&out.stderr).replace('│', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    let err = unwrap_diagnostic(&String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(err.contains("kiln.toml:9:23") && err.contains("`nan` is not a number kiln can use"), "{err}");
     assert!(!ws.path("cache").exists(), "an invalid manifest touches nothing");
@@ -570,7 +543,7 @@ device = "cpu"
     );
     let out = ws.kiln(&["run"]);
     // Undo the diagnostic's line wrapping.
-    let err = String::from_utf8_lossy(&out.stderr).replace('│', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    let err = unwrap_diagnostic(&String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     for (location, message) in [
         ("kiln.toml:21:19", "`cnn.widths[0]` = 100000 is out of range"),

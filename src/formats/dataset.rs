@@ -1,24 +1,26 @@
-//! Dataset artifacts: what collect, clean and label produce.
+//! Dataset artifacts: what collect, clean, label and preprocess produce.
 //!
 //! A dataset artifact holds `items.jsonl` (one [`Item`] per line, sorted by id) and the
 //! image blobs the items refer to, as hidden `.images/<digest>` tree entries. The images
 //! are never copied between stages: every stage's tree points at the same blobs, and gc,
-//! verify and views treat them like any other file.
+//! verify and views treat them like any other file. Reading and writing one from a running
+//! stage is [`crate::stages::io`]'s.
 
-use std::collections::BTreeSet;
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
-use crate::stages::{Artifact, StageContext, StageError};
 
 pub const ITEMS_FILE: &str = "items.jsonl";
 /// What a dataset carries forward besides its items: the preprocessing applied to its
 /// images and the class list, once stages have decided them.
 pub const META_FILE: &str = "dataset.json";
 pub const IMAGES_DIR: &str = ".images";
+
+/// Separates the classes of an item that has several (`cat|dog`) in [`Item::label`].
+pub const MULTI: &str = "|";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,31 +93,7 @@ pub fn image_path(digest: &Digest) -> String {
     format!("{IMAGES_DIR}/{}", digest.to_hex())
 }
 
-/// Writes `items.jsonl` into a stage's output directory and attaches the item images.
-pub fn write(cx: &StageContext<'_>, items: &mut [Item]) -> Result<(), StageError> {
-    items.sort_by(|a, b| a.id.cmp(&b.id));
-    let path = cx.out_dir.join(ITEMS_FILE);
-    let fail = |e: std::io::Error| StageError::Failed(format!("cannot write `{}`: {e}", path.display()));
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).map_err(fail)?);
-    let mut attached = BTreeSet::new();
-    for item in items.iter() {
-        serde_json::to_writer(&mut out, item).map_err(|e| fail(e.into()))?;
-        out.write_all(b"\n").map_err(fail)?;
-        if attached.insert(item.digest) {
-            cx.attach_blob(&image_path(&item.digest), item.digest, item.bytes);
-        }
-    }
-    out.flush().map_err(fail)
-}
-
-/// The items of an upstream dataset artifact.
-pub fn read(cx: &StageContext<'_>, input: &str, artifact: &Artifact) -> Result<Vec<Item>, StageError> {
-    let path = cx
-        .input_file(artifact, ITEMS_FILE)?
-        .ok_or_else(|| StageError::Failed(format!("input `{input}` is not a dataset (it has no {ITEMS_FILE})")))?;
-    read_file(&path).map_err(|e| StageError::Failed(format!("input `{input}`: {e}")))
-}
-
+/// The items of an `items.jsonl` file.
 pub fn read_file(path: &Path) -> Result<Vec<Item>, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
     std::io::BufReader::new(file)
@@ -133,35 +111,7 @@ pub fn read_file(path: &Path) -> Result<Vec<Item>, String> {
 #[serde(deny_unknown_fields)]
 pub struct Meta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub preprocess: Option<crate::stages::preprocess::Spec>,
+    pub preprocess: Option<super::preprocess::Spec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<Vec<String>>,
-}
-
-/// The metadata of an upstream dataset (empty when it has none).
-pub fn read_meta(cx: &StageContext<'_>, input: &str, artifact: &Artifact) -> Result<Meta, StageError> {
-    let Some(path) = cx.input_file(artifact, META_FILE)? else { return Ok(Meta::default()) };
-    let text = std::fs::read_to_string(&path).map_err(|e| StageError::Failed(format!("input `{input}`: cannot read {META_FILE}: {e}")))?;
-    serde_json::from_str(&text).map_err(|e| StageError::Failed(format!("input `{input}`: {META_FILE}: {e}")))
-}
-
-pub fn write_meta(cx: &StageContext<'_>, meta: &Meta) -> Result<(), StageError> {
-    if *meta == Meta::default() { Ok(()) } else { write_json(cx, META_FILE, meta) }
-}
-
-/// The one upstream dataset of a stage that takes exactly one.
-pub fn single_input<'a>(cx: &'a StageContext<'_>) -> Result<(&'a str, &'a Artifact), StageError> {
-    let mut inputs = cx.inputs.iter();
-    match (inputs.next(), inputs.next()) {
-        (Some((name, a)), None) => Ok((name.as_str(), a)),
-        _ => Err(StageError::Failed(format!("stage `{}` needs exactly one input stage (a dataset), got {}", cx.stage, cx.inputs.len()))),
-    }
-}
-
-/// Writes a JSON report next to the items, pretty and with stable key order.
-pub fn write_json(cx: &StageContext<'_>, name: &str, value: &impl Serialize) -> Result<(), StageError> {
-    let path = cx.out_dir.join(name);
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| StageError::Failed(format!("cannot encode {name}: {e}")))?;
-    bytes.push(b'\n');
-    std::fs::write(&path, bytes).map_err(|e| StageError::Failed(format!("cannot write `{}`: {e}", path.display())))
 }

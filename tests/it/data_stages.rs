@@ -7,53 +7,17 @@ use std::process::{Command, Output};
 
 use image::{DynamicImage, RgbImage};
 
-fn kiln(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(dir).env("NO_COLOR", "1").output().unwrap()
-}
+use crate::support::{backdate, crc32, kiln_plain, plain_command, plain_ok, png, read_json, shared, text, unwrap_diagnostic, write};
 
-fn text(out: &Output) -> String {
-    format!("--- stdout\n{}--- stderr\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-fn run_ok(dir: &Path, args: &[&str]) -> Output {
-    let out = kiln(dir, args);
-    assert!(out.status.success(), "{}", text(&out));
-    out
-}
-
-fn json(path: PathBuf) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
-}
-
+/// The items of a JSON-lines file.
 fn items(path: PathBuf) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
-fn shared(rel: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets").join(rel);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipping: {} is absent", p.display());
-        None
-    }
 }
 
 fn jpeg(img: &DynamicImage, quality: u8) -> Vec<u8> {
     let mut out = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(&img.to_rgb8()).unwrap();
     out
-}
-
-fn png(img: &DynamicImage) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
-fn write(path: &Path, bytes: &[u8]) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, bytes).unwrap();
 }
 
 const PIPELINE: &str = r#"
@@ -85,7 +49,7 @@ conflicts = "drop"
 /// kind of fault planted: each must be found, for the right reason, and nothing else lost.
 #[test]
 fn every_planted_fault_is_found_and_nothing_else_is_dropped() {
-    let Some(photos) = shared("photos") else { return };
+    let Some(photos) = shared("datasets/photos") else { return };
     let ws = tempfile::tempdir().unwrap();
     let root = ws.path().join("photos");
     let mut clean_tiles = BTreeSet::new();
@@ -138,11 +102,11 @@ fn every_planted_fault_is_found_and_nothing_else_is_dropped() {
     write(&root.join("chelsea/retina_copy.jpg"), &std::fs::read(root.join("retina/t0.jpg")).unwrap());
     std::fs::write(ws.path().join("kiln.toml"), PIPELINE).unwrap();
 
-    let out = run_ok(ws.path(), &["run"]);
+    let out = plain_ok(ws.path(), &["run"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("exact_duplicates: 2 found, 2 removed"), "{stderr}");
 
-    let report = json(ws.path().join("outputs/dirty/clean/clean_report.json"));
+    let report = read_json(ws.path().join("outputs/dirty/clean/clean_report.json"));
     let findings: Vec<(String, String, String)> = report["findings"]
         .as_array()
         .unwrap()
@@ -177,32 +141,21 @@ fn every_planted_fault_is_found_and_nothing_else_is_dropped() {
     let quarantined = std::fs::read_dir(ws.path().join("outputs/dirty/clean/quarantine/near_duplicates")).unwrap().count();
     assert_eq!(quarantined, 3, "quarantined images are there to look at");
 
-    let labels = json(ws.path().join("outputs/dirty/label/label_report.json"));
+    let labels = read_json(ws.path().join("outputs/dirty/label/label_report.json"));
     assert_eq!(labels["conflicts"].as_array().unwrap().len(), 1, "{labels:#}");
     assert_eq!(labels["conflicts"][0]["id"], "photos/chelsea/retina_copy.jpg");
     assert!(labels["aliases_applied"].as_u64().unwrap() >= 1);
     let labelled = items(ws.path().join("outputs/dirty/label/items.jsonl"));
     let cats = labelled.iter().find(|i| i["id"] == "photos/Cats/t3.jpg").expect("alias item kept");
     assert_eq!(cats["label"], "chelsea", "the alias folder maps to the canonical class");
-    let classes = json(ws.path().join("outputs/dirty/label/classes.json"));
+    let classes = read_json(ws.path().join("outputs/dirty/label/classes.json"));
     assert_eq!(classes, serde_json::json!(["astronaut", "chelsea", "coffee", "hubble_deep_field", "retina"]));
     assert_eq!(labelled.len(), 20, "21 kept images minus the conflicting retina copy");
 
     // `kiln report` lists the offending files with reason and score.
-    let out = run_ok(ws.path(), &["report", "clean"]);
+    let out = plain_ok(ws.path(), &["report", "clean"]);
     let listing = String::from_utf8_lossy(&out.stdout);
     assert!(listing.contains("photos/chelsea/t0_truncated.jpg") && listing.contains("truncated"), "{listing}");
-}
-
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
 }
 
 /// Deterministic, distinct 16×16 images without depending on any dataset.
@@ -226,8 +179,8 @@ fn adding_ten_images_to_ten_thousand_does_ten_images_of_work() {
     )
     .unwrap();
     let stats = ws.path().join("stats.json");
-    run_ok(ws.path(), &["--work-stats", stats.to_str().unwrap(), "run"]);
-    let first = json(stats.clone());
+    plain_ok(ws.path(), &["--work-stats", stats.to_str().unwrap(), "run"]);
+    let first = read_json(stats.clone());
     assert_eq!(first["memo_misses"], 20_000, "the first run probes every image twice (header, full decode): {first}");
 
     for i in 10_000..10_010u64 {
@@ -235,18 +188,13 @@ fn adding_ten_images_to_ten_thousand_does_ten_images_of_work() {
         write(&p, &noise_png(i));
         backdate(&p);
     }
-    let out = run_ok(ws.path(), &["--work-stats", stats.to_str().unwrap(), "run"]);
-    let second = json(stats.clone());
+    let out = plain_ok(ws.path(), &["--work-stats", stats.to_str().unwrap(), "run"]);
+    let second = read_json(stats.clone());
     assert_eq!(second["files_hashed"], 10, "only the new files are read: {second}");
     assert_eq!(second["memo_misses"], 20, "only the new images are probed and decoded: {second}");
     assert_eq!(second["memo_hits"], 20_000);
     assert!(String::from_utf8_lossy(&out.stdout).contains("collect                  ran"), "{}", text(&out));
     assert_eq!(items(ws.path().join("outputs/kiln/label/items.jsonl")).len(), 10_010);
-}
-
-fn backdate(path: &Path) {
-    let f = std::fs::File::options().write(true).open(path).unwrap();
-    f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60)).unwrap();
 }
 
 #[test]
@@ -298,7 +246,7 @@ max_value = 7
 "#,
     )
     .unwrap();
-    let out = run_ok(ws.path(), &["run"]);
+    let out = plain_ok(ws.path(), &["run"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("could not be collected"), "{}", text(&out));
     let collected = items(ws.path().join("outputs/kiln/collect/items.jsonl"));
     let by_id: BTreeMap<&str, &serde_json::Value> = collected.iter().map(|i| (i["id"].as_str().unwrap(), i)).collect();
@@ -321,7 +269,7 @@ max_value = 7
     assert_eq!(by_id["files/a.png"]["label"], "yes");
     assert_eq!(by_id["pixels/00001"]["label"], "dog");
     assert_eq!(by_id["dir/x/caf%E9.png"]["width"], 16);
-    let report = json(ws.path().join("outputs/kiln/collect/collect_report.json"));
+    let report = read_json(ws.path().join("outputs/kiln/collect/collect_report.json"));
     let problems = report["problems"].to_string();
     assert!(problems.contains("broken symlink") && problems.contains("dangling.png"), "{problems}");
     assert!(problems.contains("missing.png") && problems.contains("pixels.csv:3"), "{problems}");
@@ -339,18 +287,18 @@ fn label_sources_and_policies() {
         )
     };
     std::fs::write(ws.path().join("kiln.toml"), manifest("error")).unwrap();
-    let out = kiln(ws.path(), &["run"]);
+    let out = kiln_plain(ws.path(), &["run"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 items have labels not in `classes`: `bird`"), "{}", text(&out));
 
     std::fs::write(ws.path().join("kiln.toml"), manifest("drop")).unwrap();
-    run_ok(ws.path(), &["run"]);
+    plain_ok(ws.path(), &["run"]);
     assert_eq!(
-        json(ws.path().join("outputs/kiln/label/classes.json")),
+        read_json(ws.path().join("outputs/kiln/label/classes.json")),
         serde_json::json!(["dog", "cat"]),
         "the order of `classes` is kept"
     );
-    let report = json(ws.path().join("outputs/kiln/label/label_report.json"));
+    let report = read_json(ws.path().join("outputs/kiln/label/label_report.json"));
     assert_eq!(report["classes"], serde_json::json!([{"class": "dog", "count": 2}, {"class": "cat", "count": 2}]));
     assert_eq!(report["dropped"][0]["reason"], "label `bird` is not in `classes`");
 }
@@ -410,28 +358,26 @@ conflicts = "majority"
 "#,
     )
     .unwrap();
-    let out = run_ok(ws.path(), &["run"]);
+    let out = plain_ok(ws.path(), &["run"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("classes are imbalanced: the largest has 3 items, the smallest 1"), "{stderr}");
-    let report = json(ws.path().join("outputs/kiln/by_digest/label_report.json"));
+    let report = read_json(ws.path().join("outputs/kiln/by_digest/label_report.json"));
     assert_eq!(report["classes"], serde_json::json!([{"class": "cat", "count": 3}, {"class": "dog", "count": 1}]), "{report:#}");
     // The copies disagree 2 to 1: the majority labels the kept image.
-    let report = json(ws.path().join("outputs/kiln/by_name/label_report.json"));
+    let report = read_json(ws.path().join("outputs/kiln/by_name/label_report.json"));
     assert_eq!(report["conflicts"].as_array().unwrap().len(), 1, "{report:#}");
     assert_eq!(report["conflicts"][0]["resolution"], "labelled `cat`");
     assert_eq!(report["items_labelled"], 4);
 }
 
-/// Runs kiln like [`kiln`], but a run that takes longer than `secs` is killed and fails the
-/// test: a collect that hangs on a FIFO must not stall the suite. Output goes to files, so
-/// a chatty run cannot block on a full pipe.
+/// Runs kiln like [`kiln_plain`], but a run that takes longer than `secs` is killed and fails
+/// the test: a collect that hangs on a FIFO must not stall the suite. Output goes to files,
+/// so a chatty run cannot block on a full pipe.
 fn kiln_within(dir: &Path, args: &[&str], secs: u64) -> Output {
     let logs = tempfile::tempdir().unwrap();
     let (out_path, err_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let mut child = plain_command(dir)
         .args(args)
-        .current_dir(dir)
-        .env("NO_COLOR", "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())
         .stderr(std::fs::File::create(&err_path).unwrap())
@@ -472,7 +418,7 @@ fn collected_ids(ws: &Path) -> Vec<String> {
 
 /// (path, reason) of every entry in `collect_report.json`, sorted.
 fn collect_problems(ws: &Path) -> Vec<(String, String)> {
-    let report = json(ws.join("outputs/kiln/collect/collect_report.json"));
+    let report = read_json(ws.join("outputs/kiln/collect/collect_report.json"));
     let mut problems: Vec<(String, String)> = report["problems"]
         .as_array()
         .unwrap()
@@ -593,7 +539,7 @@ fn collect_listing_reads_only_regular_files_within_max_bytes() {
     let out = kiln_within(ws.path(), &["run"], 60);
     assert!(!out.status.success(), "{}", text(&out));
     // Undo any line wrapping of the message.
-    let all = text(&out).replace('│', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    let all = unwrap_diagnostic(&text(&out));
     assert!(all.contains("list/files.csv") && all.contains("not a regular file") && all.contains("FIFO"), "{all}");
 }
 
@@ -637,7 +583,7 @@ label_column = 100
     // Not run: before the check, `size = 100000` tried to allocate 30 GB and aborted.
     let out = kiln_within(ws.path(), &["run"], 60);
     // Undo the diagnostic's line wrapping.
-    let err = String::from_utf8_lossy(&out.stderr).replace('│', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    let err = unwrap_diagnostic(&String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     for (location, message) in [
         ("kiln.toml:6:8", "`size` must be between 8 and 4096 pixels, got 100000"),

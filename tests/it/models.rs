@@ -1,7 +1,7 @@
 //! Pretrained forward passes against golden outputs from `../shared/models` (skipped when
 //! the shared folder is absent).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use kiln::imaging::transform::{ColorMode, Interpolation, ResizeMode, Transform};
@@ -10,15 +10,7 @@ use kiln::nn::layers::{Ctx, softmax};
 use kiln::nn::models::Arch;
 use kiln::nn::{ParamStore, input, read_weights};
 
-fn shared(rel: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared").join(rel);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipping: {} is absent", p.display());
-        None
-    }
-}
+use crate::support::shared;
 
 fn load(arch: &Arch, weights: &Path, classes: usize) -> Box<dyn kiln::nn::models::Network> {
     let mut ps = ParamStore::new(Device::Cpu, 0);

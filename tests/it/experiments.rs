@@ -2,20 +2,11 @@
 //! `kiln metrics show/diff` across runs and git revisions, and the HTML report.
 
 use std::collections::BTreeSet;
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
+
+use crate::support::{kiln, ok, parse_json, shipped, which, workspace_with};
 
 const MANIFEST: &str = "pipelines/quickstart.toml";
-
-fn kiln(ws: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(ws).output().unwrap()
-}
-
-fn ok(ws: &Path, args: &[&str]) -> String {
-    let out = kiln(ws, args);
-    assert!(out.status.success(), "kiln {args:?}:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Stage names that ran / were cached, from `kiln run`'s per-stage lines.
 fn stages(out: &str, word: &str) -> BTreeSet<String> {
@@ -31,17 +22,10 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 
 /// The quick-start pipeline with 4 epochs instead of 20, to keep the test short.
 fn workspace() -> tempfile::TempDir {
-    let ws = tempfile::tempdir().unwrap();
-    std::fs::create_dir(ws.path().join("pipelines")).unwrap();
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(MANIFEST)).unwrap();
+    let text = shipped(MANIFEST);
     let fast = text.replace("epochs = 20", "epochs = 4");
     assert_ne!(fast, text, "the quick start sets `epochs = 20` in [params]");
-    std::fs::write(ws.path().join(MANIFEST), fast).unwrap();
-    ws
-}
-
-fn json(s: &str) -> serde_json::Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+    workspace_with(MANIFEST, &fast)
 }
 
 fn correct_ids(predictions_csv: &str) -> BTreeSet<String> {
@@ -76,10 +60,10 @@ fn set_runs_only_downstream_stages_and_diff_shows_flipped_items() {
     assert!(listing.contains("r1") && listing.contains("r2") && listing.contains("train.lr=0.001"), "{listing}");
     assert!(listing.contains("best by accuracy"), "{listing}");
 
-    let diff = json(&ok(ws, &["metrics", "diff", MANIFEST, "r1", "r2", "--json"]));
+    let diff = parse_json(&ok(ws, &["metrics", "diff", MANIFEST, "r1", "r2", "--json"]));
     let eval = &diff["stages"][0];
     assert_eq!(eval["stage"], "eval");
-    let runs = json(&ok(ws, &["runs", MANIFEST, "--json"]));
+    let runs = parse_json(&ok(ws, &["runs", MANIFEST, "--json"]));
     for (side, run) in [(0, 0), (1, 1)] {
         assert_eq!(eval["metrics"]["accuracy"][side], runs[run]["stages"]["eval"]["metrics"]["accuracy"], "{diff}");
     }
@@ -105,7 +89,7 @@ fn set_runs_only_downstream_stages_and_diff_shows_flipped_items() {
 
     // gc keeps what recorded runs name, so they stay comparable.
     ok(ws, &["gc", MANIFEST]);
-    let after_gc = json(&ok(ws, &["metrics", "diff", MANIFEST, "r1", "r2", "--json"]));
+    let after_gc = parse_json(&ok(ws, &["metrics", "diff", MANIFEST, "r1", "r2", "--json"]));
     assert_eq!(after_gc["stages"][0]["flips"], eval["flips"]);
     assert_eq!(after_gc["stages"][0]["notes"], serde_json::json!([]));
 
@@ -125,7 +109,7 @@ fn set_runs_only_downstream_stages_and_diff_shows_flipped_items() {
     ] {
         assert!(page.contains(needle), "report lacks {needle}");
     }
-    if let Some(browser) = ["chromium", "chromium-browser", "google-chrome"].iter().find(|b| which(b)) {
+    if let Some(browser) = ["chromium", "chromium-browser", "google-chrome"].iter().find(|b| which(b).is_some()) {
         let shot = ws.join("shot.png");
         let out = Command::new(browser)
             // This machine's network is closed: without these flags Chromium's background
@@ -155,10 +139,6 @@ fn set_runs_only_downstream_stages_and_diff_shows_flipped_items() {
     }
 }
 
-fn which(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-}
-
 #[test]
 fn sweep_runs_the_grid_reusing_upstream_stages() {
     let ws = workspace();
@@ -182,7 +162,7 @@ fn sweep_runs_the_grid_reusing_upstream_stages() {
     }
     // Each point reruns train and eval only; the data stages come from the cache.
     assert_eq!(stdout.lines().filter(|l| l.starts_with("collect ") && l.trim_end().ends_with("cached")).count(), 4, "{stdout}");
-    let runs = json(&ok(ws, &["runs", MANIFEST, "--json"]));
+    let runs = parse_json(&ok(ws, &["runs", MANIFEST, "--json"]));
     let runs = runs.as_array().unwrap();
     assert_eq!(runs.len(), 5);
     for r in &runs[1..] {
@@ -222,7 +202,7 @@ fn bad_overrides_are_usage_errors_that_point_at_the_override() {
 
 #[test]
 fn metrics_diff_against_a_git_revision_of_the_lock() {
-    if !which("git") {
+    if which("git").is_none() {
         eprintln!("skipping: no git");
         return;
     }
@@ -246,7 +226,7 @@ fn metrics_diff_against_a_git_revision_of_the_lock() {
     std::fs::write(&path, text).unwrap();
     let run = ok(ws, &["run", MANIFEST]);
     assert_eq!(stages(&run, "ran"), set(&["eval", "train"]), "{run}");
-    let diff = json(&ok(ws, &["metrics", "diff", MANIFEST, "--json"]));
+    let diff = parse_json(&ok(ws, &["metrics", "diff", MANIFEST, "--json"]));
     assert_eq!((diff["a"].as_str(), diff["b"].as_str()), (Some("HEAD"), Some("workspace")));
     let lock: toml::Table = toml::from_str(&std::fs::read_to_string(ws.join("pipelines/quickstart.lock")).unwrap()).unwrap();
     let now = lock["stages"]["eval"]["metrics"]["accuracy"].as_float().unwrap();

@@ -23,12 +23,14 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use kiln::rng::Rng;
+
+use crate::support::{env_seed, env_u64, plain_command, shipped, tail};
 
 const MANIFEST: &str = "pipelines/quickstart.toml";
 const LOCK: &str = "pipelines/quickstart.lock";
@@ -37,10 +39,6 @@ const VIEWS: &str = "outputs/quickstart";
 // ---------------------------------------------------------------------------------------
 // Knobs and seeds
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
-}
-
 fn command_limit() -> Duration {
     Duration::from_secs(env_u64("KILN_FAULT_TIMEOUT_SECS", 300))
 }
@@ -48,12 +46,7 @@ fn command_limit() -> Duration {
 /// `KILN_FAULT_SEED`, else one drawn from the clock (and printed).
 fn base_seed() -> u64 {
     static SEED: OnceLock<u64> = OnceLock::new();
-    *SEED.get_or_init(|| {
-        std::env::var("KILN_FAULT_SEED")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64))
-    })
+    *SEED.get_or_init(|| env_seed("KILN_FAULT_SEED"))
 }
 
 /// Each scenario draws from its own stream, so one scenario replays alone.
@@ -120,17 +113,6 @@ impl Ran {
     }
 }
 
-fn tail(s: &str, n: usize) -> &str {
-    if s.len() <= n {
-        return s;
-    }
-    let mut start = s.len() - n;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
-}
-
 static LOG_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A started kiln process. Its output goes to files (never pipes: a killed kiln's orphaned
@@ -149,11 +131,8 @@ fn spawn(ws: &Path, logs: &Path, args: &[&str]) -> Running {
     let label = args.first().copied().unwrap_or("kiln");
     let stdout = logs.join(format!("{n:04}-{label}.stdout"));
     let stderr = logs.join(format!("{n:04}-{label}.stderr"));
-    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let child = plain_command(ws)
         .args(args)
-        .current_dir(ws)
-        .env("NO_COLOR", "1")
-        .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(fs::File::create(&stdout).unwrap())
         .stderr(fs::File::create(&stderr).unwrap())
@@ -206,12 +185,11 @@ fn run_kiln(ws: &Path, logs: &Path, args: &[&str]) -> Ran {
 /// 3 epochs instead of 20, and a training checkpoint every 0.2 s so that kill -9 lands
 /// between checkpoints (`checkpoint_secs` is not part of the stage key).
 fn small_manifest() -> String {
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join(MANIFEST);
-    let mut text = fs::read_to_string(&shipped).unwrap_or_else(|e| panic!("{}: {e}", shipped.display()));
+    let mut text = shipped(MANIFEST);
     let edits =
         [("count = 800", "count = 240"), ("epochs = 20", "epochs = 3"), ("[stages.train]\n", "[stages.train]\ncheckpoint_secs = 0.2\n")];
     for (from, to) in edits {
-        assert!(text.contains(from), "{MANIFEST} no longer contains `{}`: update small_manifest() in tests/faults.rs", from.trim());
+        assert!(text.contains(from), "{MANIFEST} no longer contains `{}`: update small_manifest() in tests/it/faults.rs", from.trim());
         text = text.replacen(from, to, 1);
     }
     text

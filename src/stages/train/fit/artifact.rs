@@ -1,0 +1,112 @@
+//! What a finished training run leaves: the best weights (`model.safetensors`) and the
+//! last (`last.safetensors`), the model card (`model.json`), the history (`history.json`,
+//! `history.csv`), the learning curves (`curves.svg`) and `train_report.json`; and the
+//! stage's summary.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+
+use super::super::TrainStage;
+use super::candle;
+use super::setup::Session;
+use crate::model::{InputCard, ModelCard};
+use crate::nn::weights_digest;
+use crate::stages::{Stage, StageContext, StageError, io};
+
+/// What the whole run did, beyond what its [`Session`] holds.
+pub(super) struct Totals {
+    /// Images trained on by this process.
+    pub(super) images_trained: u64,
+    /// Seconds trained, this process and the runs it resumed together.
+    pub(super) train_seconds: f64,
+    pub(super) stopped_early: bool,
+}
+
+pub(super) fn write(stage: &TrainStage, cx: &StageContext<'_>, session: Session, totals: Totals) -> Result<(), StageError> {
+    let Session { manifest, norm, ps, progress, mut summary, .. } = session;
+    let Totals { images_trained, train_seconds, stopped_early } = totals;
+    let last = ps.tensors();
+    let best_file = cx.scratch.join("best.safetensors");
+    let best: BTreeMap<String, Tensor> = match progress.best {
+        Some(_) if best_file.is_file() => {
+            candle_core::safetensors::load(&best_file, &Device::Cpu).map_err(candle("best checkpoint"))?.into_iter().collect()
+        }
+        _ => last.clone(),
+    };
+    crate::nn::save_weights(&best, &cx.out_dir.join("model.safetensors")).map_err(candle("save model"))?;
+    crate::nn::save_weights(&last, &cx.out_dir.join("last.safetensors")).map_err(candle("save model"))?;
+    let digest = weights_digest(&best).map_err(candle("digest"))?;
+    let best_epoch = progress.best.map(|b| b.0);
+    let best_record = best_epoch.and_then(|e| progress.history.iter().find(|r| r.epoch == e));
+    let card = ModelCard {
+        format: "kiln-model/1".into(),
+        model: stage.config.model.clone(),
+        architecture: stage.arch.clone(),
+        classes: manifest.classes.clone(),
+        input: InputCard {
+            channels: manifest.channels,
+            height: manifest.height as usize,
+            width: manifest.width as usize,
+            transform: manifest.transform.clone(),
+            mean: norm.mean.clone(),
+            std: norm.std.clone(),
+        },
+        weights_digest: digest.clone(),
+        best_epoch,
+        epochs_run: progress.history.len(),
+        metrics: best_record.map(|r| serde_json::to_value(r).expect("record serialises")),
+        hyperparameters: stage.params(),
+        parameters: ps.parameter_count(),
+        seed: cx.seed,
+        device_kind: stage.config.device.kind().into(),
+    };
+    io::write_json(cx, "model.json", &card)?;
+    io::write_json(cx, "history.json", &progress.history)?;
+    let mut csv = String::from("epoch,lr,train_loss,train_accuracy,val_loss,val_accuracy\n");
+    let opt = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
+    for r in &progress.history {
+        csv.push_str(&format!(
+            "{},{:.8},{:.6},{:.6},{},{}\n",
+            r.epoch,
+            r.lr,
+            r.train_loss,
+            r.train_accuracy,
+            opt(r.val_loss),
+            opt(r.val_accuracy)
+        ));
+    }
+    std::fs::write(cx.out_dir.join("history.csv"), csv).map_err(|e| StageError::Failed(format!("cannot write history.csv: {e}")))?;
+    match super::super::curves::svg(&progress.history, &format!("{} — {}", cx.pipeline, cx.stage)) {
+        Ok(svg) => {
+            std::fs::write(cx.out_dir.join("curves.svg"), svg).map_err(|e| StageError::Failed(format!("cannot write curves.svg: {e}")))?
+        }
+        Err(e) => cx.reporter.warn(&format!("{}: cannot draw learning curves: {e}", cx.stage)),
+    }
+    // Only what the seed determines goes into the artifact: timings (in the summary line,
+    // the stage entry and the run record) would make every rerun a different artifact and
+    // defeat early cutoff for everything downstream.
+    let report = serde_json::json!({
+        "weights_digest": digest,
+        "stopped_early": stopped_early,
+        "best_epoch": best_epoch,
+    });
+    io::write_json(cx, "train_report.json", &report)?;
+    if let Some(r) = best_record {
+        summary.push(format!(
+            "best epoch {} of {}: val accuracy {}, val loss {}",
+            r.epoch,
+            progress.history.len(),
+            r.val_accuracy.map_or("-".into(), |v| format!("{v:.4}")),
+            r.val_loss.map_or("-".into(), |v| format!("{v:.4}"))
+        ));
+    }
+    summary.push(format!(
+        "{:.1} s, {:.0} images/s, weights {}",
+        train_seconds,
+        images_trained as f64 / train_seconds.max(1e-9),
+        &digest[..16]
+    ));
+    cx.reporter.summary(cx.stage, &summary);
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! One epoch: train on every batch (checkpointing now and then), validate, record the
+//! epoch, keep the best weights, and decide whether to stop early.
+
+use std::time::Instant;
+
+use candle_core::{D, Device, Tensor};
+
+use super::super::checkpoint::{self, Progress};
+use super::super::{Monitor, TrainStage};
+use super::setup::Session;
+use super::{EpochRecord, Inputs, candle};
+use crate::formats::preprocess::Normalize;
+use crate::nn::ParamStore;
+use crate::nn::layers::Ctx;
+use crate::nn::loss::cross_entropy;
+use crate::nn::models::Network;
+use crate::nn::optim::Optimizer;
+use crate::rng::Rng;
+use crate::stages::{StageContext, StageError};
+
+/// The run's wall clocks: since training started (this process), and since the last
+/// checkpoint was written.
+pub(super) struct Clock {
+    started: Instant,
+    last_checkpoint: Instant,
+}
+
+impl Clock {
+    pub(super) fn start() -> Clock {
+        let started = Instant::now();
+        let last_checkpoint = Instant::now();
+        Clock { started, last_checkpoint }
+    }
+
+    /// Seconds trained by this process.
+    pub(super) fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+}
+
+/// What one epoch did.
+pub(super) struct Ran {
+    /// Images trained on in this process (a resumed epoch counts only its rest).
+    pub(super) images: u64,
+    /// Early stopping ended the run after this epoch.
+    pub(super) stop: bool,
+}
+
+/// Runs the epoch `s.progress.epoch` from its next batch to its end.
+pub(super) fn run(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut Clock) -> Result<Ran, StageError> {
+    let images = train(s, stage, cx, clock)?;
+    let stop = close(s, stage, cx, clock)?;
+    Ok(Ran { images, stop })
+}
+
+/// The batches of the epoch, in its seeded order, each one an optimizer step.
+fn train(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut Clock) -> Result<u64, StageError> {
+    let cfg = &stage.config;
+    let batches = s.batches;
+    let progress = &mut s.progress;
+    let epoch = progress.epoch;
+    let mut order: Vec<usize> = (0..batches.rows).collect();
+    Rng::for_item(cx.seed, "shuffle", epoch as u64).shuffle(&mut order);
+    let bar = cx.reporter.progress(&format!("{}: epoch {}/{}", cx.stage, epoch + 1, cfg.epochs), batches.per_epoch as u64, "batches");
+    bar.inc(progress.batch as u64);
+    let epoch_started = Instant::now();
+    let mut epoch_images = 0u64;
+    for b in progress.batch..batches.per_epoch {
+        let rows = batches.rows_of(&order, b);
+        let lr = s.schedule.lr(progress.steps, batches.per_epoch, cfg.epochs);
+        let mut ctx = Ctx::train(Rng::for_item(cx.seed, "dropout", progress.steps));
+        let (logits, labels) = match &s.inputs {
+            Inputs::Images { train, .. } => {
+                let x = train
+                    .batch(rows, &s.norm, s.augment.as_ref().map(|a| (a, cx.seed, epoch as u64)), &s.device)
+                    .map_err(candle("batch"))?;
+                (s.net.forward(&x, &mut ctx).map_err(candle("forward"))?, rows.iter().map(|&r| train.labels[r]).collect::<Vec<_>>())
+            }
+            Inputs::Features { train, .. } => {
+                let idx =
+                    Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &s.device).map_err(candle("batch"))?;
+                let x = train.0.index_select(&idx, 0).map_err(candle("batch"))?;
+                (s.net.classify(&x, &mut ctx).map_err(candle("forward"))?, rows.iter().map(|&r| train.1[r]).collect())
+            }
+        };
+        let loss = cross_entropy(&logits, &labels, cfg.label_smoothing, s.class_weights.as_deref()).map_err(candle("loss"))?;
+        let loss_value = f64::from(loss.to_scalar::<f32>().map_err(candle("loss"))?);
+        if !loss_value.is_finite() {
+            return Err(StageError::Failed(format!(
+                "training diverged at epoch {}, batch {} (loss {loss_value}): lower `lr` (now {}) or set `clip_grad_norm`",
+                epoch + 1,
+                b + 1,
+                cfg.lr
+            )));
+        }
+        let mut grads = loss.backward().map_err(candle("backward"))?;
+        if let Some(max) = cfg.clip_grad_norm {
+            s.opt.clip_grad_norm(&mut grads, max).map_err(candle("clip"))?;
+        }
+        s.opt.step(&grads, lr).map_err(candle("optimizer step"))?;
+        progress.steps += 1;
+        progress.loss_sum += loss_value * rows.len() as f64;
+        progress.correct += count_correct(&logits, &labels).map_err(candle("accuracy"))?;
+        progress.seen += rows.len() as u64;
+        progress.batch = b + 1;
+        epoch_images += rows.len() as u64;
+        bar.inc(1);
+        let secs = epoch_started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_detail(&format!(
+            "loss {:.4} acc {:.3} {:.0} img/s",
+            progress.loss_sum / progress.seen as f64,
+            progress.correct as f64 / progress.seen as f64,
+            epoch_images as f64 / secs
+        ));
+        if clock.last_checkpoint.elapsed().as_secs_f64() >= cfg.checkpoint_secs && b + 1 < batches.per_epoch {
+            save_state(cx, &s.ps, &s.opt, progress, clock.elapsed())?;
+            clock.last_checkpoint = Instant::now();
+        }
+    }
+    bar.finish();
+    Ok(epoch_images)
+}
+
+/// Validates the epoch just trained, records it, keeps its weights if they are the best
+/// so far, and checkpoints. Returns whether early stopping ends the run here.
+fn close(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut Clock) -> Result<bool, StageError> {
+    let cfg = &stage.config;
+    let batches = s.batches;
+    let epoch = s.progress.epoch;
+    let val = evaluate(s.net.as_ref(), &s.inputs, &s.norm, batches.size.max(64), &s.device).map_err(candle("validation"))?;
+    let progress = &mut s.progress;
+    let record = EpochRecord {
+        epoch: epoch + 1,
+        lr: s.schedule.lr(progress.steps.saturating_sub(1), batches.per_epoch, cfg.epochs),
+        train_loss: progress.loss_sum / progress.seen.max(1) as f64,
+        train_accuracy: progress.correct as f64 / progress.seen.max(1) as f64,
+        val_loss: val.as_ref().map(|v| v.loss),
+        val_accuracy: val.as_ref().map(|v| v.accuracy),
+    };
+    tracing::info!(stage = cx.stage, epoch = epoch + 1, train_loss = record.train_loss, val_accuracy = ?record.val_accuracy, "epoch done");
+    // Higher is better for accuracy, lower for loss; without a validation split the
+    // training loss decides.
+    let score = match (cfg.monitor, &val) {
+        (Monitor::ValAccuracy, Some(v)) => v.accuracy,
+        (Monitor::ValLoss, Some(v)) => -v.loss,
+        (_, None) => -record.train_loss,
+    };
+    let min_delta = cfg.early_stopping.as_ref().map_or(0.0, |e| e.min_delta);
+    let improved = progress.best.is_none_or(|(_, best)| score > best + min_delta);
+    if improved {
+        progress.best = Some((epoch + 1, score));
+        progress.stale_epochs = 0;
+        checkpoint::save_best(cx.scratch, &s.ps.tensors())?;
+    } else {
+        progress.stale_epochs += 1;
+    }
+    progress.history.push(record);
+    progress.epoch += 1;
+    progress.batch = 0;
+    progress.loss_sum = 0.0;
+    progress.correct = 0;
+    progress.seen = 0;
+    save_state(cx, &s.ps, &s.opt, progress, clock.elapsed())?;
+    clock.last_checkpoint = Instant::now();
+    if let Some(es) = &cfg.early_stopping
+        && progress.stale_epochs >= es.patience
+    {
+        s.summary.push(format!("stopped early after epoch {}: no improvement for {} epochs", progress.epoch, es.patience));
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+struct Eval {
+    loss: f64,
+    accuracy: f64,
+}
+
+fn evaluate(net: &dyn Network, inputs: &Inputs, norm: &Normalize, batch: usize, device: &Device) -> candle_core::Result<Option<Eval>> {
+    let n = inputs.val_len();
+    if n == 0 {
+        return Ok(None);
+    }
+    let (mut loss, mut correct) = (0f64, 0u64);
+    for start in (0..n).step_by(batch) {
+        let rows: Vec<usize> = (start..(start + batch).min(n)).collect();
+        let (logits, labels) = match inputs {
+            Inputs::Images { val, .. } => {
+                let x = val.batch(&rows, norm, None, device)?;
+                (net.forward(&x, &mut Ctx::eval())?, rows.iter().map(|&r| val.labels[r]).collect::<Vec<_>>())
+            }
+            Inputs::Features { val, .. } => {
+                let x = val.0.narrow(0, start, rows.len())?;
+                (net.classify(&x, &mut Ctx::eval())?, val.1[start..start + rows.len()].to_vec())
+            }
+        };
+        loss += f64::from(cross_entropy(&logits, &labels, 0.0, None)?.to_scalar::<f32>()?) * rows.len() as f64;
+        correct += count_correct(&logits, &labels)?;
+    }
+    Ok(Some(Eval { loss: loss / n as f64, accuracy: correct as f64 / n as f64 }))
+}
+
+fn count_correct(logits: &Tensor, labels: &[u32]) -> candle_core::Result<u64> {
+    let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+    Ok(pred.iter().zip(labels).filter(|(p, l)| p == l).count() as u64)
+}
+
+/// Writes a checkpoint to resume from: `elapsed` (seconds trained by this process) is
+/// counted in the checkpoint's `train_seconds`, not in `progress`.
+fn save_state(cx: &StageContext<'_>, ps: &ParamStore, opt: &Optimizer, progress: &mut Progress, elapsed: f64) -> Result<(), StageError> {
+    let mut tensors = ps.tensors();
+    tensors.extend(opt.state());
+    let before = progress.train_seconds;
+    progress.train_seconds = before + elapsed;
+    let r = checkpoint::save(cx.scratch, progress, &tensors);
+    progress.train_seconds = before;
+    r
+}
