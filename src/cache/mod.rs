@@ -15,6 +15,7 @@
 //! therefore exists only once everything it refers to does; a crash leaves at most
 //! orphaned blobs (removed by `kiln gc`) and files in `tmp/` (removed by the next run).
 
+mod claim;
 pub mod gc;
 pub mod guard;
 pub mod index;
@@ -24,6 +25,7 @@ pub mod memo;
 pub mod remote;
 pub mod state;
 pub mod tree;
+mod views;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -34,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+pub use claim::{CACHE_TAG, claim_dir, foreign_contents};
 pub use index::Scan;
 pub use key::{CacheKey, KEY_FORMAT};
 pub use memo::MemoStore;
@@ -81,62 +84,6 @@ impl CacheError {
         let path = path.to_path_buf();
         move |source| CacheError::Io { action, path, source }
     }
-}
-
-/// Marks a directory as a kiln cache (the CACHEDIR.TAG convention, so backup tools skip
-/// it too). kiln cleans, collects and verifies only directories that carry it.
-pub const CACHE_TAG: &str = "CACHEDIR.TAG";
-const CACHE_TAG_TEXT: &str = "Signature: 8a477f597d28d172789f06886806bc55\n# This directory is a kiln cache: blobs, trees and stage entries by digest.\n# kiln creates, cleans and deletes files here; see `kiln gc` and `kiln verify`.\n";
-
-/// What a kiln cache directory may hold; a directory made by kiln before the tag existed
-/// holds nothing else, and is adopted.
-const CACHE_NAMES: &[&str] = &["blobs", "trees", "stages", "tmp", "scratch", "runs", "state.redb", "run.lock", CACHE_TAG];
-
-/// Makes `dir` a kiln cache if it is new or empty, and checks that an existing one is
-/// kiln's: a directory with other contents and no [`CACHE_TAG`] is refused, because kiln
-/// empties `tmp/` and removes unreferenced objects in its cache.
-pub fn claim_dir(dir: &Path) -> Result<(), CacheError> {
-    if let Some(found) = foreign_contents(dir).map_err(CacheError::io("list", dir))? {
-        return Err(CacheError::NotACache { path: dir.to_path_buf(), found });
-    }
-    if dir.join(CACHE_TAG).is_file() {
-        return Ok(());
-    }
-    std::fs::create_dir_all(dir).map_err(CacheError::io("create cache directory", dir))?;
-    let staged = dir.join(format!(".{CACHE_TAG}.{}", unique_suffix()));
-    std::fs::write(&staged, CACHE_TAG_TEXT).map_err(CacheError::io("write", &staged))?;
-    std::fs::rename(&staged, dir.join(CACHE_TAG)).map_err(CacheError::io("write", &dir.join(CACHE_TAG)))
-}
-
-/// What makes `dir` not a kiln cache (`None` when it is one, is empty or does not
-/// exist): a few of the names it holds that a kiln cache does not.
-pub fn foreign_contents(dir: &Path) -> std::io::Result<Option<String>> {
-    if dir.join(CACHE_TAG).is_file() {
-        return Ok(None);
-    }
-    let names: Vec<String> = match std::fs::read_dir(dir) {
-        Ok(items) => items
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.starts_with(&format!(".{CACHE_TAG}.")))
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => return Ok(Some("a file, not a directory".into())),
-        Err(e) => return Err(e),
-    };
-    let foreign: Vec<&String> = names.iter().filter(|n| !CACHE_NAMES.contains(&n.as_str())).collect();
-    // A cache made before the tag existed has kiln's names only, objects among them; a
-    // directory that merely has a `tmp/` is somebody else's.
-    let kilns = ["blobs", "trees", "stages"].iter().all(|k| names.iter().any(|n| n == k));
-    if names.is_empty() || (foreign.is_empty() && kilns) {
-        return Ok(None);
-    }
-    let foreign: Vec<&String> = if foreign.is_empty() { names.iter().collect() } else { foreign };
-    let mut shown: Vec<String> = foreign.iter().take(3).map(|n| format!("`{n}`")).collect();
-    if foreign.len() > 3 {
-        shown.push(format!("{} more", foreign.len() - 3));
-    }
-    Ok(Some(shown.join(", ")))
 }
 
 /// Hashes the blob file at `path`: `Ok(())` when it holds `digest`. A corrupt blob is
@@ -242,9 +189,6 @@ impl ArtifactReader {
         }
     }
 }
-
-/// Written into every view: the digest of the tree it shows.
-const VIEW_MARKER: &str = ".kiln-view";
 
 impl Cache {
     /// Opens (creating if needed) the cache at `dir`. Callers that write must hold the
@@ -453,92 +397,6 @@ impl Cache {
         Ok(self.tree_path(&entry.artifact).is_file())
     }
 
-    /// Whether the view at `dest` already shows `tree`: its marker names the tree and every
-    /// file it shows has the content the tree says. A marker alone is not enough: a view
-    /// is a set of hard links, and one that outlived its blob (removed by `kiln verify`)
-    /// keeps whatever bytes it had.
-    pub fn view_is_current(&self, dest: &Path, tree: &Tree) -> bool {
-        if !std::fs::read_to_string(dest.join(VIEW_MARKER)).is_ok_and(|m| m == tree.digest().to_hex()) {
-            return false;
-        }
-        tree.entries().par_iter().filter(|e| shown_in_view(&e.path)).all(|e| {
-            let file = dest.join(tree::unescape_os(&e.path));
-            // The blob too: a view that outlived its blob shows a result the cache has lost.
-            self.has_blob(&e.digest)
-                && std::fs::symlink_metadata(&file).is_ok_and(|m| m.is_file() && m.len() == e.size)
-                && Digest::of_file(&file).is_ok_and(|(d, _)| d == e.digest)
-        })
-    }
-
-    /// Writes the files of `tree` at `dest` as independent, writable files (reflink when
-    /// the file system can, else a copy), replacing what is there, and records them in the
-    /// file-state index so they are not hashed again.
-    pub fn restore(&self, tree: &Tree, dest: &Path) -> Result<(), CacheError> {
-        let written: Vec<(PathBuf, Digest)> = tree
-            .entries()
-            .par_iter()
-            .map(|e| {
-                let target = if e.path.is_empty() { dest.to_path_buf() } else { dest.join(tree::unescape_os(&e.path)) };
-                let blob = self.verified_blob_path(&e.digest)?;
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent).map_err(CacheError::io("create", parent))?;
-                }
-                remove_path(&target)?;
-                reflink_copy::reflink_or_copy(&blob, &target).map_err(CacheError::io("restore", &target))?;
-                let mode = if e.executable { 0o755 } else { 0o644 };
-                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
-                    .map_err(CacheError::io("set permissions on", &target))?;
-                Ok::<_, CacheError>((std::path::absolute(&target).unwrap_or(target), e.digest))
-            })
-            .collect::<Result<_, _>>()?;
-        self.state.remember(&written)?;
-        Ok(())
-    }
-
-    /// Builds `dest` as a read-only view of `tree`: hard links into the cache where
-    /// possible (no copy, no extra space), copies otherwise. `dest` is replaced whole.
-    /// Hidden entries (a path component starting with `.`, such as a dataset's
-    /// `.images/`) are left out, and a view already showing `tree` is left alone.
-    pub fn link_view(&self, tree: &Tree, dest: &Path) -> Result<(), CacheError> {
-        if self.view_is_current(dest, tree) {
-            return Ok(());
-        }
-        let digest = tree.digest().to_hex();
-        let parent = dest.parent().expect("view directories have a parent");
-        std::fs::create_dir_all(parent).map_err(CacheError::io("create", parent))?;
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let building = parent.join(format!(".{name}.kiln-new-{}", unique_suffix()));
-        std::fs::create_dir_all(&building).map_err(CacheError::io("create", &building))?;
-        let shown = tree.entries().par_iter().filter(|e| shown_in_view(&e.path));
-        let linked = shown.try_for_each(|e| {
-            let target = building.join(tree::unescape_os(&e.path));
-            if let Some(p) = target.parent() {
-                std::fs::create_dir_all(p).map_err(CacheError::io("create", p))?;
-            }
-            let blob = self.verified_blob_path(&e.digest)?;
-            if std::fs::hard_link(&blob, &target).is_err() {
-                std::fs::copy(&blob, &target).map_err(CacheError::io("copy", &target))?;
-            }
-            Ok::<_, CacheError>(())
-        });
-        if let Err(e) = linked {
-            make_writable(&building);
-            let _ = std::fs::remove_dir_all(&building);
-            return Err(e);
-        }
-        std::fs::write(building.join(VIEW_MARKER), &digest).map_err(CacheError::io("write", &building))?;
-        let old = parent.join(format!(".{name}.kiln-old-{}", unique_suffix()));
-        if dest.exists() {
-            std::fs::rename(dest, &old).map_err(CacheError::io("replace", dest))?;
-        }
-        std::fs::rename(&building, dest).map_err(CacheError::io("replace", dest))?;
-        if old.exists() {
-            make_writable(&old);
-            let _ = std::fs::remove_dir_all(&old);
-        }
-        Ok(())
-    }
-
     /// All stage entries, for gc and verify.
     pub fn entries(&self) -> Result<Vec<(Digest, PathBuf)>, CacheError> {
         let dir = self.dir.join("stages");
@@ -552,12 +410,6 @@ impl Cache {
         }
         Ok(out)
     }
-}
-
-/// Views leave out hidden entries (a path component starting with `.`, such as a
-/// dataset's `.images/`).
-fn shown_in_view(path: &str) -> bool {
-    !path.split('/').any(|c| c.starts_with('.'))
 }
 
 /// Writes `bytes` to `dest` through a temporary file in the cache and an atomic rename.

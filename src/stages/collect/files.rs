@@ -6,6 +6,8 @@
 //! a path swapped for a FIFO in between cannot make the open wait for a writer), and the
 //! read itself stops one byte past the limit: a FIFO would block forever, `/dev/zero`
 //! would fill memory, and a file that grows or lies about its size stays bounded.
+//! Tables (listings, pixel tables) are read within [`TABLE_MAX_BYTES`], and a gzipped file
+//! is decompressed within the same limit it was read with ([`read_maybe_gzip`]).
 
 use std::collections::HashSet;
 use std::fs::{FileType, Metadata};
@@ -66,6 +68,27 @@ pub fn read_regular(path: &Path, limit: u64, limit_name: &str) -> Result<Vec<u8>
         return Err(format!("more than the {limit}-byte limit ({limit_name}): the file grew while it was read"));
     }
     Ok(bytes)
+}
+
+/// The largest listing (CSV/JSONL of paths or URLs) or pixel table read, decompressed.
+pub const TABLE_MAX_BYTES: u64 = 1 << 30;
+
+/// A regular file's bytes, gunzipped when they start with the gzip magic number; at most
+/// `limit` bytes read, and at most `limit` once decompressed.
+pub fn read_maybe_gzip(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    let raw = read_regular(path, limit, "kiln's limit for such files").map_err(|e| format!("`{}`: {e}", path.display()))?;
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        return Ok(raw);
+    }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(raw.as_slice())
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(|e| format!("`{}`: bad gzip: {e}", path.display()))?;
+    if out.len() as u64 > limit {
+        return Err(format!("`{}` decompresses to more than {limit} bytes, kiln's limit for such files", path.display()));
+    }
+    Ok(out)
 }
 
 /// An entry of a `dir` source that cannot be collected.

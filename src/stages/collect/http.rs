@@ -11,8 +11,12 @@ use std::time::Duration;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::listing::read_rows;
+use super::{HttpSource, Problem};
 use crate::cache::BlobResult;
 use crate::digest::Digest;
+use crate::formats::dataset::Item;
+use crate::paths::dep_path;
 use crate::stages::{StageContext, StageError};
 use crate::stats::WorkStats;
 
@@ -23,6 +27,47 @@ pub struct HttpOptions {
     pub retries: u32,
     pub max_bytes: u64,
     pub content_types: Vec<String>,
+}
+
+/// Fetches the URLs of the source's listing; a URL that cannot be fetched is reported,
+/// not fatal.
+pub(super) fn collect(
+    cx: &StageContext<'_>,
+    source: &HttpSource,
+    label: &str,
+    items: &mut Vec<Item>,
+    problems: &mut Vec<Problem>,
+) -> Result<(), StageError> {
+    let HttpSource { listing, url_field, label_field, concurrency, timeout_secs, retries, max_bytes, content_types, .. } = source;
+    let rows = read_rows(&dep_path(cx.root, listing), listing)?;
+    let mut urls = Vec::new();
+    let mut labels = Vec::new();
+    for (n, row) in rows.iter().enumerate() {
+        let url = row
+            .get(url_field)
+            .ok_or_else(|| StageError::Failed(format!("listing `{listing}`: row {} has no `{url_field}` column", n + 1)))?;
+        urls.push(url.clone());
+        labels.push(label_field.as_ref().and_then(|f| row.get(f)).filter(|l| !l.is_empty()).cloned());
+    }
+    let opts = HttpOptions {
+        concurrency: *concurrency,
+        timeout_secs: *timeout_secs,
+        retries: *retries,
+        max_bytes: *max_bytes,
+        content_types: content_types.clone(),
+    };
+    for ((url, item_label), fetched) in urls.iter().zip(labels).zip(fetch_all(cx, &urls, &opts)?) {
+        match fetched {
+            Ok((digest, bytes)) => {
+                let shown = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+                let mut item = Item::new(format!("{label}/{shown}"), url.clone(), digest, bytes);
+                item.label = item_label;
+                items.push(item);
+            }
+            Err(reason) => problems.push(Problem { source: label.to_string(), path: url.clone(), reason }),
+        }
+    }
+    Ok(())
 }
 
 /// What a URL returned last time, kept in the memo store under the URL's digest.
