@@ -43,7 +43,7 @@
 //!
 //! ```text
 //! cli                                     parse, render, map errors to exit codes
-//! exec → slurm · serve → predict          running a plan (schedule, stage, outputs, backends); using a model
+//! exec → slurm · serve → predict · init   running a plan (schedule, stage, outputs, backends); using a model; `kiln init`
 //! plan                                    manifest + graph, built once per command
 //! Error (lib.rs) · compare · html_report
 //! graph · runs
@@ -81,6 +81,7 @@ pub mod formats;
 pub mod graph;
 pub mod html_report;
 pub mod imaging;
+pub mod init;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
@@ -135,6 +136,12 @@ pub enum Error {
     #[diagnostic(help("pass the manifest path, e.g. `kiln run pipelines/quickstart.toml`, or create `kiln.toml`"))]
     NoManifest { dir: PathBuf },
 
+    #[error("no manifest given, and there are several in `{}`: {list}", dir.display())]
+    #[diagnostic(help(
+        "name the one to use, e.g. `kiln run {example}`; with no FILE kiln reads `kiln.toml`, else the only manifest in `pipelines/`"
+    ))]
+    SeveralManifests { dir: PathBuf, list: String, example: String },
+
     #[error(transparent)]
     Cache(#[from] cache::CacheError),
 
@@ -184,6 +191,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Manifest(_) | Error::UnknownStage { .. } | Error::NoManifest { .. } | Error::Usage(_) => exit::USAGE,
+            Error::SeveralManifests { .. } => exit::USAGE,
             Error::Runs(runs::RunsError::Unknown { .. }) | Error::Git { .. } => exit::USAGE,
             Error::LockFile(cache::lockfile::LockFileError::Parse { .. }) => exit::USAGE,
             Error::Guard(cache::guard::GuardError::Busy { .. }) => exit::BUSY,

@@ -43,6 +43,11 @@ pub struct RunRecord {
     pub seconds: f64,
     pub pipeline: String,
     pub manifest: String,
+    /// The digest of the manifest's text as written, `--set` overrides apart (see
+    /// [`manifest_digest`]): runs of different versions of the file differ here. Absent from
+    /// records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_digest: Option<Digest>,
     #[serde(default)]
     pub overrides: Vec<Override>,
     /// Runs started by one `--sweep` share the id of the sweep's first run.
@@ -215,6 +220,7 @@ impl RunRecord {
             seconds: started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
             pipeline: manifest.name.clone(),
             manifest: manifest.path.display().to_string(),
+            manifest_digest: Some(manifest_digest(manifest)),
             overrides: manifest.overrides.clone(),
             sweep,
             stages,
@@ -233,6 +239,24 @@ impl RunRecord {
         }
         out
     }
+}
+
+/// The line [`crate::manifest::Manifest::parse`] puts between the manifest's text and the
+/// `--set` overrides it appends as comments.
+const OVERRIDES_HEADER: &str = "\n# overrides from the command line\n";
+
+/// The digest of `manifest`'s text as written: without the `--set` overrides appended to
+/// its source, and with one final newline, so that a run with `--set` and a plain run of
+/// the same file agree.
+pub fn manifest_digest(manifest: &Manifest) -> Digest {
+    let source: &str = &manifest.source;
+    let text = match source.rfind(OVERRIDES_HEADER) {
+        Some(at) if !manifest.overrides.is_empty() => &source[..at],
+        _ => source,
+    };
+    let mut text = text.trim_end_matches('\n').to_string();
+    text.push('\n');
+    Digest::of_bytes(text.as_bytes())
 }
 
 /// The metric a user means by `name`: the exact key, else the first key (alphabetically)
@@ -265,6 +289,7 @@ mod tests {
             seconds: 1.0,
             pipeline: "p".into(),
             manifest: "p.toml".into(),
+            manifest_digest: Some(Digest::of_bytes(b"[stages]\n")),
             overrides: vec![Override::parse("train.lr=0.1").unwrap()],
             sweep: None,
             stages: BTreeMap::from([(
@@ -300,6 +325,22 @@ mod tests {
         assert_eq!(log.append(&mut c).unwrap(), "r3", "numbers are never reused while a later one exists");
         assert_eq!(c.sweep.as_deref(), Some("r3"), "the first run of a sweep names it");
         assert!(RunLog::is_run_id("r12") && !RunLog::is_run_id("r") && !RunLog::is_run_id("HEAD~1") && !RunLog::is_run_id("rabc"));
+    }
+
+    #[test]
+    fn the_manifest_digest_is_of_the_text_as_written() {
+        let registry = crate::stages::StageRegistry::builtin();
+        let text = "[pipeline]\nname = \"p\"\n\n[params]\nlr = 0.1\n\n[stages.a]\nkind = \"command\"\ncmd = \"echo ${params.lr}\"\n";
+        let parse = |text: &str, set: &[&str]| {
+            let overrides: Vec<Override> = set.iter().map(|s| Override::parse(s).unwrap()).collect();
+            let parsed = Manifest::parse(Path::new("/w/p.toml"), text, &registry, &overrides);
+            assert!(parsed.issues.is_empty(), "{:?}", parsed.issues);
+            manifest_digest(&parsed.manifest.unwrap())
+        };
+        let plain = parse(text, &[]);
+        assert_eq!(parse(text, &["params.lr=0.5"]), plain, "`--set` values are not part of the text as written");
+        assert_eq!(parse(text.trim_end(), &["params.lr=0.5"]), plain, "nor is a missing final newline");
+        assert_ne!(parse(&text.replace("echo", "printf"), &[]), plain, "an edit is");
     }
 
     #[test]

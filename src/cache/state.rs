@@ -74,8 +74,16 @@ impl StateDb {
     /// where it can be repaired, rather than in the middle of a run. redb panics on some
     /// damaged files instead of returning an error; that is caught too.
     fn open_checked(path: &Path, stats: Arc<WorkStats>) -> Result<Self, String> {
-        let previous_hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
+        // Silence the panic message of this thread only: other threads' panics (tests run
+        // in parallel) still reach the hook that was in place.
+        let previous: std::sync::Arc<dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync> = std::panic::take_hook().into();
+        let here = std::thread::current().id();
+        let others = previous.clone();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().id() != here {
+                others(info);
+            }
+        }));
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<Self, String> {
             let state = Self::open_unchecked(path, stats).map_err(|e| e.to_string())?;
             let tx = state.db.begin_read().map_err(|e| e.to_string())?;
@@ -91,7 +99,7 @@ impl StateDb {
             drop(tx);
             Ok(state)
         }));
-        std::panic::set_hook(previous_hook);
+        std::panic::set_hook(Box::new(move |info| previous(info)));
         opened.unwrap_or_else(|panic| {
             let message = panic
                 .downcast_ref::<&str>()

@@ -118,20 +118,66 @@ fn print_details(doc: &serde_json::Value, out: &CliReporter) {
     if classes.is_empty() {
         return;
     }
-    let width = classes.iter().map(|c| c.len()).max().unwrap_or(5).clamp(5, 24);
+    let width = classes.iter().map(|c| c.chars().count()).max().unwrap_or(5).clamp(5, 24);
     out.line(&format!("  {:<width$} {:>9} {:>9} {:>9} {:>8}", "class", "precision", "recall", "f1", "support"));
     for c in &classes {
         let m = &doc["per_class"][c];
         let f = |k: &str| m[k].as_f64().map_or("-".into(), |v| format!("{v:.4}"));
-        out.line(&format!("  {c:<width$} {:>9} {:>9} {:>9} {:>8}", f("precision"), f("recall"), f("f1"), m["support"]));
+        out.line(&format!("  {c:<width$} {:>9} {:>9} {:>9} {:>8}", f("precision"), f("recall"), f("f1"), count(&m["support"])));
     }
     if let Some(rows) = doc["confusion_matrix"].as_array() {
-        out.line("  confusion matrix (rows: true class, columns: predicted, in the order above):");
-        for (c, row) in classes.iter().zip(rows) {
-            let cells: Vec<String> = row.as_array().into_iter().flatten().map(|v| format!("{:>6}", v)).collect();
-            out.line(&format!("  {c:<width$} {}", cells.join("")));
+        out.line("  confusion matrix (rows: true class, columns: predicted class):");
+        for line in confusion_lines(&classes, rows) {
+            out.line(&format!("  {line}"));
         }
     }
+}
+
+/// Class names longer than this are replaced by their index in the matrix's header row.
+const MATRIX_NAME_WIDTH: usize = 12;
+
+/// The confusion matrix as aligned text: a header row naming the predicted classes (or, when
+/// a name is long, numbering them), then one row per true class with its counts
+/// right-aligned under the header.
+fn confusion_lines(classes: &[&str], rows: &[serde_json::Value]) -> Vec<String> {
+    let counts: Vec<Vec<String>> = rows.iter().map(|r| r.as_array().into_iter().flatten().map(count).collect()).collect();
+    let by_index = classes.iter().any(|c| c.chars().count() > MATRIX_NAME_WIDTH);
+    let columns = counts.iter().map(Vec::len).max().unwrap_or(0).max(classes.len());
+    let heads: Vec<String> = (0..columns)
+        .map(|j| match classes.get(j) {
+            Some(c) if !by_index => c.to_string(),
+            _ => j.to_string(),
+        })
+        .collect();
+    let labels: Vec<String> = (0..counts.len())
+        .map(|i| match classes.get(i) {
+            Some(c) if by_index => format!("{i} {c}"),
+            Some(c) => c.to_string(),
+            None => i.to_string(),
+        })
+        .collect();
+    let corner = "true \\ predicted";
+    let label_width = labels.iter().map(|l| l.chars().count()).chain([corner.chars().count()]).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|j| counts.iter().filter_map(|r| r.get(j)).map(|c| c.chars().count()).chain([heads[j].chars().count()]).max().unwrap_or(1))
+        .collect();
+    let line = |label: &str, cells: &[String]| {
+        let mut s = format!("{label:<label_width$}");
+        for (j, &w) in widths.iter().enumerate() {
+            s.push_str(&format!("  {:>w$}", cells.get(j).map_or("", String::as_str)));
+        }
+        s.trim_end().to_string()
+    };
+    let mut lines = vec![line(corner, &heads)];
+    for (label, row) in labels.iter().zip(&counts) {
+        lines.push(line(label, row));
+    }
+    lines
+}
+
+/// A count as text: a whole number as such, anything else as JSON.
+fn count(v: &serde_json::Value) -> String {
+    v.as_u64().map_or_else(|| v.to_string(), |n| n.to_string())
 }
 
 fn number(v: f64) -> String {
@@ -273,4 +319,32 @@ fn print_diff(d: &StageDiff, a: &str, b: &str, max_flips: usize, out: &CliReport
 
 fn short(state: &str) -> String {
     state.chars().take(10).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::confusion_lines;
+
+    #[test]
+    fn confusion_matrix_columns_line_up_under_class_names() {
+        let rows = serde_json::json!([[19, 11, 0, 0], [2, 130, 1, 0], [0, 0, 7, 0], [0, 0, 0, 1000]]);
+        let lines = confusion_lines(&["circle", "square", "triangle", "star"], rows.as_array().unwrap());
+        assert_eq!(
+            lines,
+            [
+                "true \\ predicted  circle  square  triangle  star",
+                "circle                19      11         0     0",
+                "square                 2     130         1     0",
+                "triangle               0       0         7     0",
+                "star                   0       0         0  1000",
+            ]
+        );
+    }
+
+    #[test]
+    fn long_class_names_are_numbered_in_the_header() {
+        let rows = serde_json::json!([[3, 1], [0, 4]]);
+        let lines = confusion_lines(&["a_rather_long_class_name", "b"], rows.as_array().unwrap());
+        assert_eq!(lines, ["true \\ predicted            0  1", "0 a_rather_long_class_name  3  1", "1 b                         0  4"]);
+    }
 }

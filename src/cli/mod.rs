@@ -2,6 +2,7 @@
 
 mod dag;
 mod gc;
+mod init;
 mod metrics;
 mod predict;
 mod progress;
@@ -50,6 +51,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Write a starter manifest (kiln.toml) for a folder of class folders or a CSV listing.
+    Init(init::InitArgs),
     /// Run the pipeline (or the named stages and what they need); reuse cached results.
     Run(run::RunArgs),
     /// Say for each stage whether it is fresh or stale, and why.
@@ -88,6 +91,7 @@ pub fn main() -> i32 {
     let progress = !cli.no_progress && !cli.quiet && std::io::stderr().is_terminal();
     let reporter = progress::CliReporter::new(progress, cli.quiet);
     let result = match cli.command {
+        Command::Init(args) => init::init(args, &reporter),
         Command::Run(args) => run::run(args, &reporter, stats.clone()),
         Command::Status(args) => status::status(args, &reporter, stats.clone()),
         Command::Dag(args) => dag::dag(args),
@@ -150,12 +154,18 @@ fn discover_manifest() -> Result<PathBuf, Error> {
         return Ok(here);
     }
     let dir = PathBuf::from("pipelines");
-    let found: Vec<PathBuf> = std::fs::read_dir(&dir)
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map(|items| items.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect())
         .unwrap_or_default();
+    found.sort();
     match found.as_slice() {
         [only] => Ok(only.clone()),
-        _ => Err(Error::NoManifest { dir: std::env::current_dir().unwrap_or(dir) }),
+        [first, ..] => Err(Error::SeveralManifests {
+            list: found.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            example: first.display().to_string(),
+            dir,
+        }),
+        [] => Err(Error::NoManifest { dir: std::env::current_dir().unwrap_or(dir) }),
     }
 }
 

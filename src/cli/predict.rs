@@ -80,7 +80,8 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     body_timeout_secs: u64,
     /// Largest image (width × height) decoded; bigger ones get 413 from their header alone.
-    #[arg(long, default_value_t = 40_000_000, value_name = "PIXELS")]
+    /// The default is kiln's one limit, also `kiln predict`'s and the clean stage's.
+    #[arg(long, default_value_t = crate::imaging::DEFAULT_MAX_PIXELS, value_name = "PIXELS")]
     max_pixels: u64,
     /// Classes returned per image unless the request says `?top_k=K` (clamped to the model's
     /// class count). A request's `top_k` must be a whole number from 1 to the class count,
@@ -170,12 +171,16 @@ pub fn predict(args: PredictArgs, out: &CliReporter) -> Result<(), Error> {
             }
         }
         Format::Table => {
-            for (path, r) in &rows {
-                if let Ok(p) = r {
-                    let top: Vec<String> =
-                        predictor.top_k(p, args.top_k).iter().map(|s| format!("{} {:.4}", s.class, s.probability)).collect();
-                    writeln!(w, "{}  {}", path.display(), top.join("  ")).map_err(io)?;
-                }
+            let table: Vec<(String, Vec<(String, String)>)> = rows
+                .iter()
+                .filter_map(|(path, r)| r.as_ref().ok().map(|p| (path, p)))
+                .map(|(path, p)| {
+                    let top = predictor.top_k(p, args.top_k).iter().map(|s| (s.class.clone(), format!("{:.4}", s.probability))).collect();
+                    (path.display().to_string(), top)
+                })
+                .collect();
+            for line in table_lines(&table) {
+                writeln!(w, "{line}").map_err(io)?;
             }
         }
     }
@@ -187,6 +192,46 @@ pub fn predict(args: PredictArgs, out: &CliReporter) -> Result<(), Error> {
         }
     }
     if failed > 0 { Err(Error::Usage(format!("{failed} of {} inputs could not be classified", rows.len()))) } else { Ok(()) }
+}
+
+/// `kiln predict`'s table: a header row (`image  class  probability`, then `2nd class
+/// probability`… for the rest of the top k), then one row per image, in aligned columns.
+fn table_lines(rows: &[(String, Vec<(String, String)>)]) -> Vec<String> {
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    let k = rows.iter().map(|(_, top)| top.len()).max().unwrap_or(0);
+    let mut header = vec!["image".to_string()];
+    for rank in 1..=k {
+        header.push(if rank == 1 { "class".to_string() } else { format!("{} class", ordinal(rank)) });
+        header.push("probability".to_string());
+    }
+    let cells: Vec<Vec<String>> = std::iter::once(header)
+        .chain(rows.iter().map(|(image, top)| {
+            std::iter::once(image.clone()).chain(top.iter().flat_map(|(class, p)| [class.clone(), p.clone()])).collect::<Vec<String>>()
+        }))
+        .collect();
+    let widths: Vec<usize> =
+        (0..1 + 2 * k).map(|j| cells.iter().filter_map(|row| row.get(j)).map(|c| c.chars().count()).max().unwrap_or(0)).collect();
+    cells
+        .iter()
+        .map(|row| {
+            let padded: Vec<String> = row.iter().zip(&widths).map(|(c, &w)| format!("{c:<w$}")).collect();
+            padded.join("  ").trim_end().to_string()
+        })
+        .collect()
+}
+
+/// `2nd`, `3rd`, `11th`, `22nd`.
+fn ordinal(n: usize) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
 }
 
 pub fn serve(args: ServeArgs, out: &CliReporter) -> Result<(), Error> {
@@ -223,4 +268,54 @@ pub fn serve(args: ServeArgs, out: &CliReporter) -> Result<(), Error> {
         out.line(&format!("listening on http://{addr} ({classes} classes)"));
     })
     .map_err(|e| Error::Usage(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use clap::Parser;
+
+    use super::{ServeArgs, ordinal, table_lines};
+    use crate::imaging::{DEFAULT_MAX_PIXELS, DecodeLimits};
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    #[test]
+    fn serve_predict_and_clean_share_one_pixel_limit() {
+        let serve = Serve::try_parse_from(["serve", "outputs/p/train"]).unwrap();
+        assert_eq!(serve.args.max_pixels, DEFAULT_MAX_PIXELS, "kiln serve --max-pixels");
+        assert_eq!(DecodeLimits::default().max_pixels, DEFAULT_MAX_PIXELS, "kiln predict, preprocess and convert");
+        let text = "[stages.collect]\nkind = \"collect\"\n[[stages.collect.sources]]\ntype = \"synthetic\"\ncount = 8\nsize = 16\n\n\
+                    [stages.clean]\nkind = \"clean\"\ninputs = [\"collect\"]\n";
+        let parsed = crate::manifest::Manifest::parse(Path::new("/w/kiln.toml"), text, &crate::stages::StageRegistry::builtin(), &[]);
+        let manifest = parsed.manifest.unwrap_or_else(|| panic!("{:?}", parsed.issues));
+        let clean = manifest.stages.iter().find(|s| s.name == "clean").expect("a clean stage");
+        assert_eq!(clean.stage.params()["max_pixels"], DEFAULT_MAX_PIXELS, "the clean stage's `max_pixels`");
+    }
+
+    #[test]
+    fn the_predict_table_has_a_header_and_aligned_columns() {
+        let rows = vec![
+            ("data/a.png".to_string(), vec![("circle".to_string(), "0.9000".to_string()), ("star".to_string(), "0.0600".to_string())]),
+            ("b.png".to_string(), vec![("triangle".to_string(), "0.5000".to_string()), ("square".to_string(), "0.4000".to_string())]),
+        ];
+        assert_eq!(
+            table_lines(&rows),
+            [
+                "image       class     probability  2nd class  probability",
+                "data/a.png  circle    0.9000       star       0.0600",
+                "b.png       triangle  0.5000       square     0.4000",
+            ]
+        );
+        assert!(table_lines(&[]).is_empty());
+        assert_eq!(
+            [1, 2, 3, 4, 11, 12, 13, 21, 22, 101].map(ordinal),
+            ["1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st"]
+        );
+    }
 }

@@ -102,7 +102,8 @@ pub fn run(args: RunArgs, reporter: &CliReporter, stats: Arc<WorkStats>) -> Resu
     }
     let log = RunLog::new(&plans[0].manifest().cache_dir);
     let records: Vec<RunRecord> = ids.iter().map(|id| log.get(id)).collect::<Result<_, _>>()?;
-    super::runs::print_table(&records, args.sort.as_deref(), true, reporter)?;
+    let current = crate::runs::manifest_digest(plans[0].manifest());
+    super::runs::print_table(&records, args.sort.as_deref(), true, Some(&current), reporter)?;
     if failed > 0 { Err(Error::StagesFailed { failed }) } else { Ok(()) }
 }
 

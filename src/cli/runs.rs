@@ -5,7 +5,8 @@ use clap::Args;
 use super::progress::CliReporter;
 use super::{load, split_manifest};
 use crate::Error;
-use crate::runs::{RunLog, RunRecord, lower_is_better, resolve_metric};
+use crate::digest::Digest;
+use crate::runs::{RunLog, RunRecord, lower_is_better, manifest_digest, resolve_metric};
 
 #[derive(Debug, Args)]
 pub struct RunsArgs {
@@ -59,12 +60,19 @@ pub fn runs(args: RunsArgs, out: &CliReporter) -> Result<(), Error> {
         let skip = records.len().saturating_sub(n);
         records.drain(..skip);
     }
-    print_table(&records, args.sort.as_deref(), false, out)?;
+    print_table(&records, args.sort.as_deref(), false, Some(&manifest_digest(manifest)), out)?;
     Ok(())
 }
 
 /// Prints runs as a table; with `sort`, best first (and, for a sweep, says which won).
-pub fn print_table(records: &[RunRecord], sort: Option<&str>, sweep: bool, out: &CliReporter) -> Result<(), Error> {
+/// `current` is the digest of the manifest as it is now: runs of another version of it say so.
+pub fn print_table(
+    records: &[RunRecord],
+    sort: Option<&str>,
+    sweep: bool,
+    current: Option<&Digest>,
+    out: &CliReporter,
+) -> Result<(), Error> {
     let all_keys: std::collections::BTreeSet<String> = records.iter().flat_map(|r| r.metrics().into_keys()).collect();
     let sort_key = match sort {
         Some(name) => Some(resolve_metric(name, &all_keys).ok_or_else(|| {
@@ -114,13 +122,17 @@ pub fn print_table(records: &[RunRecord], sort: Option<&str>, sweep: bool, out: 
                 None => line.push_str(&format!(" {:>10}", "-")),
             }
         }
-        let changes: Vec<String> = r.overrides.iter().map(|o| o.to_arg()).collect();
         line.push_str("  ");
-        line.push_str(&if changes.is_empty() { "(manifest as written)".to_string() } else { changes.join(" ") });
+        line.push_str(&changes(r, current));
         if failed {
             line.push_str("  [failed]");
         }
         out.line(&line);
+    }
+    if let Some(now) = current
+        && records.iter().any(|r| r.manifest_digest.is_some_and(|d| d != *now))
+    {
+        out.line(&format!("runs marked `edited since` ran another version of the manifest; it is now {}", now.short()));
     }
     if let (Some(k), Some((best, metrics))) = (&sort_key, order.first())
         && let Some(v) = metrics.get(k)
@@ -129,6 +141,23 @@ pub fn print_table(records: &[RunRecord], sort: Option<&str>, sweep: bool, out: 
         out.line(&format!("best by {k}: {} ({v:.4}) {}", best.id, changes.join(" ")));
     }
     Ok(())
+}
+
+/// What a run changed: its `--set` values, and which manifest it ran, by digest, when that
+/// is not the manifest as it is now (`current`).
+fn changes(r: &RunRecord, current: Option<&Digest>) -> String {
+    let set: Vec<String> = r.overrides.iter().map(|o| o.to_arg()).collect();
+    let edited = match (r.manifest_digest, current) {
+        (Some(d), Some(now)) if d != *now => Some(d),
+        _ => None,
+    };
+    match (set.is_empty(), edited, r.manifest_digest) {
+        (true, Some(d), _) => format!("(manifest {}, edited since)", d.short()),
+        (true, None, Some(d)) => format!("(manifest as written, {})", d.short()),
+        (true, None, None) => "(manifest as written)".to_string(),
+        (false, Some(d), _) => format!("{} (manifest {}, edited since)", set.join(" "), d.short()),
+        (false, None, _) => set.join(" "),
+    }
 }
 
 /// A column header: the last part of a metric key, unless that would be ambiguous.

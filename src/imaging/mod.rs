@@ -21,6 +21,12 @@ pub const PROBE_VERSION: u32 = 2;
 /// are then comparable across resolutions and cheap on large photos.
 const MEASURE_SIDE: u32 = 512;
 
+/// The largest image, in pixels (width × height), that kiln decodes unless told otherwise:
+/// the default of the clean stage's `max_pixels` and of `kiln serve --max-pixels`, and the
+/// limit of `kiln predict` and of preprocess and convert. A larger image is refused from its
+/// header alone, before anything is decoded (64 M pixels are 256 MB as RGBA).
+pub const DEFAULT_MAX_PIXELS: u64 = 64_000_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecodeLimits {
     /// Width × height above which an image is rejected from its header alone.
@@ -30,7 +36,7 @@ pub struct DecodeLimits {
 
 impl Default for DecodeLimits {
     fn default() -> Self {
-        DecodeLimits { max_pixels: 64_000_000, max_bytes: 256 << 20 }
+        DecodeLimits { max_pixels: DEFAULT_MAX_PIXELS, max_bytes: 256 << 20 }
     }
 }
 

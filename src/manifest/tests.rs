@@ -340,11 +340,11 @@ fn every_bad_value_is_reported_at_the_value() {
         (&[("lr = 0.003", "lr = inf")], "lr = ^inf", "`inf` is not a number kiln can use"),
         (&[("lr = 0.003", "lr = -inf")], "lr = ^-inf", "`-inf` is not a number kiln can use"),
         (&[("lr = 0.003", "lr = 1e999")], "lr = ^1e999", "`1e999` is not a number kiln can use"),
-        (&[("epochs = 20", "epochs = 20\nunused = [1.0, nan]")], "unused = [1.0, ^nan]", "`nan` is not a number"),
-        (&[("epochs = 20", "epochs = 20\nlr = nan"), ("lr = 0.003", "lr = \"${params.lr}\"")], "lr = ^nan", "`nan` is not a number"),
-        (&[("widths = [16, 32]", "widths = [100000, 32]")], "widths = [^100000", "`cnn.widths[0]` = 100000 is out of range"),
-        (&[("widths = [16, 32]", "widths = [0, 32]")], "widths = [^0, 32]", "`cnn.widths[0]` = 0 is out of range"),
-        (&[("widths = [16, 32]", "widths = []")], "widths = ^[]", "`cnn.widths` lists 0 stages"),
+        (&[("epochs = 12", "epochs = 12\nunused = [1.0, nan]")], "unused = [1.0, ^nan]", "`nan` is not a number"),
+        (&[("epochs = 12", "epochs = 12\nlr = nan"), ("lr = 0.003", "lr = \"${params.lr}\"")], "lr = ^nan", "`nan` is not a number"),
+        (&[("widths = [16, 32, 64]", "widths = [100000, 32]")], "widths = [^100000", "`cnn.widths[0]` = 100000 is out of range"),
+        (&[("widths = [16, 32, 64]", "widths = [0, 32]")], "widths = [^0, 32]", "`cnn.widths[0]` = 0 is out of range"),
+        (&[("widths = [16, 32, 64]", "widths = []")], "widths = ^[]", "`cnn.widths` lists 0 stages"),
         (&[("hidden = 64", "hidden = 100000")], "hidden = ^100000", "`cnn.hidden` = 100000 is out of range"),
         (&[("hidden = 64", "hidden = 64, convs_per_stage = 0")], "convs_per_stage = ^0", "`cnn.convs_per_stage` = 0 is out of range"),
         (
@@ -352,7 +352,7 @@ fn every_bad_value_is_reported_at_the_value() {
             "epochs = ^9223372036854775807",
             "`epochs` = 9223372036854775807 is out of range",
         ),
-        (&[("epochs = 20", "epochs = 0")], "epochs = ^\"${params.epochs}\"", "`epochs` = 0 is out of range"),
+        (&[("epochs = 12", "epochs = 0")], "epochs = ^\"${params.epochs}\"", "`epochs` = 0 is out of range"),
         (&[("batch_size = 32", "batch_size = 100000")], "batch_size = ^100000", "`batch_size` = 100000 is out of range"),
         (&[("device = \"cpu\"", "device = \"cpu\"\nstep_epochs = 0")], "step_epochs = ^0", "`step_epochs` = 0 is out of range"),
         (
@@ -385,7 +385,7 @@ fn every_bad_value_is_reported_at_the_value() {
             "`checks.too_small.min_side` = 0 is out of range",
         ),
         (
-            &[("widths = [16, 32], hidden = 64", "widths = [16, 512], hidden = 65536")],
+            &[("widths = [16, 32, 64], hidden = 64", "widths = [16, 512], hidden = 65536")],
             "hidden = ^65536",
             "weights on the 24x24 input of stage `preprocess`",
         ),
@@ -502,8 +502,8 @@ fn every_bad_value_is_reported_at_the_value() {
             "pattern = ^'",
             "has no capture group",
         ),
-        (&[("count = 800", "count = 6")], "count = ^6", "class `star` gets at most 1 items from the synthetic source of stage `collect`"),
-        (&[("count = 800", "count = 2")], "\"square\", ^\"triangle\"", "class `triangle` never occurs"),
+        (&[("count = 1600", "count = 6")], "count = ^6", "class `star` gets at most 1 items from the synthetic source of stage `collect`"),
+        (&[("count = 1600", "count = 2")], "\"square\", ^\"triangle\"", "class `triangle` never occurs"),
         (
             &[("split = { train = 0.7, val = 0.15, test = 0.15 }", "split = { train = 0.85, val = 0.15, test = 0.0 }")],
             "split = ^\"test\"",
@@ -517,7 +517,7 @@ fn every_bad_value_is_reported_at_the_value() {
         (
             &[("size = [\"${params.size}\", \"${params.size}\"]", "size = [1, 1]")],
             "size = ^[1, 1]",
-            "needs at least 4x4 pixels, but stage `preprocess` writes 1x1",
+            "needs at least 8x8 pixels, but stage `preprocess` writes 1x1",
         ),
         (
             &[(
@@ -578,12 +578,12 @@ fn every_bad_value_is_reported_at_the_value() {
 fn values_at_the_limits_are_accepted() {
     let cases: &[&[(&str, &str)]] = &[
         &[("dropout = 0.2", "dropout = 0.0")],
-        &[("widths = [16, 32]", "widths = [1, 4096]"), ("hidden = 64", "hidden = 0")],
-        &[("epochs = 20", "epochs = 100000")],
+        &[("widths = [16, 32, 64]", "widths = [1, 4096]"), ("hidden = 64", "hidden = 0")],
+        &[("epochs = 12", "epochs = 100000")],
         &[("batch_size = 32", "batch_size = 65536")],
         &[(
             "lr = 0.003",
-            "lr = 10.0\nmin_lr = 10.0\nweight_decay = 0.0\nmomentum = 0.0\ngamma = 1.0\nlabel_smoothing = 0.0\nwarmup_epochs = 20",
+            "lr = 10.0\nmin_lr = 10.0\nweight_decay = 0.0\nmomentum = 0.0\ngamma = 1.0\nlabel_smoothing = 0.0\nwarmup_epochs = 12",
         )],
         &[(
             "lr = 0.003",
@@ -601,8 +601,8 @@ fn values_at_the_limits_are_accepted() {
             ("split = \"test\"", "split = \"train\""),
         ],
         // 16 shapes: 4 of each, the fewest that give every class an item in each split.
-        &[("count = 800", "count = 16")],
-        &[("size = [\"${params.size}\", \"${params.size}\"]", "size = [4, 4]")],
+        &[("count = 1600", "count = 16")],
+        &[("size = [\"${params.size}\", \"${params.size}\"]", "size = [8, 8]")],
     ];
     for edits in cases {
         let text = quickstart_with(edits);

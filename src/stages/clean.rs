@@ -4,7 +4,7 @@
 //! [stages.clean]
 //! kind = "clean"
 //! inputs = ["collect"]
-//! max_pixels = 40_000_000                      # larger headers are rejected undecoded
+//! max_pixels = 64_000_000                      # the default; larger headers are rejected undecoded
 //! [stages.clean.checks]
 //! near_duplicates = { policy = "quarantine", max_distance = 14, max_colour_difference = 12.0 }
 //! blurry = { policy = "keep", min_sharpness = 10.0 }   # keep = report only
@@ -102,7 +102,7 @@ struct Config {
 }
 
 fn default_max_pixels() -> u64 {
-    DecodeLimits::default().max_pixels
+    imaging::DEFAULT_MAX_PIXELS
 }
 fn default_max_bytes() -> u64 {
     DecodeLimits::default().max_bytes

@@ -556,3 +556,87 @@ device = "cpu"
     assert!(err.contains("must be between 1 and 4096"), "the help gives the range: {err}");
     assert!(!ws.path("cache").exists(), "an invalid manifest touches nothing");
 }
+
+#[test]
+fn no_file_and_several_manifests_in_pipelines_lists_them() {
+    let manifest = |name: &str| format!("[pipeline]\nname = \"{name}\"\nroot = \"..\"\n\n[stages.a]\nkind = \"command\"\ncmd = \"true\"\n");
+    let ws = Workspace::new("");
+    std::fs::remove_file(ws.path("kiln.toml")).unwrap();
+    for name in ["b", "a", "c"] {
+        ws.write(&format!("pipelines/{name}.toml"), &manifest(name));
+    }
+    let out = ws.kiln(&["status"]);
+    let err = unwrap_diagnostic(&String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(err.contains("there are several in `pipelines`"), "{err}");
+    assert!(err.contains("pipelines/a.toml, pipelines/b.toml, pipelines/c.toml"), "every manifest is listed, sorted: {err}");
+    assert!(err.contains("e.g. `kiln run pipelines/a.toml`"), "the help says how to pick one: {err}");
+    assert!(!err.contains("none found"), "{err}");
+
+    // With only one left, it is the default.
+    std::fs::remove_file(ws.path("pipelines/b.toml")).unwrap();
+    std::fs::remove_file(ws.path("pipelines/c.toml")).unwrap();
+    let out = ws.kiln(&["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn epochs_zero_is_underlined_at_its_value() {
+    let manifest = r#"[stages.collect]
+kind = "collect"
+[[stages.collect.sources]]
+type = "synthetic"
+count = 40
+size = 16
+
+[stages.preprocess]
+kind = "preprocess"
+inputs = ["collect"]
+size = [16, 16]
+
+[stages.convert]
+kind = "convert"
+inputs = ["preprocess"]
+
+[stages.train]
+kind = "train"
+inputs = ["convert"]
+model = "cnn"
+epochs = 0
+device = "cpu"
+"#;
+    let ws = Workspace::new(manifest);
+    let out = ws.kiln(&["run"]);
+    let err = unwrap_diagnostic(&String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    // Line 21 is `epochs = 0`; its value starts at column 10. `[stages.train]` is line 17.
+    assert!(err.contains("kiln.toml:21:10: `epochs` = 0 is out of range"), "the error points at the value of `epochs`: {err}");
+    assert!(!err.contains("kiln.toml:17:"), "not at the `[stages.train]` header: {err}");
+    assert!(!ws.path("cache").exists(), "an invalid manifest touches nothing");
+}
+
+#[test]
+fn runs_of_an_edited_manifest_say_which_manifest_they_ran() {
+    let manifest = "[params]\nn = 1\n\n[stages.a]\nkind = \"command\"\ncmd = \"echo ${params.n} > a.txt\"\nouts = [\"a.txt\"]\n";
+    let ws = Workspace::new(manifest);
+    ws.run_ok(&[]);
+    ws.write("kiln.toml", &manifest.replace("echo ${params.n}", "echo n=${params.n}"));
+    ws.run_ok(&[]);
+    ws.run_ok(&["--set", "params.n=2"]);
+
+    let out = ws.kiln(&["runs", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let records: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let digest = |i: usize| records[i]["manifest_digest"].as_str().unwrap_or_else(|| panic!("no manifest_digest in {records}")).to_string();
+    assert_ne!(digest(0), digest(1), "the manifest was edited between r1 and r2");
+    assert_eq!(digest(1), digest(2), "`--set` values are not part of the manifest's digest");
+
+    let out = ws.kiln(&["runs"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let row = |id: &str| listing.lines().find(|l| l.starts_with(&format!("{id} "))).unwrap_or_else(|| panic!("no {id} in\n{listing}"));
+    assert!(row("r1").ends_with(&format!("(manifest {}, edited since)", &digest(0)[..12])), "{listing}");
+    assert!(row("r2").ends_with(&format!("(manifest as written, {})", &digest(1)[..12])), "{listing}");
+    assert!(row("r3").ends_with("params.n=2"), "{listing}");
+    assert!(listing.contains(&format!("ran another version of the manifest; it is now {}", &digest(1)[..12])), "{listing}");
+}

@@ -23,8 +23,8 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 /// The quick-start pipeline with 4 epochs instead of 20, to keep the test short.
 fn workspace() -> tempfile::TempDir {
     let text = shipped(MANIFEST);
-    let fast = text.replace("epochs = 20", "epochs = 4");
-    assert_ne!(fast, text, "the quick start sets `epochs = 20` in [params]");
+    let fast = text.replace("epochs = 12", "epochs = 4");
+    assert_ne!(fast, text, "the quick start sets `epochs = 12` in [params]");
     workspace_with(MANIFEST, &fast)
 }
 

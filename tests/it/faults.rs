@@ -181,13 +181,13 @@ fn run_kiln(ws: &Path, logs: &Path, args: &[&str]) -> Ran {
 // ---------------------------------------------------------------------------------------
 // The reference run
 
-/// The bundled quickstart, made small enough for a debug build: 240 images instead of 800,
+/// The bundled quickstart, made small enough to break many times: 240 images instead of 1600,
 /// 3 epochs instead of 20, and a training checkpoint every 0.2 s so that kill -9 lands
 /// between checkpoints (`checkpoint_secs` is not part of the stage key).
 fn small_manifest() -> String {
     let mut text = shipped(MANIFEST);
     let edits =
-        [("count = 800", "count = 240"), ("epochs = 20", "epochs = 3"), ("[stages.train]\n", "[stages.train]\ncheckpoint_secs = 0.2\n")];
+        [("count = 1600", "count = 240"), ("epochs = 12", "epochs = 3"), ("[stages.train]\n", "[stages.train]\ncheckpoint_secs = 0.2\n")];
     for (from, to) in edits {
         assert!(text.contains(from), "{MANIFEST} no longer contains `{}`: update small_manifest() in tests/it/faults.rs", from.trim());
         text = text.replacen(from, to, 1);

@@ -14,6 +14,7 @@ mod experiments;
 mod faults;
 mod fuzz_manifest;
 mod http_source;
+mod init;
 mod library;
 mod models;
 mod pipelines;

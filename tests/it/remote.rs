@@ -130,7 +130,7 @@ fn wipe(ws: &Path) {
 #[test]
 fn remote_cache_shares_results_detects_corruption_and_survives_outages() {
     let Some(mut garage) = Garage::start() else { return };
-    let text = shipped(MANIFEST).replace("epochs = 20", "epochs = 3");
+    let text = shipped(MANIFEST).replace("epochs = 12", "epochs = 3");
     let text = format!("{text}\n[cache.remote]\nurl = \"s3://kiln-test/team\"\nendpoint = \"{}\"\nregion = \"garage\"\n", garage.endpoint);
     let ws = workspace_with(MANIFEST, &text);
     let ws = ws.path();

@@ -213,8 +213,37 @@ fn predict_and_serve_match_eval_and_survive_bad_input() {
         assert!(max_diff(p, q) < 1e-5, "{source}: eval {p:?} predict {q:?}");
     }
     // The model directory works as well as MANIFEST:STAGE, and the table format shows top-k.
+    // A header row names the columns, which line up with the row's (two spaces apart).
     let table = ok(ws, &["predict", "outputs/tiny/train", "data/dark/img_01.png", "--top-k", "2"]);
-    assert!(table.starts_with("data/dark/img_01.png  ") && table.split_whitespace().count() == 5, "{table}");
+    let columns = |line: &str| -> Vec<(usize, String)> {
+        let mut out: Vec<(usize, String)> = Vec::new();
+        let mut gap = 2;
+        for (i, c) in line.char_indices() {
+            if c == ' ' {
+                gap += 1;
+                continue;
+            }
+            // One space inside a column's text (`2nd class`); two or more between columns.
+            if gap < 2 && !out.is_empty() {
+                let last = out.last_mut().unwrap();
+                last.1.extend(std::iter::repeat_n(' ', gap));
+                last.1.push(c);
+            } else {
+                out.push((i, c.to_string()));
+            }
+            gap = 0;
+        }
+        out
+    };
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    let (header, row) = (columns(lines[0]), columns(lines[1]));
+    let names: Vec<&str> = header.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(names, ["image", "class", "probability", "2nd class", "probability"], "{table}");
+    assert_eq!(row.len(), 5, "{table}");
+    assert_eq!(row[0].1, "data/dark/img_01.png", "{table}");
+    let starts = |c: &[(usize, String)]| c.iter().map(|(i, _)| *i).collect::<Vec<_>>();
+    assert_eq!(starts(&header), starts(&row), "aligned columns:\n{table}");
 
     let server = Server::start(ws, &["--max-batch", "8", "--max-body", "50000", "--max-pixels", "1000000"]);
     let base = server.base.clone();

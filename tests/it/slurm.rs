@@ -115,7 +115,7 @@ fn lock(ws: &Path) -> toml::Table {
 #[test]
 fn slurm_runs_give_local_results_and_cancelled_jobs_fail_with_slurms_reason() {
     let Some(cluster) = Cluster::start() else { return };
-    let text = shipped("pipelines/quickstart.toml").replace("epochs = 20", "epochs = 2");
+    let text = shipped("pipelines/quickstart.toml").replace("epochs = 12", "epochs = 2");
     let (local, slurm) = (workspace_with("pipelines/quickstart.toml", &text), workspace_with("pipelines/quickstart.toml", &text));
     let out = cluster.kiln(local.path(), &["run", "pipelines/quickstart.toml"]);
     assert!(out.status.success());

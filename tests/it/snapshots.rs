@@ -117,3 +117,43 @@ fn a_manifest_error() {
     let ws = Workspace::new(&PIPELINE.replace("inputs = [\"train\"]", "inputs = [\"trian\"]"));
     assert_shown("manifest_error", &ws, &["run"]);
 }
+
+/// A classification `metrics.json` as an eval stage writes it: four classes, 120 items.
+const METRICS_JSON: &str = r#"{
+  "samples": 120,
+  "accuracy": 0.8833333333333333,
+  "balanced_accuracy": 0.8833333333333333,
+  "macro_avg": { "precision": 0.9011904761904762, "recall": 0.8833333333333333, "f1": 0.8820486303097462 },
+  "weighted_avg": { "precision": 0.9011904761904762, "recall": 0.8833333333333333, "f1": 0.8820486303097462 },
+  "log_loss": 0.3125,
+  "top_k_accuracy": { "2": 0.975, "3": 1.0 },
+  "ece": 0.0421,
+  "per_class": {
+    "circle": { "precision": 0.9047619047619048, "recall": 0.6333333333333333, "f1": 0.7450980392156863, "support": 30 },
+    "square": { "precision": 0.7, "recall": 0.9333333333333333, "f1": 0.8, "support": 30 },
+    "star": { "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 30 },
+    "triangle": { "precision": 1.0, "recall": 0.9666666666666667, "f1": 0.9830508474576272, "support": 30 }
+  },
+  "confusion_matrix": [[19, 11, 0, 0], [2, 28, 0, 0], [0, 1, 29, 0], [0, 0, 0, 30]],
+  "classes": ["circle", "square", "triangle", "star"]
+}
+"#;
+
+#[test]
+fn metrics_show_of_a_metrics_json() {
+    let ws = Workspace::new(PIPELINE);
+    ws.write("results/metrics.json", METRICS_JSON);
+    let args = ["metrics", "show", "results/metrics.json"];
+    // The matrix's rows are counts under a header of class names, not digits run together
+    // (`191100` for [19, 11, 0, 0]).
+    let out = ws.kiln(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let matrix: Vec<Vec<&str>> =
+        stdout.lines().skip_while(|l| !l.contains("confusion matrix")).skip(1).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(matrix.len(), 5, "{stdout}");
+    assert_eq!(matrix[0], ["true", "\\", "predicted", "circle", "square", "triangle", "star"], "{stdout}");
+    assert_eq!(matrix[1], ["circle", "19", "11", "0", "0"], "{stdout}");
+    assert_eq!(matrix[4], ["star", "0", "0", "0", "30"], "{stdout}");
+    assert_shown("metrics_show_json", &ws, &args);
+}

@@ -54,7 +54,11 @@ fn candle(what: &str) -> impl Fn(candle_core::Error) -> StageError + '_ {
 }
 
 pub fn run(stage: &TrainStage, cx: &StageContext<'_>) -> Result<(), StageError> {
+    // The summary's time is the whole stage's: setup (with the backbone feature pass of
+    // head fine-tuning), training and writing the artifact.
+    let started = std::time::Instant::now();
     let mut session = setup::Session::new(stage, cx)?;
+    let setup_seconds = started.elapsed().as_secs_f64();
     let mut clock = epoch::Clock::start();
     let mut images_trained = 0u64;
     let mut stopped_early = false;
@@ -66,6 +70,6 @@ pub fn run(stage: &TrainStage, cx: &StageContext<'_>) -> Result<(), StageError> 
             break;
         }
     }
-    let train_seconds = session.progress.train_seconds + clock.elapsed();
-    artifact::write(stage, cx, session, artifact::Totals { images_trained, train_seconds, stopped_early })
+    let times = artifact::Times { started, setup_seconds, train_seconds: clock.elapsed(), resumed_seconds: session.progress.train_seconds };
+    artifact::write(stage, cx, session, artifact::Totals { images_trained, times, stopped_early })
 }

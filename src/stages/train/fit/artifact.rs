@@ -4,6 +4,7 @@
 //! stage's summary.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
@@ -18,14 +19,44 @@ use crate::stages::{Stage, StageContext, StageError, io};
 pub(super) struct Totals {
     /// Images trained on by this process.
     pub(super) images_trained: u64,
-    /// Seconds trained, this process and the runs it resumed together.
-    pub(super) train_seconds: f64,
+    pub(super) times: Times,
     pub(super) stopped_early: bool,
 }
 
+/// Where this process's time went.
+pub(super) struct Times {
+    /// When the stage started.
+    pub(super) started: Instant,
+    /// Seconds from the start to the first batch: data, model, backbone features, resume.
+    pub(super) setup_seconds: f64,
+    /// Seconds of training (epochs and validation) in this process.
+    pub(super) train_seconds: f64,
+    /// Seconds trained by the runs this one resumed.
+    pub(super) resumed_seconds: f64,
+}
+
+impl Times {
+    /// The summary's timing line: the whole stage (this process), then its parts.
+    fn line(&self, features_seconds: f64, images_trained: u64, writing_seconds: f64) -> String {
+        let total = self.started.elapsed().as_secs_f64();
+        let mut parts = vec![format!("setup {:.1} s", (self.setup_seconds - features_seconds).max(0.0))];
+        if features_seconds > 0.0 {
+            parts.push(format!("backbone features {features_seconds:.1} s"));
+        }
+        parts.push(format!("training {:.1} s ({:.0} images/s)", self.train_seconds, images_trained as f64 / self.train_seconds.max(1e-9)));
+        parts.push(format!("writing {writing_seconds:.1} s"));
+        let mut line = format!("{total:.1} s in all: {}", parts.join(", "));
+        if self.resumed_seconds > 0.0 {
+            line.push_str(&format!("; {:.1} s of training before the resume", self.resumed_seconds));
+        }
+        line
+    }
+}
+
 pub(super) fn write(stage: &TrainStage, cx: &StageContext<'_>, session: Session, totals: Totals) -> Result<(), StageError> {
-    let Session { manifest, norm, ps, progress, mut summary, .. } = session;
-    let Totals { images_trained, train_seconds, stopped_early } = totals;
+    let writing_started = Instant::now();
+    let Session { manifest, norm, ps, progress, mut summary, features_seconds, .. } = session;
+    let Totals { images_trained, times, stopped_early } = totals;
     let last = ps.tensors();
     let best_file = cx.scratch.join("best.safetensors");
     let best: BTreeMap<String, Tensor> = match progress.best {
@@ -101,12 +132,8 @@ pub(super) fn write(stage: &TrainStage, cx: &StageContext<'_>, session: Session,
             r.val_loss.map_or("-".into(), |v| format!("{v:.4}"))
         ));
     }
-    summary.push(format!(
-        "{:.1} s, {:.0} images/s, weights {}",
-        train_seconds,
-        images_trained as f64 / train_seconds.max(1e-9),
-        &digest[..16]
-    ));
+    summary.push(format!("weights {}", &digest[..16]));
+    summary.push(times.line(features_seconds, images_trained, writing_started.elapsed().as_secs_f64()));
     cx.reporter.summary(cx.stage, &summary);
     Ok(())
 }

@@ -39,6 +39,8 @@ pub(super) struct Session {
     /// Lines of the stage's summary, in the order they came about.
     pub(super) summary: Vec<String>,
     pub(super) batches: Batches,
+    /// Seconds spent computing backbone features (head fine-tuning), memo lookups included.
+    pub(super) features_seconds: f64,
 }
 
 /// How an epoch is cut into batches.
@@ -92,7 +94,9 @@ impl Session {
             cx.reporter
                 .warn(&format!("{}: online augmentation needs u8 shards (dtype = \"u8\" in convert); training without it", cx.stage));
         }
+        let mut features_seconds = 0.0;
         let inputs = if head_only {
+            let started = std::time::Instant::now();
             if augment.is_some() {
                 cx.reporter.warn(&format!("{}: head fine-tuning trains on memoised features of the unaugmented images", cx.stage));
             }
@@ -100,6 +104,7 @@ impl Session {
             let train = features(cx, stage, net.as_ref(), &train, &norm, &device, &mut computed)?;
             let val = features(cx, stage, net.as_ref(), &val, &norm, &device, &mut computed)?;
             summary.push(format!("backbone features: {computed} computed, {} memoised", train.1.len() + val.1.len() - computed));
+            features_seconds = started.elapsed().as_secs_f64();
             Inputs::Features { train, val }
         } else {
             Inputs::Images { train, val }
@@ -127,7 +132,22 @@ impl Session {
         };
         let progress = resume(cx, &mut ps, &mut opt, &mut summary)?;
         let batches = Batches::new(inputs.train_len(), cfg.batch_size);
-        Ok(Session { manifest, norm, device, ps, net, inputs, augment, class_weights, opt, schedule, progress, summary, batches })
+        Ok(Session {
+            manifest,
+            norm,
+            device,
+            ps,
+            net,
+            inputs,
+            augment,
+            class_weights,
+            opt,
+            schedule,
+            progress,
+            summary,
+            batches,
+            features_seconds,
+        })
     }
 }
 
@@ -189,13 +209,7 @@ type Built = (ParamStore, Box<dyn Network>, Vec<String>);
 
 /// Builds the network for `shape` (`[channels, height, width]`) and loads the manifest's
 /// pretrained `weights` into it. Returns the summary's first lines too.
-fn build_model(
-    stage: &TrainStage,
-    cx: &StageContext<'_>,
-    device: &Device,
-    shape: [usize; 3],
-    classes: usize,
-) -> Result<Built, StageError> {
+fn build_model(stage: &TrainStage, cx: &StageContext<'_>, device: &Device, shape: [usize; 3], classes: usize) -> Result<Built, StageError> {
     let cfg = &stage.config;
     let arch = &stage.arch;
     let head_dot = format!("{}.", arch.head_prefix());
