@@ -24,7 +24,12 @@ fn main() -> Result<()> {
     let classes = 10;
     let cnn = CnnConfig { widths: vec![32, 64], convs_per_stage: 1, hidden: 128, dropout: 0.25 };
     let arch = Arch::from_name(&model, Some(cnn)).expect("model name");
+    // Inference runs as eval, predict and serve run it (`TrainedModel::load`): plain weights,
+    // so no graph is recorded and activations are freed as they are consumed.
     let mut ps = ParamStore::new(Device::Cpu, 1);
+    if mode != "train" {
+        ps = ps.with_trainable(|_| false);
+    }
     let net = arch.build(&mut ps, channels, [size as u32, size as u32], classes)?;
     let mut rng = Rng::new(3);
     let x: Vec<f32> = (0..batch * channels * size * size).map(|_| rng.range(-1.0, 1.0) as f32).collect();

@@ -152,9 +152,9 @@ impl ArtifactReader {
         ArtifactReader { dir: cache_dir.to_path_buf() }
     }
 
-    /// Where the blob of `path` inside the artifact `tree` is; `None` when the tree, the
-    /// file or its blob is not in this cache.
-    pub fn file_path(&self, tree: &Digest, path: &str) -> Result<Option<PathBuf>, CacheError> {
+    /// The entry of `path` inside the artifact `tree`, with where its blob would be; `None`
+    /// when the tree or the file is not in this cache.
+    fn locate(&self, tree: &Digest, path: &str) -> Result<Option<(Digest, PathBuf)>, CacheError> {
         let tree_file = object_path(&self.dir, "trees", tree);
         let bytes = match std::fs::read(&tree_file) {
             Ok(b) => b,
@@ -162,31 +162,30 @@ impl ArtifactReader {
             Err(e) => return Err(CacheError::io("read", &tree_file)(e)),
         };
         let tree = Tree::decode(&bytes).map_err(|e| CacheError::Corrupt { path: tree_file.clone(), why: e.to_string() })?;
-        let Some(entry) = tree.entries().iter().find(|e| e.path == path) else { return Ok(None) };
-        let blob = object_path(&self.dir, "blobs", &entry.digest);
-        match check_blob_file(&blob, &entry.digest) {
-            Ok(()) => Ok(Some(blob)),
-            Err(CacheError::MissingBlob { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(tree.entries().iter().find(|e| e.path == path).map(|e| (e.digest, object_path(&self.dir, "blobs", &e.digest))))
     }
 
-    /// The bytes of `path` inside the artifact `tree`; `None` when the tree or the file is
-    /// not in this cache.
+    /// Where the blob of `path` inside the artifact `tree` is, its content checked; `None`
+    /// when the tree, the file or its blob is not in this cache.
+    pub fn file_path(&self, tree: &Digest, path: &str) -> Result<Option<PathBuf>, CacheError> {
+        let Some((digest, blob)) = self.locate(tree, path)? else { return Ok(None) };
+        missing_is_none(check_blob_file(&blob, &digest).map(|()| blob))
+    }
+
+    /// The bytes of `path` inside the artifact `tree`, checked; `None` when the tree or the
+    /// file is not in this cache.
     pub fn file(&self, tree: &Digest, path: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let tree_file = object_path(&self.dir, "trees", tree);
-        let bytes = match std::fs::read(&tree_file) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(CacheError::io("read", &tree_file)(e)),
-        };
-        let tree = Tree::decode(&bytes).map_err(|e| CacheError::Corrupt { path: tree_file.clone(), why: e.to_string() })?;
-        let Some(entry) = tree.entries().iter().find(|e| e.path == path) else { return Ok(None) };
-        match read_blob_file(&object_path(&self.dir, "blobs", &entry.digest), &entry.digest) {
-            Ok(b) => Ok(Some(b)),
-            Err(CacheError::MissingBlob { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        let Some((digest, blob)) = self.locate(tree, path)? else { return Ok(None) };
+        missing_is_none(read_blob_file(&blob, &digest))
+    }
+}
+
+/// A blob that is not there is no file, not an error; a corrupt one is.
+fn missing_is_none<T>(r: Result<T, CacheError>) -> Result<Option<T>, CacheError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(CacheError::MissingBlob { .. }) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
