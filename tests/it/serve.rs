@@ -455,11 +455,13 @@ fn read_answer(s: &mut TcpStream, wait: Duration) -> RawAnswer {
             }
             Ok(n) => got.extend_from_slice(&chunk[..n]),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
-            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted) => {
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            // Reset, aborted, broken: however the kernel words it, the server has closed
+            // the connection (what it sent before is in `got`).
+            Err(_) => {
                 closed = true;
                 break;
             }
-            Err(e) => panic!("reading an answer: {e}"),
         }
     }
     let (head, body) = match head_end(&got) {
