@@ -65,8 +65,10 @@
 //! | `pipelines/NAME.toml`              | the user ([`manifest`]) |
 //! | `pipelines/NAME.lock`              | [`cache::lockfile`]     |
 //! | `cache/blobs`, `trees`, `stages`   | [`cache`]               |
-//! | `cache/state.redb`                 | [`cache::state`]        |
+//! | `cache/state.redb`                 | [`cache::state`] (open, rebuild), [`cache::index`], [`cache::memo`] |
 //! | `cache/run.lock`                   | [`cache::guard`]        |
+//! | `cache/CACHEDIR.TAG`               | [`cache::claim_dir`]: only a tagged (or new, empty) directory is used as a cache |
+//! | `outputs/.kiln-run.lock`           | [`cache::guard`]: one run per workspace |
 //! | `cache/runs/rN.json`               | [`runs`] (run records)  |
 //! | `outputs/NAME/STAGE/`              | [`exec`] (views into the cache) |
 //! | `…/items.jsonl`, `…/dataset.json`  | [`formats::dataset`]    |
