@@ -54,6 +54,18 @@ pub fn report(args: ReportArgs, out: &CliReporter) -> Result<(), Error> {
                     "  {} items in, {} kept, {} quarantined, {} dropped",
                     v["items_in"], v["items_kept"], v["quarantined"], v["dropped"]
                 ));
+                for (class, n) in v["per_class"].as_object().into_iter().flatten() {
+                    let (items, removed) = (n["items_in"].as_u64().unwrap_or(0), n["removed"].as_u64().unwrap_or(0));
+                    if removed > 0 {
+                        let why: Vec<String> =
+                            n["by_check"].as_object().into_iter().flatten().map(|(check, k)| format!("{k} {check}")).collect();
+                        out.line(&format!(
+                            "  class {class:<16} {removed} of {items} removed ({:.1} %: {})",
+                            100.0 * removed as f64 / items.max(1) as f64,
+                            why.join(", ")
+                        ));
+                    }
+                }
                 for f in v["findings"].as_array().into_iter().flatten() {
                     let score = f
                         .get("score")

@@ -166,6 +166,53 @@ fn noise_png(seed: u64) -> Vec<u8> {
 }
 
 #[test]
+fn clean_counts_removals_per_class_and_warns_when_a_class_loses_a_share() {
+    // Class `a`: one image six times over and four others (five exact copies dropped, half
+    // the class); class `b`: ten distinct images. The total loss is 25 %; the skew is what
+    // matters, and it is said per class.
+    let ws = tempfile::tempdir().unwrap();
+    for k in 0..10u64 {
+        let seed = if k < 6 { 1 } else { k };
+        write(&ws.path().join(format!("data/a/{k}.png")), &noise_png(seed));
+        write(&ws.path().join(format!("data/b/{k}.png")), &noise_png(100 + k));
+    }
+    std::fs::write(
+        ws.path().join("kiln.toml"),
+        "[stages.collect]\nkind = \"collect\"\n[[stages.collect.sources]]\ntype = \"dir\"\npath = \"data\"\n\n[stages.clean]\nkind = \"clean\"\ninputs = [\"collect\"]\n",
+    )
+    .unwrap();
+    let out = plain_ok(ws.path(), &["run"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("removed 5 of 10 `a` images (50 %: 5 exact_duplicates), above max_class_loss = 5 %"), "{stderr}");
+    assert!(!stderr.contains("`b` images"), "{stderr}");
+    let report = read_json(ws.path().join("outputs/kiln/clean/clean_report.json"));
+    assert_eq!(report["per_class"]["a"]["removed"], 5);
+    assert_eq!(report["per_class"]["a"]["by_check"]["exact_duplicates"], 5);
+    assert_eq!(report["per_class"]["b"]["removed"], 0);
+    let shown = plain_ok(ws.path(), &["report", "kiln.toml", "clean"]);
+    let stdout = String::from_utf8_lossy(&shown.stdout);
+    assert!(stdout.contains("class a") && stdout.contains("5 of 10 removed (50.0 %: 5 exact_duplicates)"), "{stdout}");
+
+    // The threshold is validated, and raising it silences the warning without rerunning
+    // anything: a warning is not a result.
+    let manifest = std::fs::read_to_string(ws.path().join("kiln.toml")).unwrap();
+    std::fs::write(
+        ws.path().join("kiln.toml"),
+        manifest.replace("inputs = [\"collect\"]\n", "inputs = [\"collect\"]\nmax_class_loss = 1.5\n"),
+    )
+    .unwrap();
+    let bad = kiln_plain(ws.path(), &["run"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+    std::fs::write(
+        ws.path().join("kiln.toml"),
+        manifest.replace("inputs = [\"collect\"]\n", "inputs = [\"collect\"]\nmax_class_loss = 0.6\n"),
+    )
+    .unwrap();
+    let again = plain_ok(ws.path(), &["run"]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("clean                    cached"), "{}", text(&again));
+}
+
+#[test]
 fn adding_ten_images_to_ten_thousand_does_ten_images_of_work() {
     let ws = tempfile::tempdir().unwrap();
     for i in 0..10_000u64 {

@@ -30,6 +30,9 @@ use crate::diagnostic::{Bounds, Checker, Issue, ValueSpans};
 use crate::digest::Digest;
 use crate::formats::dataset::{DuplicateRef, Item};
 use crate::imaging::{self, DecodeLimits, Defect, Probe};
+use report::{CheckCount, ClassCount, DuplicateGroup, Finding, GroupCopy, Report, class_of};
+
+mod report;
 
 pub struct CleanKind;
 
@@ -99,6 +102,14 @@ struct Config {
     max_bytes: u64,
     #[serde(default)]
     checks: Checks,
+    /// The share of a class that may be removed before the run warns. A warning changes no
+    /// result, so it is not a parameter: not in the key.
+    #[serde(default = "default_max_class_loss", skip_serializing)]
+    max_class_loss: f64,
+}
+
+fn default_max_class_loss() -> f64 {
+    0.05
 }
 
 fn default_max_pixels() -> u64 {
@@ -165,56 +176,18 @@ impl StageKind for CleanKind {
             );
         }
         ck.float("checks.blurry.min_sharpness", c.blurry.min_sharpness, Bounds::closed(0.0, 1e9), "variance of the Laplacian");
+        ck.float(
+            "max_class_loss",
+            config.max_class_loss,
+            Bounds::closed(0.0, 1.0),
+            "the share of a class that may be removed before the run warns (0.05 = 5 %)",
+        );
         let issues = ck.into_issues();
         if !issues.is_empty() {
             return Err(issues);
         }
         Ok(Arc::new(CleanStage { config }))
     }
-}
-
-/// One thing found wrong with one item.
-#[derive(Debug, Clone, Serialize)]
-struct Finding {
-    id: String,
-    source: String,
-    check: &'static str,
-    reason: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    score: Option<f64>,
-    policy: Policy,
-}
-
-#[derive(Debug, Default, Serialize)]
-struct CheckCount {
-    found: usize,
-    removed: usize,
-}
-
-#[derive(Debug, Serialize)]
-struct DuplicateGroup {
-    kept: String,
-    copies: Vec<GroupCopy>,
-}
-
-#[derive(Debug, Serialize)]
-struct GroupCopy {
-    id: String,
-    kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    distance: Option<u32>,
-    removed: bool,
-}
-
-#[derive(Debug, Serialize)]
-struct Report {
-    items_in: usize,
-    items_kept: usize,
-    dropped: usize,
-    quarantined: usize,
-    checks: BTreeMap<&'static str, CheckCount>,
-    duplicate_groups: Vec<DuplicateGroup>,
-    findings: Vec<Finding>,
 }
 
 impl Stage for CleanStage {
@@ -507,11 +480,41 @@ impl Stage for CleanStage {
         if !summary.is_empty() {
             cx.reporter.summary(cx.stage, &summary);
         }
+        let mut per_class: BTreeMap<String, ClassCount> = BTreeMap::new();
+        for (i, item) in items.iter().enumerate() {
+            let class = per_class.entry(class_of(item)).or_default();
+            class.items_in += 1;
+            if removed(i) {
+                class.removed += 1;
+                let check = findings[i].iter().find(|f| f.policy == action[i]).map_or("other", |f| f.check);
+                *class.by_check.entry(check).or_default() += 1;
+            }
+        }
+        for (class, n) in &per_class {
+            let share = n.removed as f64 / n.items_in.max(1) as f64;
+            if n.removed > 0 && share > self.config.max_class_loss {
+                let why: Vec<String> = n.by_check.iter().map(|(check, k)| format!("{k} {check}")).collect();
+                cx.reporter.warn(&format!(
+                    "clean `{}` removed {} of {} `{class}` images ({:.0} %: {}), above max_class_loss = {:.0} %; review outputs/{}/{}/quarantine/ \
+                     (`kiln report {}`) before training on what is left",
+                    cx.stage,
+                    n.removed,
+                    n.items_in,
+                    100.0 * share,
+                    why.join(", "),
+                    100.0 * self.config.max_class_loss,
+                    cx.pipeline,
+                    cx.stage,
+                    cx.stage
+                ));
+            }
+        }
         let report = Report {
             items_in: items.len(),
             items_kept: kept_items.len(),
             dropped,
             quarantined,
+            per_class,
             checks: counts,
             duplicate_groups: groups,
             findings: findings.into_iter().flatten().collect(),
