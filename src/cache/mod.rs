@@ -86,20 +86,22 @@ impl CacheError {
     }
 }
 
-/// Hashes the blob file at `path`: `Ok(())` when it holds `digest`. A corrupt blob is
-/// removed on the spot, so that nothing reads it again and the stage that made it is
-/// recomputed.
+/// Hashes the blob file at `path`: `Ok(())` when it holds `digest`.
 fn check_blob_file(path: &Path, digest: &Digest) -> Result<(), CacheError> {
     match Digest::of_file(path) {
         Ok((actual, _)) if actual == *digest => Ok(()),
-        Ok((actual, _)) => {
-            let _ = std::fs::remove_file(path);
-            tracing::warn!("cache blob {} is corrupt (content hashes to {}); removed", digest.short(), actual.short());
-            Err(CacheError::CorruptBlob { digest: *digest, actual })
-        }
+        Ok((actual, _)) => Err(corrupt(path, digest, actual)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(CacheError::MissingBlob { digest: *digest }),
         Err(e) => Err(CacheError::io("read", path)(e)),
     }
+}
+
+/// A blob whose content hashes to `actual`: removed on the spot, so that nothing reads it
+/// again and the stage that made it is recomputed.
+fn corrupt(path: &Path, digest: &Digest, actual: Digest) -> CacheError {
+    let _ = std::fs::remove_file(path);
+    tracing::warn!("cache blob {} is corrupt (content hashes to {}); removed", digest.short(), actual.short());
+    CacheError::CorruptBlob { digest: *digest, actual }
 }
 
 /// Reads a blob whole and checks it against its digest.
@@ -111,9 +113,7 @@ fn read_blob_file(path: &Path, digest: &Digest) -> Result<Vec<u8>, CacheError> {
     };
     let actual = Digest::of_bytes(&bytes);
     if actual != *digest {
-        let _ = std::fs::remove_file(path);
-        tracing::warn!("cache blob {} is corrupt (content hashes to {}); removed", digest.short(), actual.short());
-        return Err(CacheError::CorruptBlob { digest: *digest, actual });
+        return Err(corrupt(path, digest, actual));
     }
     Ok(bytes)
 }

@@ -19,21 +19,21 @@ fn shown_in_view(path: &str) -> bool {
 }
 
 impl Cache {
-    /// Whether the view at `dest` already shows `tree`: its marker names the tree and every
-    /// file it shows has the content the tree says. A marker alone is not enough: a view
-    /// is a set of hard links, and one that outlived its blob (removed by `kiln verify`)
-    /// keeps whatever bytes it had.
+    /// Whether the view at `dest` already shows `tree`: its marker names the tree, it holds
+    /// exactly the files the tree shows with their digests, and their blobs are still in
+    /// the cache. A marker alone is not enough: a view is a set of hard links, and one that
+    /// outlived its blob (removed by `kiln verify`) keeps whatever bytes it had. The files
+    /// are judged through the file-state index, as workspace outputs are: an unchanged view
+    /// costs a `stat` per file, and a file written since is hashed again.
     pub fn view_is_current(&self, dest: &Path, tree: &Tree) -> bool {
         if !std::fs::read_to_string(dest.join(VIEW_MARKER)).is_ok_and(|m| m == tree.digest().to_hex()) {
             return false;
         }
-        tree.entries().par_iter().filter(|e| shown_in_view(&e.path)).all(|e| {
-            let file = dest.join(tree::unescape_os(&e.path));
-            // The blob too: a view that outlived its blob shows a result the cache has lost.
-            self.has_blob(&e.digest)
-                && std::fs::symlink_metadata(&file).is_ok_and(|m| m.is_file() && m.len() == e.size)
-                && Digest::of_file(&file).is_ok_and(|(d, _)| d == e.digest)
-        })
+        let Ok(found) = self.state().hash_tree(dest, &crate::report::NullReporter) else { return false };
+        let found = found.entries().iter().filter(|e| e.path != VIEW_MARKER).map(|e| (e.path.as_str(), e.digest));
+        let shown = tree.entries().iter().filter(|e| shown_in_view(&e.path)).map(|e| (e.path.as_str(), e.digest));
+        // The blobs too: a view that outlived its blob shows a result the cache has lost.
+        found.eq(shown) && tree.entries().par_iter().filter(|e| shown_in_view(&e.path)).all(|e| self.has_blob(&e.digest))
     }
 
     /// Writes the files of `tree` at `dest` as independent, writable files (reflink when
