@@ -1,8 +1,9 @@
 //! `kiln report FILE`: one self-contained HTML page per run — the pipeline graph coloured by
 //! what ran, stage timings and cache hits, the data stages' findings and class balance,
-//! learning curves, the confusion matrix as a heat map, the per-class table and a grid of
-//! the most confident mistakes. Everything (SVG, thumbnails as data URIs) is inline, so the
-//! file can be mailed or attached to a pull request; it loads nothing from the network.
+//! learning curves, the confusion matrix as a heat map, the per-class table, a grid of
+//! the most confident mistakes and one of the suspected wrong labels. Everything (SVG,
+//! thumbnails as data URIs) is inline, so the file can be mailed or attached to a pull
+//! request; it loads nothing from the network.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -126,6 +127,7 @@ pub fn render(input: &ReportInput<'_>) -> Result<String, CacheError> {
             }
             "train" => train_section(&mut sections, &decl.name, &artifact, input.reader)?,
             "eval" => eval_section(&mut sections, &decl.name, &artifact, input.reader)?,
+            "label_issues" => label_issues_section(&mut sections, &decl.name, &artifact, input.reader)?,
             _ => {}
         }
     }
@@ -358,14 +360,7 @@ fn eval_section(h: &mut String, stage: &str, artifact: &Digest, reader: &Artifac
         h.push_str("<h3>Most confident mistakes</h3>\n<div class=\"grid\">\n");
         for m in &mistakes {
             let s = |k: &str| m[k].as_str().unwrap_or_default().to_string();
-            let img = match reader.file(artifact, &s("thumbnail"))? {
-                Some(png) => format!(
-                    "<img alt=\"{}\" src=\"data:image/png;base64,{}\">",
-                    escape(&s("id")),
-                    base64::engine::general_purpose::STANDARD.encode(png)
-                ),
-                None => String::new(),
-            };
+            let img = thumbnail_img(reader, artifact, &s("thumbnail"), &s("id"))?;
             let _ = writeln!(
                 h,
                 "<div class=\"card\">{img}<div><b>{}</b> → {} ({})</div><div class=\"muted\" title=\"{}\">{}</div></div>",
@@ -377,6 +372,75 @@ fn eval_section(h: &mut String, stage: &str, artifact: &Digest, reader: &Artifac
             );
         }
         h.push_str("</div>\n");
+    }
+    Ok(())
+}
+
+/// An artifact's PNG inline, as an `<img>`; empty when the artifact has no such file.
+fn thumbnail_img(reader: &ArtifactReader, artifact: &Digest, path: &str, alt: &str) -> Result<String, CacheError> {
+    if path.is_empty() {
+        return Ok(String::new());
+    }
+    Ok(match reader.file(artifact, path)? {
+        Some(png) => {
+            format!("<img alt=\"{}\" src=\"data:image/png;base64,{}\">", escape(alt), base64::engine::general_purpose::STANDARD.encode(png))
+        }
+        None => String::new(),
+    })
+}
+
+/// How many suspects of a label_issues stage get a card (the report file lists them all).
+const SUSPECT_CARDS: usize = 60;
+
+fn label_issues_section(h: &mut String, stage: &str, artifact: &Digest, reader: &ArtifactReader) -> Result<(), CacheError> {
+    let _ = writeln!(h, "<h2 id=\"{}\">{} <span class=\"muted\">(label_issues)</span></h2>", escape(stage), escape(stage));
+    let Some(r) = reader.file(artifact, "label_issues_report.json")?.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    else {
+        h.push_str("<p class=\"muted\">label_issues_report.json is not in this cache.</p>\n");
+        return Ok(());
+    };
+    let text = |v: &serde_json::Value| v.as_str().map(String::from).unwrap_or_else(|| v.to_string());
+    let _ = writeln!(
+        h,
+        "<p>{} items judged in {} folds, out-of-fold accuracy {}: {} suspected wrong labels (policy <code>{}</code>).</p>",
+        r["judged"],
+        r["folds"],
+        fmt4(&r["out_of_fold_accuracy"]),
+        r["suspected"],
+        escape(&text(&r["policy"]))
+    );
+    h.push_str("<table><tr><th>class</th><th>items</th><th>flagged</th><th>suggested into</th></tr>\n");
+    for c in r["classes"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&text(&c["class"])),
+            c["given"],
+            c["flagged"],
+            c["suggested"]
+        );
+    }
+    h.push_str("</table>\n");
+    let suspects = r["suspects"].as_array().map_or(&[][..], Vec::as_slice);
+    if suspects.is_empty() {
+        return Ok(());
+    }
+    h.push_str("<h3>Suspected wrong labels</h3>\n<p class=\"muted\">Given label → suggested label (score: the out-of-fold probability of the given label), most suspect first. Review them in <code>suggested_corrections.csv</code>.</p>\n<div class=\"grid\">\n");
+    for s in suspects.iter().take(SUSPECT_CARDS) {
+        let img = thumbnail_img(reader, artifact, s["thumbnail"].as_str().unwrap_or_default(), &text(&s["id"]))?;
+        let _ = writeln!(
+            h,
+            "<div class=\"card\">{img}<div><b>{}</b> → {} ({})</div><div class=\"muted\" title=\"{}\">{}</div></div>",
+            escape(&text(&s["given"])),
+            escape(&text(&s["suggested"])),
+            fmt4(&s["self_confidence"]),
+            escape(&text(&s["source"])),
+            escape(&text(&s["id"]))
+        );
+    }
+    h.push_str("</div>\n");
+    if suspects.len() > SUSPECT_CARDS {
+        let _ = writeln!(h, "<p class=\"muted\">… and {} more (kiln report FILE STAGE lists all).</p>", suspects.len() - SUSPECT_CARDS);
     }
     Ok(())
 }

@@ -25,8 +25,8 @@
 //! revisions of the lock), [`html_report`] renders one as a page; [`predict`] and [`serve`]
 //! use a trained model with its training-time preprocessing.
 //!
-//! The built-in stage kinds (collect, clean, label, preprocess, convert, train, eval and
-//! command, each a module of [`stages`]) never use each other: what they pass on is a
+//! The built-in stage kinds (collect, clean, label, preprocess, convert, train, eval,
+//! label_issues and command, each a module of [`stages`]) never use each other: what they pass on is a
 //! format of **[`formats`]** — a dataset (`items.jsonl` plus image blobs shared by digest),
 //! its preprocessing, the tensor shards — that every kind reads and none owns, read and
 //! written from a running stage through [`stages::io`]. Their pixel work lives in
@@ -50,7 +50,7 @@
 //! manifest                                TOML → stage declarations; settings (executor, resources)
 //! stages::builtin                         the registry: the one module that names every kind
 //! stages::{collect, clean, label, …}      one module per kind: formats, never another kind
-//! stages::{io, upstream}                  formats from a running stage; what the plan knows upstream
+//! stages::{io, upstream, training}        formats from a running stage; what the plan knows upstream; training
 //! stages                                  the contract: StageKind, Stage, StageContext, StageError
 //! formats · model                         dataset, preprocessing and shard formats; the model card
 //! nn · workspace                          training; where kiln may write

@@ -1,5 +1,5 @@
-//! `kiln report [FILE] STAGE`: what a data stage found, for people; `kiln report [FILE]`:
-//! the HTML report of a run.
+//! `kiln report [FILE] STAGE`: what a data stage (or label_issues) found, for people;
+//! `kiln report [FILE]`: the HTML report of a run.
 
 use clap::Args;
 
@@ -89,6 +89,52 @@ pub fn report(args: ReportArgs, out: &CliReporter) -> Result<(), Error> {
                 }
                 for c in v["conflicts"].as_array().into_iter().flatten() {
                     out.line(&format!("  conflict {}: {} → {}", s(&c["id"]), c["labels"], s(&c["resolution"])));
+                }
+                let corrections = &v["corrections"];
+                if corrections.is_object() {
+                    out.line(&format!(
+                        "  corrections {}: {} rows, {} applied, {} kept the label",
+                        s(&corrections["file"]),
+                        corrections["rows"],
+                        corrections["applied"].as_array().map_or(0, Vec::len),
+                        corrections["kept"]
+                    ));
+                    for a in corrections["applied"].as_array().into_iter().flatten() {
+                        let from = if a["from"].is_null() { "-".to_string() } else { s(&a["from"]) };
+                        out.line(&format!("  corrected {}: {from} → {} (line {})", s(&a["id"]), s(&a["to"]), a["line"]));
+                    }
+                }
+            }
+            "label_issues" => {
+                out.line(&format!(
+                    "  {} items judged in {} folds, out-of-fold accuracy {:.4}; {} suspected wrong labels (policy {})",
+                    v["judged"],
+                    v["folds"],
+                    v["out_of_fold_accuracy"].as_f64().unwrap_or(0.0),
+                    v["suspected"],
+                    s(&v["policy"])
+                ));
+                for c in v["classes"].as_array().into_iter().flatten().filter(|c| c["flagged"].as_u64().unwrap_or(0) > 0) {
+                    out.line(&format!("  class {:<16} {} of {} flagged", s(&c["class"]), c["flagged"], c["given"]));
+                }
+                let suspects = v["suspects"].as_array().map_or(&[][..], Vec::as_slice);
+                if !suspects.is_empty() {
+                    out.line(&format!(
+                        "  {:>5}  {:<12} {:<12} {:>7}  {:<5}  {}",
+                        "rank", "given", "suggested", "score", "split", "id (source)"
+                    ));
+                }
+                for x in suspects {
+                    out.line(&format!(
+                        "  {:>5}  {:<12} {:<12} {:>7.4}  {:<5}  {} ({})",
+                        x["rank"].as_u64().unwrap_or(0),
+                        s(&x["given"]),
+                        s(&x["suggested"]),
+                        x["self_confidence"].as_f64().unwrap_or(0.0),
+                        s(&x["split"]),
+                        s(&x["id"]),
+                        s(&x["source"])
+                    ));
                 }
             }
             _ => {

@@ -44,6 +44,11 @@ pub struct ShardInfo {
     /// Where each row's image came from (the item's `source`), for people.
     #[serde(default)]
     pub sources: Vec<String>,
+    /// The duplicate group of each row (the id of the copy clean kept; empty for an image
+    /// with no copies), so that later stages keep copies together; absent when no row of
+    /// the shard has one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{StageRegistry, clean, collect, command, convert, eval, label, preprocess, train};
+use super::{StageRegistry, clean, collect, command, convert, eval, label, label_issues, preprocess, train};
 
 impl StageRegistry {
     /// Every kind kiln ships.
@@ -17,6 +17,7 @@ impl StageRegistry {
         r.register(Arc::new(convert::ConvertKind));
         r.register(Arc::new(train::TrainKind));
         r.register(Arc::new(eval::EvalKind));
+        r.register(Arc::new(label_issues::LabelIssuesKind));
         r
     }
 }

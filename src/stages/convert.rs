@@ -17,7 +17,8 @@
 //! reported as leakage.
 //!
 //! Output: `shards/<split>-NNNNN.safetensors` with `images` (N×C×H×W) and `labels`,
-//! `manifest.json` (shapes, dtype, normalisation, classes, split sizes, item ids per row),
+//! `manifest.json` (shapes, dtype, normalisation, classes, split sizes, item ids, sources
+//! and duplicate groups per row),
 //! `class_to_index.json` and `convert_report.json`. Reading a shard from Python:
 //!
 //! ```python
@@ -121,7 +122,8 @@ impl StageKind for ConvertKind {
     }
 
     fn version(&self) -> u32 {
-        3
+        // 4: the manifest records each row's duplicate group.
+        4
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
@@ -311,7 +313,12 @@ impl Stage for ConvertStage {
                 layout.write(cx, &file, chunk, &pixels)?;
                 let ids = chunk.iter().map(|(i, k)| k.map_or_else(|| i.id.clone(), |k| format!("{}#aug{k}", i.id))).collect();
                 let sources = chunk.iter().map(|(i, _)| i.source.clone()).collect();
-                shards.push(ShardInfo { file, rows: chunk.len(), ids, sources });
+                let groups = if chunk.iter().any(|(i, _)| i.group.is_some()) {
+                    chunk.iter().map(|(i, _)| i.group.clone().unwrap_or_default()).collect()
+                } else {
+                    Vec::new()
+                };
+                shards.push(ShardInfo { file, rows: chunk.len(), ids, sources, groups });
             }
             splits.insert(split.to_string(), SplitInfo { rows: rows.len(), items: members.len(), shards });
         }

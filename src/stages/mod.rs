@@ -13,9 +13,10 @@
 //!
 //! This module is the contract between the engine and the kinds. Each kind is a module of
 //! its own that never imports another kind (the crate's `layering` test checks it): what
-//! kinds exchange is in [`crate::formats`], reading it from a stage's inputs in [`io`], and
-//! what the plan knows of a dataset's upstream stages in [`upstream`]. The built-in kinds are
-//! registered in `builtin.rs`, the only place that names them all.
+//! kinds exchange is in [`crate::formats`], reading it from a stage's inputs in [`io`],
+//! what the plan knows of a dataset's upstream stages in [`upstream`], and what the kinds
+//! that train a classifier (train, label_issues) share in [`training`]. The built-in kinds
+//! are registered in `builtin.rs`, the only place that names them all.
 
 mod builtin;
 pub mod clean;
@@ -25,8 +26,10 @@ pub mod convert;
 pub mod eval;
 pub mod io;
 pub mod label;
+pub mod label_issues;
 pub mod preprocess;
 pub mod train;
+pub mod training;
 pub mod upstream;
 
 use std::collections::BTreeMap;

@@ -12,9 +12,9 @@ use crate::formats::dataset::MULTI;
 
 /// The dataset stages feeding `start`, nearest first: its single input, that stage's
 /// single input, and so on through the kinds whose effect on items and labels the plan
-/// knows (clean, preprocess, label, convert), ending with a collect stage. The chain stops
-/// early, with no collect stage at its end, at a stage with several inputs or of another
-/// kind.
+/// knows (clean, preprocess, label, convert, and label_issues, which at most removes items),
+/// ending with a collect stage. The chain stops early, with no collect stage at its end, at
+/// a stage with several inputs or of another kind.
 pub fn dataset_chain<'p>(plan: &'p dyn PlanView, start: &PlanStage<'p>) -> Vec<PlanStage<'p>> {
     let mut chain: Vec<PlanStage<'p>> = Vec::new();
     let mut inputs = start.distinct_inputs();
@@ -22,7 +22,7 @@ pub fn dataset_chain<'p>(plan: &'p dyn PlanView, start: &PlanStage<'p>) -> Vec<P
     while chain.len() < 256 {
         let [only] = inputs.as_slice() else { break };
         let Some(up) = plan.stage(only) else { break };
-        if !["collect", "clean", "preprocess", "label", "convert"].contains(&up.kind) {
+        if !["collect", "clean", "preprocess", "label", "convert", "label_issues"].contains(&up.kind) {
             break;
         }
         inputs = up.distinct_inputs();
@@ -49,7 +49,8 @@ pub struct SyntheticLabels {
 }
 
 /// [`SyntheticLabels`] for a [`dataset_chain`]: known when it ends at a collect stage whose
-/// sources are all synthetic, and every label stage on the way takes the collected labels.
+/// sources are all synthetic, and every label stage on the way takes the collected labels
+/// (and reads no corrections file).
 pub fn synthetic_labels(chain: &[PlanStage<'_>]) -> Option<SyntheticLabels> {
     let collect = chain.last().filter(|s| s.kind == "collect")?;
     let params = collect.stage.params();
@@ -76,7 +77,8 @@ pub fn synthetic_labels(chain: &[PlanStage<'_>]) -> Option<SyntheticLabels> {
     }
     for label in chain.iter().rev().filter(|s| s.kind == "label") {
         let p = label.stage.params();
-        if p.get("from").and_then(|v| v.as_str()) != Some("collected") {
+        // A corrections file moves items between classes: the plan cannot count them.
+        if p.get("from").and_then(|v| v.as_str()) != Some("collected") || p.get("corrections").is_some() {
             return None;
         }
         let mut next: BTreeMap<String, u64> = BTreeMap::new();

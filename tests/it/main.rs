@@ -15,6 +15,7 @@ mod faults;
 mod fuzz_manifest;
 mod http_source;
 mod init;
+mod label_issues;
 mod library;
 mod models;
 mod pipelines;

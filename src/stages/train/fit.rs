@@ -3,17 +3,16 @@
 //! [`run`] is three steps, one module each: [`setup`] opens the data, builds the model and
 //! optimizer and resumes from a checkpoint; [`epoch`] trains one epoch, validates it and
 //! records it; [`artifact`] writes the best and last weights, the model card, the history,
-//! the learning curves and the report.
+//! the learning curves and the report. What happens inside a step is shared with the other
+//! kinds that train ([`crate::stages::training`]).
 
 mod artifact;
 mod epoch;
 mod setup;
 
-use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::TrainStage;
-use crate::formats::shards::Split;
 use crate::stages::{StageContext, StageError};
 
 /// One epoch's figures (deterministic: no timings, so equal runs write equal histories).
@@ -28,31 +27,6 @@ pub struct EpochRecord {
     pub val_accuracy: Option<f64>,
 }
 
-/// What a network is given: images, or (head fine-tuning) memoised backbone features.
-enum Inputs {
-    Images { train: Split, val: Split },
-    Features { train: (Tensor, Vec<u32>), val: (Tensor, Vec<u32>) },
-}
-
-impl Inputs {
-    fn train_len(&self) -> usize {
-        match self {
-            Inputs::Images { train, .. } => train.len(),
-            Inputs::Features { train, .. } => train.1.len(),
-        }
-    }
-    fn val_len(&self) -> usize {
-        match self {
-            Inputs::Images { val, .. } => val.len(),
-            Inputs::Features { val, .. } => val.1.len(),
-        }
-    }
-}
-
-fn candle(what: &str) -> impl Fn(candle_core::Error) -> StageError + '_ {
-    move |e| StageError::Failed(format!("{what}: {e}"))
-}
-
 pub fn run(stage: &TrainStage, cx: &StageContext<'_>) -> Result<(), StageError> {
     // The summary's time is the whole stage's: setup (with the backbone feature pass of
     // head fine-tuning), training and writing the artifact.
@@ -62,7 +36,7 @@ pub fn run(stage: &TrainStage, cx: &StageContext<'_>) -> Result<(), StageError> 
     let mut clock = epoch::Clock::start();
     let mut images_trained = 0u64;
     let mut stopped_early = false;
-    while session.progress.epoch < stage.config.epochs {
+    while session.progress.epoch < stage.model.config.epochs {
         let ran = epoch::run(&mut session, stage, cx, &mut clock)?;
         images_trained += ran.images;
         if ran.stop {

@@ -25,7 +25,6 @@
 //! weights as an uninterrupted one.
 
 mod checkpoint;
-mod config;
 mod curves;
 mod fit;
 
@@ -34,35 +33,17 @@ use std::sync::Arc;
 use toml::Spanned;
 use toml::de::DeValue;
 
+use super::training::{Config, Model};
 use super::{ParseContext, PlanView, Stage, StageContext, StageError, StageKind, parse_config, upstream};
-use crate::diagnostic::spans::show;
-use crate::diagnostic::{Bounds, Checker, Issue, ValueSpans};
-use crate::formats::preprocess::{MAX_SIDE, Normalize};
-use crate::formats::shards::MAX_BATCH;
-use crate::nn::device::DeviceChoice;
-use crate::nn::models::{Arch, CnnConfig};
-use crate::nn::optim::OptimizerKind;
-use crate::paths::normalize_dep;
+use crate::diagnostic::{Checker, Issue, ValueSpans};
 
-pub use config::{ClassWeights, Config, EarlyStopping, Finetune, FinetuneMode, InputOverride, Monitor};
 pub use fit::EpochRecord;
 
 pub struct TrainKind;
 
-/// Bounds of the train stage's options (the README's validation notes list them).
-pub const MAX_EPOCHS: u64 = 100_000;
-/// The most weights a model may have: 100 M, about 1.6 GB with gradients and Adam's state.
-pub const MAX_PARAMETERS: u128 = 100_000_000;
-const MAX_CNN_STAGES: u64 = 12;
-const MAX_CNN_WIDTH: u64 = 4096;
-const MAX_CNN_CONVS: u64 = 8;
-const MAX_HIDDEN: u64 = 65_536;
-
 #[derive(Debug)]
 pub struct TrainStage {
-    config: Config,
-    arch: Arch,
-    deps: Vec<Spanned<String>>,
+    model: Model,
 }
 
 impl StageKind for TrainKind {
@@ -79,318 +60,60 @@ impl StageKind for TrainKind {
         let spans = ValueSpans::of(&table);
         let config: Config = parse_config(table)?;
         let mut ck = Checker::new(&spans);
-        let arch = Arch::from_name(&config.model, config.cnn.clone());
-        if arch.is_none() {
-            ck.fail("model", format!("unknown model `{}`", config.model), format!("expected one of: {}", Arch::NAMES.join(", ")));
-        }
-        if config.cnn.is_some() && config.model != "cnn" {
-            ck.fail("cnn", "`cnn` settings apply only to model = \"cnn\"", "remove `cnn`, or set model = \"cnn\"");
-        }
-        let cnn_ok = config.cnn.as_ref().is_none_or(|cnn| check_cnn(&mut ck, cnn));
-        if config.finetune != Finetune::Mode(FinetuneMode::Full) && config.weights.is_none() {
-            ck.fail("finetune", "fine-tuning part of a model needs pretrained `weights`", "weights = \"path/to/model.safetensors\"");
-        }
-        if let Finetune::LastN { last_n_blocks } = config.finetune
-            && let Some(a) = &arch
-            && cnn_ok
-            && (last_n_blocks == 0 || last_n_blocks > a.blocks().len())
-        {
-            ck.fail(
-                "finetune.last_n_blocks",
-                format!("`last_n_blocks` must be between 1 and {} for {}", a.blocks().len(), a.name()),
-                "blocks count from the output end: 1 trains the last block and the head",
-            );
-        }
-        ck.int("epochs", config.epochs as u64, 1, MAX_EPOCHS, "passes over the training split");
-        ck.int("batch_size", config.batch_size as u64, 1, MAX_BATCH, "images per optimizer step");
-        let lr_ok = ck.float("lr", config.lr, Bounds::above(0.0, 10.0), "the base learning rate");
-        ck.float("weight_decay", config.weight_decay, Bounds::closed(0.0, 1.0), "");
-        ck.float("momentum", config.momentum, Bounds::below(0.0, 1.0), "SGD's momentum");
-        if config.nesterov && (config.optimizer != OptimizerKind::Sgd || config.momentum == 0.0) {
-            ck.fail(
-                "nesterov",
-                "`nesterov = true` needs optimizer = \"sgd\" and a `momentum` above 0",
-                "Nesterov momentum is a form of SGD momentum; Adam and AdamW have none",
-            );
-        }
-        if ck.float(
-            "warmup_epochs",
-            config.warmup_epochs,
-            Bounds::closed(0.0, MAX_EPOCHS as f64),
-            "epochs over which the rate rises to `lr`",
-        ) && config.warmup_epochs > config.epochs as f64
-        {
-            ck.fail(
-                "warmup_epochs",
-                format!("`warmup_epochs` = {} is longer than the run (`epochs` = {})", show(config.warmup_epochs), config.epochs),
-                "warm up for part of the run, e.g. warmup_epochs = 1",
-            );
-        }
-        if ck.float("min_lr", config.min_lr, Bounds::closed(0.0, 10.0), "the rate cosine decay ends at")
-            && lr_ok
-            && config.min_lr > config.lr
-        {
-            ck.fail(
-                "min_lr",
-                format!("`min_lr` = {} is above `lr` = {}", show(config.min_lr), show(config.lr)),
-                "cosine decay runs from `lr` down to `min_lr`: keep min_lr ≤ lr",
-            );
-        }
-        ck.int("step_epochs", config.step_epochs as u64, 1, MAX_EPOCHS, "epochs between the step schedule's decays");
-        ck.float("gamma", config.gamma, Bounds::above(0.0, 1.0), "the step schedule multiplies the rate by it");
-        if let Some(clip) = config.clip_grad_norm {
-            ck.float("clip_grad_norm", clip, Bounds::above(0.0, 1e6), "the largest gradient norm a step may take");
-        }
-        ck.float(
-            "label_smoothing",
-            config.label_smoothing,
-            Bounds::below(0.0, 1.0),
-            "the probability moved from the true class to all classes",
-        );
-        match &config.class_weights {
-            Some(ClassWeights::Named(n)) if n != "balanced" => ck.fail(
-                "class_weights",
-                format!("`class_weights` = \"{n}\": expected \"balanced\" or a list of numbers"),
-                "e.g. class_weights = \"balanced\", or one weight per class: [1.0, 2.0]",
-            ),
-            Some(ClassWeights::List(w)) if w.is_empty() => {
-                ck.fail("class_weights", "`class_weights` is empty", "one weight per class, in class order")
-            }
-            Some(ClassWeights::List(w))
-                if ck.floats("class_weights", w.iter().map(|v| f64::from(*v)), Bounds::closed(0.0, 1e6), "a loss weight per class")
-                    && w.iter().all(|v| *v == 0.0) =>
-            {
-                ck.fail(
-                    "class_weights",
-                    "every class weight is 0, so nothing would be learned",
-                    "give at least one class a positive weight",
-                );
-            }
-            _ => {}
-        }
-        ck.float("backbone_lr_scale", config.backbone_lr_scale, Bounds::closed(0.0, 10.0), "the backbone's rate as a multiple of `lr`");
-        if let Some(es) = &config.early_stopping {
-            ck.int("early_stopping.patience", es.patience as u64, 1, MAX_EPOCHS, "epochs without improvement before training stops");
-            ck.float(
-                "early_stopping.min_delta",
-                es.min_delta,
-                Bounds::below(0.0, 1.0),
-                "the smallest change that counts as an improvement",
-            );
-        }
-        ck.float(
-            "checkpoint_secs",
-            config.checkpoint_secs,
-            Bounds::closed(0.0, 604_800.0),
-            "seconds between mid-epoch checkpoints; 0 writes one after every batch",
-        );
-        if let Some(input) = &config.input {
-            check_input(&mut ck, input);
-        }
-        let device = config.device;
-        if matches!(device.resolve(), DeviceChoice::Cuda(_)) && !candle_core::utils::cuda_is_available() {
-            ck.fail("device", "device `cuda` needs a kiln built with `--features cuda`", "or use device = \"cpu\"");
-        }
-        if device.resolve() == DeviceChoice::Metal && !candle_core::utils::metal_is_available() {
-            ck.fail("device", "device `metal` needs a kiln built with `--features metal`", "or use device = \"cpu\"");
-        }
-        let mut deps = Vec::new();
-        if let Some(w) = &config.weights {
-            match normalize_dep(w) {
-                Ok(p) => deps.push(Spanned::new(spans.get("weights"), p)),
-                Err(why) => ck.fail("weights", format!("invalid weights path `{w}`: {why}"), "a path relative to the workspace root"),
-            }
-        }
+        let model = Model::check(config, &mut ck, "");
         let issues = ck.into_issues();
-        match arch {
-            Some(arch) if issues.is_empty() => Ok(Arc::new(TrainStage { config, arch, deps })),
+        match model {
+            Some(model) if issues.is_empty() => Ok(Arc::new(TrainStage { model })),
             _ => Err(issues),
-        }
-    }
-}
-
-/// The small CNN's shape: every size in range, and conv weights that fit in memory (the
-/// hidden layer depends on the input size, checked against the preprocess stage when the
-/// plan is). Whether all is well.
-fn check_cnn(ck: &mut Checker<'_>, cnn: &CnnConfig) -> bool {
-    let before = ck.issues.len();
-    let stages = cnn.widths.len() as u64;
-    if !(1..=MAX_CNN_STAGES).contains(&stages) {
-        ck.fail(
-            "cnn.widths",
-            format!("`cnn.widths` lists {stages} stages"),
-            format!("give 1 to {MAX_CNN_STAGES} widths: each stage halves the resolution"),
-        );
-    }
-    for (i, w) in cnn.widths.iter().enumerate() {
-        ck.int(&format!("cnn.widths[{i}]"), *w as u64, 1, MAX_CNN_WIDTH, "output channels of the stage");
-    }
-    ck.int("cnn.convs_per_stage", cnn.convs_per_stage as u64, 1, MAX_CNN_CONVS, "3x3 convolutions in each stage");
-    ck.int("cnn.hidden", cnn.hidden as u64, 0, MAX_HIDDEN, "units of the hidden layer; 0 pools straight into the head");
-    ck.float("cnn.dropout", cnn.dropout, Bounds::below(0.0, 1.0), "the share of units dropped while training");
-    if ck.issues.len() > before {
-        return false;
-    }
-    let (conv, _) = cnn_parameters(cnn, 3, None, 2);
-    if conv > MAX_PARAMETERS {
-        ck.fail(
-            "cnn.widths",
-            format!("the CNN's convolutions alone would have {conv} weights, more than kiln trains ({MAX_PARAMETERS})"),
-            "use narrower `widths` or fewer `convs_per_stage`",
-        );
-        return false;
-    }
-    true
-}
-
-/// `input = { size, mean, std }`: sizes in range, one value per channel, both or neither.
-fn check_input(ck: &mut Checker<'_>, input: &InputOverride) {
-    if let Some(size) = input.size {
-        for (i, side) in size.iter().enumerate() {
-            ck.int(&format!("input.size[{i}]"), u64::from(*side), 1, u64::from(MAX_SIDE), "pixels; `size` is [width, height]");
-        }
-    }
-    if input.mean.is_some() != input.std.is_some() {
-        ck.fail(
-            if input.mean.is_some() { "input.mean" } else { "input.std" },
-            "`input` needs both `mean` and `std`, or neither",
-            "e.g. input = { mean = [0.5], std = [0.25] }",
-        );
-    }
-    for (name, values, bounds, why) in [
-        ("mean", &input.mean, Bounds::closed(0.0, 1.0), "a fraction of 255"),
-        ("std", &input.std, Bounds::above(0.0, 10.0), "a fraction of 255; pixels are divided by it"),
-    ] {
-        let Some(values) = values else { continue };
-        let path = format!("input.{name}");
-        if values.len() != 1 && values.len() != 3 {
-            ck.fail(&path, format!("`{path}` has {} values", values.len()), "one value per channel: 1 for grayscale, 3 for rgb");
-        }
-        ck.floats(&path, values.iter().map(|v| f64::from(*v)), bounds, why);
-    }
-    if let (Some(m), Some(s)) = (&input.mean, &input.std)
-        && m.len() != s.len()
-    {
-        ck.fail("input.std", format!("`input` has {} mean but {} std values", m.len(), s.len()), "one of each per channel");
-    }
-}
-
-/// Weights of the small CNN: (conv stages with their batch norm, then hidden layer and
-/// head). Without the input size only the conv part is known (the second is 0).
-fn cnn_parameters(cnn: &CnnConfig, channels: usize, size: Option<[u32; 2]>, classes: usize) -> (u128, u128) {
-    let k = cnn.convs_per_stage.max(1) as u128;
-    let mut c = channels as u128;
-    let mut conv: u128 = 0;
-    for &w in &cnn.widths {
-        let w = w as u128;
-        // The first conv maps c → w, the others w → w; each has a batch norm (2 × w).
-        let first = 9u128.saturating_mul(c).saturating_mul(w);
-        let rest = (k - 1).saturating_mul(9).saturating_mul(w).saturating_mul(w);
-        conv = conv.saturating_add(first).saturating_add(rest).saturating_add(k.saturating_mul(2).saturating_mul(w));
-        c = w;
-    }
-    let Some([width, height]) = size else { return (conv, 0) };
-    let n = cnn.widths.len() as u32;
-    let (h, w) = (u128::from(height.checked_shr(n).unwrap_or(0)), u128::from(width.checked_shr(n).unwrap_or(0)));
-    let classes = classes as u128;
-    let dense = if cnn.hidden > 0 {
-        let hidden = cnn.hidden as u128;
-        c.saturating_mul(h).saturating_mul(w).saturating_add(1).saturating_mul(hidden).saturating_add((hidden + 1).saturating_mul(classes))
-    } else {
-        (c + 1).saturating_mul(classes)
-    };
-    (conv, dense)
-}
-
-/// The smallest side a model accepts: the CNN halves its input once per stage (2×2 max
-/// pooling, which needs 2 pixels); the pretrained networks pad every convolution and pool,
-/// so any size gives them at least one pixel.
-fn min_input_side(arch: &Arch) -> u64 {
-    match arch {
-        Arch::Cnn(cnn) => 1u64.checked_shl(cnn.widths.len() as u32).unwrap_or(u64::MAX),
-        _ => 1,
-    }
-}
-
-/// What the network must be fed: a pretrained model's preset, overridden by `input`.
-struct ExpectedInput {
-    size: Option<[u32; 2]>,
-    channels: Option<usize>,
-    /// `Err` when `input` gives only one of `mean` and `std`.
-    norm: Result<Option<Normalize>, String>,
-}
-
-impl TrainStage {
-    fn expected_input(&self) -> ExpectedInput {
-        let preset = self.arch.preset().filter(|_| self.config.weights.is_some());
-        let over = self.config.input.as_ref();
-        let norm = match (over.and_then(|o| o.mean.clone()), over.and_then(|o| o.std.clone())) {
-            (Some(mean), Some(std)) => Ok(Some(Normalize { mean, std })),
-            (None, None) => Ok(preset.as_ref().map(|p| Normalize { mean: p.mean.clone(), std: p.std.clone() })),
-            _ => Err("`input` needs both `mean` and `std`, or neither".to_string()),
-        };
-        ExpectedInput {
-            size: over.and_then(|o| o.size).or(preset.as_ref().map(|p| p.size)),
-            channels: preset.as_ref().map(|p| p.channels),
-            norm,
         }
     }
 }
 
 impl Stage for TrainStage {
     fn params(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(&self.config).expect("train config serialises");
-        // The numbers depend on the kind of device, not on whether it was chosen by `auto`.
-        v["device_kind"] = self.config.device.kind().into();
-        v
+        self.model.params()
     }
 
     fn path_deps(&self) -> Vec<Spanned<String>> {
-        self.deps.clone()
+        self.model.deps.clone()
     }
 
-    /// Found when the manifest loads rather than after hours of upstream work: a pretrained
-    /// model's input must match what preprocess produces, the CNN must fit the input size,
-    /// the classes and the train split must be there.
+    /// Found when the manifest loads rather than after hours of upstream work: the input
+    /// must hold shards, with a train split; the model must fit the data (see
+    /// [`Model::plan_issues`]).
     fn plan_issues(&self, plan: &dyn PlanView) -> Vec<Issue> {
         let mut issues: Vec<Issue> = super::one_input_issue(plan).into_iter().collect();
         let this = plan.this();
         let inputs = this.distinct_inputs();
         if let [only] = inputs.as_slice()
             && let Some(up) = plan.stage(only)
-            && ["collect", "clean", "label", "preprocess", "train", "eval"].contains(&up.kind)
         {
-            issues.push(
-                Issue::new(
-                    plan.span("inputs"),
-                    format!("train reads the shards of a `convert` stage, but its input `{}` is a `{}` stage", up.name, up.kind),
-                )
-                .help("add a convert stage between them, e.g. `[stages.convert]` with `kind = \"convert\"` and `inputs = [\"...\"]`"),
-            );
+            if ["collect", "clean", "label", "preprocess", "train", "eval"].contains(&up.kind) {
+                issues.push(
+                    Issue::new(
+                        plan.span("inputs"),
+                        format!("train reads the shards of a `convert` stage, but its input `{}` is a `{}` stage", up.name, up.kind),
+                    )
+                    .help("add a convert stage between them, e.g. `[stages.convert]` with `kind = \"convert\"` and `inputs = [\"...\"]`"),
+                );
+            } else if up.kind == "label_issues" && up.stage.params()["policy"] != "drop" {
+                issues.push(
+                    Issue::new(
+                        plan.span("inputs"),
+                        format!(
+                            "stage `{}` only reports suspected wrong labels (`policy = \"report\"`), so it has no shards to train on",
+                            up.name
+                        ),
+                    )
+                    .help(format!(
+                        "set `policy = \"drop\"` in stage `{}` to train without its suspects, or read the convert stage it judges",
+                        up.name
+                    )),
+                );
+            }
         }
         let chain = upstream::dataset_chain(plan, &this);
         let classes = upstream::known_classes(&chain);
-        if let Some((names, span)) = &classes
-            && names.len() < 2
-        {
-            issues.push(
-                Issue::new(span.clone(), format!("a classifier needs at least 2 classes, but the data has {}: {:?}", names.len(), names))
-                    .help("list two or more classes, or draw more than one shape"),
-            );
-        }
-        if let Some(ClassWeights::List(w)) = &self.config.class_weights
-            && let Some((names, _)) = &classes
-            && names.len() >= 2
-            && w.len() != names.len()
-        {
-            issues.push(
-                Issue::new(
-                    plan.span("class_weights"),
-                    format!("`class_weights` has {} values for {} classes ({})", w.len(), names.len(), names.join(", ")),
-                )
-                .help("one weight per class, in class order, or class_weights = \"balanced\""),
-            );
-        }
         if let Some(convert) = plan.ancestor_stage("convert") {
             let p = convert.stage.params();
             if p["split"]["from_items"].as_bool() == Some(false) && p["split"]["train"].as_f64() == Some(0.0) {
@@ -400,91 +123,7 @@ impl Stage for TrainStage {
                 );
             }
         }
-        let Some(pre) = plan.ancestor_stage("preprocess") else { return issues };
-        let name = pre.name;
-        let want = self.expected_input();
-        // The preprocess stage's parameters are its `Spec`: the transform, then normalize.
-        let params = pre.stage.params();
-        let t = &params["transform"];
-        let size = t["width"].as_u64().zip(t["height"].as_u64());
-        let model_or = |path: &str| if plan.this().spans.has(path) { plan.span(path) } else { plan.span("model") };
-        if let (Some(expect), Some((w, h))) = (want.size, size)
-            && [u64::from(expect[0]), u64::from(expect[1])] != [w, h]
-        {
-            issues.push(
-                Issue::new(model_or("input.size"), format!(
-                    "model `{}` expects {}x{} input but stage `{name}` writes {w}x{h}: set `size = [{}, {}]` there, or `input = {{ size = [{w}, {h}] }}` here to accept it",
-                    self.config.model, expect[0], expect[1], expect[0], expect[1]
-                ))
-                .help("a pretrained network is fed images of the size it was trained on"),
-            );
-        }
-        let grayscale = t["color"] == "grayscale";
-        if want.channels == Some(3) && grayscale {
-            issues.push(
-                Issue::new(
-                    plan.span("model"),
-                    format!(
-                        "model `{}` expects RGB input but stage `{name}` writes grayscale: set `color = \"rgb\"` there",
-                        self.config.model
-                    ),
-                )
-                .help("pretrained weights were learned on three channels"),
-            );
-        }
-        let channels = if grayscale { 1 } else { 3 };
-        if let Some(mean) = self.config.input.as_ref().and_then(|i| i.mean.as_ref())
-            && want.channels.is_none_or(|c| c == channels)
-            && mean.len() != channels
-        {
-            issues.push(
-                Issue::new(
-                    plan.span("input.mean"),
-                    format!("`input.mean` has {} values but stage `{name}` writes {channels} channel(s)", mean.len()),
-                )
-                .help("one mean and one std per channel"),
-            );
-        }
-        let have: Option<Normalize> = params.get("normalize").and_then(|n| serde_json::from_value(n.clone()).ok());
-        if let (Ok(Some(w)), Some(h)) = (&want.norm, &have)
-            && !w.approx_eq(h)
-        {
-            issues.push(
-                Issue::new(model_or("input.mean"), format!(
-                    "model `{}` expects normalize = {{ mean = {:?}, std = {:?} }} but stage `{name}` uses mean = {:?}, std = {:?}: change it there, or set `input = {{ mean = …, std = … }}` here to accept it",
-                    self.config.model, w.mean, w.std, h.mean, h.std
-                ))
-                .help("a pretrained network expects the normalisation it was trained with"),
-            );
-        }
-        if let Some((w, h)) = size {
-            let min = min_input_side(&self.arch);
-            if w < min || h < min {
-                let stages = match &self.arch {
-                    Arch::Cnn(cnn) => cnn.widths.len(),
-                    _ => 0,
-                };
-                issues.push(
-                    Issue::new(pre.spans.get("size"), format!(
-                        "model `{}` halves its input {stages} times (2x2 pooling), so it needs at least {min}x{min} pixels, but stage `{name}` writes {w}x{h}",
-                        self.config.model
-                    ))
-                    .help(format!("set `size = [{min}, {min}]` or larger in stage `{name}`, or give the model fewer `cnn.widths`")),
-                );
-            } else if let Arch::Cnn(cnn) = &self.arch {
-                let n_classes = classes.as_ref().map_or(2, |(names, _)| names.len().max(2));
-                let (conv, dense) = cnn_parameters(cnn, channels, Some([w as u32, h as u32]), n_classes);
-                let total = conv.saturating_add(dense);
-                if total > MAX_PARAMETERS {
-                    issues.push(
-                        Issue::new(plan.span(if dense > conv { "cnn.hidden" } else { "cnn.widths" }), format!(
-                            "model `cnn` would have {total} weights on the {w}x{h} input of stage `{name}`, more than kiln trains ({MAX_PARAMETERS})"
-                        ))
-                        .help("shrink `cnn.hidden` or the last width, add a stage (each quarters the flattened size), or set `hidden = 0` to pool instead of flattening"),
-                    );
-                }
-            }
-        }
+        issues.extend(self.model.plan_issues(plan, "", classes.as_ref()));
         issues
     }
 

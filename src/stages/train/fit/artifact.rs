@@ -9,10 +9,10 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 
 use super::super::TrainStage;
-use super::candle;
 use super::setup::Session;
 use crate::model::{InputCard, ModelCard};
 use crate::nn::weights_digest;
+use crate::stages::training::candle;
 use crate::stages::{Stage, StageContext, StageError, io};
 
 /// What the whole run did, beyond what its [`Session`] holds.
@@ -55,7 +55,8 @@ impl Times {
 
 pub(super) fn write(stage: &TrainStage, cx: &StageContext<'_>, session: Session, totals: Totals) -> Result<(), StageError> {
     let writing_started = Instant::now();
-    let Session { manifest, norm, ps, progress, mut summary, features_seconds, .. } = session;
+    let Session { manifest, data, trainer, progress, mut summary, features_seconds, .. } = session;
+    let (norm, ps) = (data.norm, trainer.ps);
     let Totals { images_trained, times, stopped_early } = totals;
     let last = ps.tensors();
     let best_file = cx.scratch.join("best.safetensors");
@@ -72,8 +73,8 @@ pub(super) fn write(stage: &TrainStage, cx: &StageContext<'_>, session: Session,
     let best_record = best_epoch.and_then(|e| progress.history.iter().find(|r| r.epoch == e));
     let card = ModelCard {
         format: "kiln-model/1".into(),
-        model: stage.config.model.clone(),
-        architecture: stage.arch.clone(),
+        model: stage.model.config.model.clone(),
+        architecture: stage.model.arch.clone(),
         classes: manifest.classes.clone(),
         input: InputCard {
             channels: manifest.channels,
@@ -90,7 +91,7 @@ pub(super) fn write(stage: &TrainStage, cx: &StageContext<'_>, session: Session,
         hyperparameters: stage.params(),
         parameters: ps.parameter_count(),
         seed: cx.seed,
-        device_kind: stage.config.device.kind().into(),
+        device_kind: stage.model.config.device.kind().into(),
     };
     io::write_json(cx, "model.json", &card)?;
     io::write_json(cx, "history.json", &progress.history)?;

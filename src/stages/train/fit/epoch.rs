@@ -3,12 +3,12 @@
 
 use std::time::Instant;
 
-use candle_core::{D, Device, Tensor};
+use candle_core::Device;
 
+use super::super::TrainStage;
 use super::super::checkpoint::{self, Progress};
-use super::super::{Monitor, TrainStage};
+use super::EpochRecord;
 use super::setup::Session;
-use super::{EpochRecord, Inputs, candle};
 use crate::formats::preprocess::Normalize;
 use crate::nn::ParamStore;
 use crate::nn::layers::Ctx;
@@ -16,6 +16,7 @@ use crate::nn::loss::cross_entropy;
 use crate::nn::models::Network;
 use crate::nn::optim::Optimizer;
 use crate::rng::Rng;
+use crate::stages::training::{At, Inputs, Monitor, candle, count_correct};
 use crate::stages::{StageContext, StageError};
 
 /// The run's wall clocks: since training started (this process), and since the last
@@ -55,7 +56,7 @@ pub(super) fn run(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, cl
 
 /// The batches of the epoch, in its seeded order, each one an optimizer step.
 fn train(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut Clock) -> Result<u64, StageError> {
-    let cfg = &stage.config;
+    let cfg = &stage.model.config;
     let batches = s.batches;
     let progress = &mut s.progress;
     let epoch = progress.epoch;
@@ -67,40 +68,11 @@ fn train(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut
     let mut epoch_images = 0u64;
     for b in progress.batch..batches.per_epoch {
         let rows = batches.rows_of(&order, b);
-        let lr = s.schedule.lr(progress.steps, batches.per_epoch, cfg.epochs);
-        let mut ctx = Ctx::train(Rng::for_item(cx.seed, "dropout", progress.steps));
-        let (logits, labels) = match &s.inputs {
-            Inputs::Images { train, .. } => {
-                let x = train
-                    .batch(rows, &s.norm, s.augment.as_ref().map(|a| (a, cx.seed, epoch as u64)), &s.device)
-                    .map_err(candle("batch"))?;
-                (s.net.forward(&x, &mut ctx).map_err(candle("forward"))?, rows.iter().map(|&r| train.labels[r]).collect::<Vec<_>>())
-            }
-            Inputs::Features { train, .. } => {
-                let idx =
-                    Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &s.device).map_err(candle("batch"))?;
-                let x = train.0.index_select(&idx, 0).map_err(candle("batch"))?;
-                (s.net.classify(&x, &mut ctx).map_err(candle("forward"))?, rows.iter().map(|&r| train.1[r]).collect())
-            }
-        };
-        let loss = cross_entropy(&logits, &labels, cfg.label_smoothing, s.class_weights.as_deref()).map_err(candle("loss"))?;
-        let loss_value = f64::from(loss.to_scalar::<f32>().map_err(candle("loss"))?);
-        if !loss_value.is_finite() {
-            return Err(StageError::Failed(format!(
-                "training diverged at epoch {}, batch {} (loss {loss_value}): lower `lr` (now {}) or set `clip_grad_norm`",
-                epoch + 1,
-                b + 1,
-                cfg.lr
-            )));
-        }
-        let mut grads = loss.backward().map_err(candle("backward"))?;
-        if let Some(max) = cfg.clip_grad_norm {
-            s.opt.clip_grad_norm(&mut grads, max).map_err(candle("clip"))?;
-        }
-        s.opt.step(&grads, lr).map_err(candle("optimizer step"))?;
+        let lr = s.trainer.schedule.lr(progress.steps, batches.per_epoch, cfg.epochs);
+        let stepped = s.trainer.step(&s.data, cfg, cx.seed, At { epoch, batch: b, step: progress.steps }, rows, lr)?;
         progress.steps += 1;
-        progress.loss_sum += loss_value * rows.len() as f64;
-        progress.correct += count_correct(&logits, &labels).map_err(candle("accuracy"))?;
+        progress.loss_sum += stepped.loss * rows.len() as f64;
+        progress.correct += stepped.correct;
         progress.seen += rows.len() as u64;
         progress.batch = b + 1;
         epoch_images += rows.len() as u64;
@@ -113,7 +85,7 @@ fn train(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut
             epoch_images as f64 / secs
         ));
         if clock.last_checkpoint.elapsed().as_secs_f64() >= cfg.checkpoint_secs && b + 1 < batches.per_epoch {
-            save_state(cx, &s.ps, &s.opt, progress, clock.elapsed())?;
+            save_state(cx, &s.trainer.ps, &s.trainer.opt, progress, clock.elapsed())?;
             clock.last_checkpoint = Instant::now();
         }
     }
@@ -124,14 +96,15 @@ fn train(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut
 /// Validates the epoch just trained, records it, keeps its weights if they are the best
 /// so far, and checkpoints. Returns whether early stopping ends the run here.
 fn close(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut Clock) -> Result<bool, StageError> {
-    let cfg = &stage.config;
+    let cfg = &stage.model.config;
     let batches = s.batches;
     let epoch = s.progress.epoch;
-    let val = evaluate(s.net.as_ref(), &s.inputs, &s.norm, batches.size.max(64), &s.device).map_err(candle("validation"))?;
+    let val = evaluate(s.trainer.net.as_ref(), &s.data.inputs, &s.data.norm, batches.size.max(64), &s.trainer.device)
+        .map_err(candle("validation"))?;
     let progress = &mut s.progress;
     let record = EpochRecord {
         epoch: epoch + 1,
-        lr: s.schedule.lr(progress.steps.saturating_sub(1), batches.per_epoch, cfg.epochs),
+        lr: s.trainer.schedule.lr(progress.steps.saturating_sub(1), batches.per_epoch, cfg.epochs),
         train_loss: progress.loss_sum / progress.seen.max(1) as f64,
         train_accuracy: progress.correct as f64 / progress.seen.max(1) as f64,
         val_loss: val.as_ref().map(|v| v.loss),
@@ -150,7 +123,7 @@ fn close(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut
     if improved {
         progress.best = Some((epoch + 1, score));
         progress.stale_epochs = 0;
-        checkpoint::save_best(cx.scratch, &s.ps.tensors())?;
+        checkpoint::save_best(cx.scratch, &s.trainer.ps.tensors())?;
     } else {
         progress.stale_epochs += 1;
     }
@@ -160,7 +133,7 @@ fn close(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut
     progress.loss_sum = 0.0;
     progress.correct = 0;
     progress.seen = 0;
-    save_state(cx, &s.ps, &s.opt, progress, clock.elapsed())?;
+    save_state(cx, &s.trainer.ps, &s.trainer.opt, progress, clock.elapsed())?;
     clock.last_checkpoint = Instant::now();
     if let Some(es) = &cfg.early_stopping
         && progress.stale_epochs >= es.patience
@@ -198,11 +171,6 @@ fn evaluate(net: &dyn Network, inputs: &Inputs, norm: &Normalize, batch: usize, 
         correct += count_correct(&logits, &labels)?;
     }
     Ok(Some(Eval { loss: loss / n as f64, accuracy: correct as f64 / n as f64 }))
-}
-
-fn count_correct(logits: &Tensor, labels: &[u32]) -> candle_core::Result<u64> {
-    let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
-    Ok(pred.iter().zip(labels).filter(|(p, l)| p == l).count() as u64)
 }
 
 /// Writes a checkpoint to resume from: `elapsed` (seconds trained by this process) is

@@ -1,39 +1,25 @@
 //! Everything a training run needs before its first batch: the data, the model (with
-//! pretrained weights), the inputs it trains on, the optimizer and schedule, and where an
-//! interrupted run of the same stage key left off.
+//! pretrained weights), the inputs it trains on, the optimizer and schedule (all built as
+//! [`crate::stages::training`] builds them), and where an interrupted run of the same stage
+//! key left off.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
+use super::super::TrainStage;
 use super::super::checkpoint::{self, Progress};
-use super::super::{ClassWeights, Config, Finetune, FinetuneMode, TrainStage};
-use super::{Inputs, candle};
-use crate::digest::Digest;
-use crate::formats::preprocess::Normalize;
-use crate::formats::shards::{Dtype, Pixels, ShardManifest, Split};
-use crate::imaging::augment::Augment;
-use crate::nn::layers::Ctx;
-use crate::nn::loss::balanced_weights;
-use crate::nn::models::{Network, block_of};
-use crate::nn::optim::{OptimConfig, Optimizer};
-use crate::nn::schedule::Schedule;
-use crate::nn::{ParamStore, read_weights};
+use crate::formats::shards::{ShardManifest, Split};
+use crate::nn::ParamStore;
+use crate::nn::optim::Optimizer;
+use crate::stages::training::{Batches, Data, Prepared, Trainer, candle};
 use crate::stages::{StageContext, StageError, io};
 
 /// A training run in progress: what [`super::epoch`] advances and [`super::artifact`] writes.
 pub(super) struct Session {
     pub(super) manifest: ShardManifest,
-    pub(super) norm: Normalize,
-    pub(super) device: Device,
-    pub(super) ps: ParamStore,
-    pub(super) net: Box<dyn Network>,
-    pub(super) inputs: Inputs,
-    /// Online augmentation of training batches (u8 shards only).
-    pub(super) augment: Option<Augment>,
-    pub(super) class_weights: Option<Vec<f32>>,
-    pub(super) opt: Optimizer,
-    pub(super) schedule: Schedule,
+    pub(super) data: Data,
+    pub(super) trainer: Trainer,
     /// Where the run is; restored from a checkpoint when one was left.
     pub(super) progress: Progress,
     /// Lines of the stage's summary, in the order they came about.
@@ -43,39 +29,13 @@ pub(super) struct Session {
     pub(super) features_seconds: f64,
 }
 
-/// How an epoch is cut into batches.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Batches {
-    /// Training rows.
-    pub(super) rows: usize,
-    pub(super) size: usize,
-    pub(super) per_epoch: usize,
-}
-
-impl Batches {
-    fn new(rows: usize, batch_size: usize) -> Batches {
-        // A last batch of one sample would give batch norm a zero variance: fold it into the previous one.
-        let size = batch_size.min(rows);
-        let mut per_epoch = rows / size;
-        if rows % size > 1 {
-            per_epoch += 1;
-        }
-        Batches { rows, size, per_epoch }
-    }
-
-    /// The rows of batch `b` in the order `order`: the last batch takes what is left.
-    pub(super) fn rows_of<'a>(&self, order: &'a [usize], b: usize) -> &'a [usize] {
-        let end = if b + 1 == self.per_epoch { self.rows } else { (b + 1) * self.size };
-        &order[b * self.size..end]
-    }
-}
-
 impl Session {
     pub(super) fn new(stage: &TrainStage, cx: &StageContext<'_>) -> Result<Session, StageError> {
-        let cfg = &stage.config;
+        let model = &stage.model;
+        let cfg = &model.config;
         let (input, artifact) = io::single_input(cx)?;
         let manifest = ShardManifest::read(cx, input, artifact)?;
-        let norm = resolve_input(stage, &manifest)?;
+        let norm = model.resolve_input(&manifest)?;
         let classes = manifest.classes.len();
         if classes < 2 {
             return Err(StageError::Failed(format!("input `{input}` has {classes} class(es): a classifier needs at least 2")));
@@ -86,179 +46,17 @@ impl Session {
             return Err(StageError::Failed(format!("input `{input}` has an empty train split")));
         }
         let device = cfg.device.open().map_err(candle("open device"))?;
-        let (mut ps, net, mut summary) = build_model(stage, cx, &device, train.shape, classes)?;
-
-        let head_only = cfg.finetune == Finetune::Mode(FinetuneMode::Head);
-        let augment = manifest.online_augment().filter(|_| manifest.dtype == Dtype::U8);
-        if manifest.online_augment().is_some() && manifest.dtype == Dtype::F32 {
-            cx.reporter
-                .warn(&format!("{}: online augmentation needs u8 shards (dtype = \"u8\" in convert); training without it", cx.stage));
-        }
-        let mut features_seconds = 0.0;
-        let inputs = if head_only {
-            let started = std::time::Instant::now();
-            if augment.is_some() {
-                cx.reporter.warn(&format!("{}: head fine-tuning trains on memoised features of the unaugmented images", cx.stage));
-            }
-            let mut computed = 0;
-            let train = features(cx, stage, net.as_ref(), &train, &norm, &device, &mut computed)?;
-            let val = features(cx, stage, net.as_ref(), &val, &norm, &device, &mut computed)?;
-            summary.push(format!("backbone features: {computed} computed, {} memoised", train.1.len() + val.1.len() - computed));
-            features_seconds = started.elapsed().as_secs_f64();
-            Inputs::Features { train, val }
-        } else {
-            Inputs::Images { train, val }
-        };
-        let class_weights = loss_weights(cfg, &inputs, classes)?;
-
-        let head_dot = format!("{}.", stage.arch.head_prefix());
-        let ocfg = OptimConfig {
-            kind: cfg.optimizer,
-            momentum: cfg.momentum,
-            nesterov: cfg.nesterov,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: cfg.weight_decay,
-        };
-        let mut opt = Optimizer::new(ocfg, ps.trainable(), |n| if n.starts_with(&head_dot) { 1.0 } else { cfg.backbone_lr_scale });
-        let schedule = Schedule {
-            kind: cfg.schedule,
-            lr: cfg.lr,
-            min_lr: cfg.min_lr,
-            warmup_epochs: cfg.warmup_epochs,
-            step_epochs: cfg.step_epochs,
-            gamma: cfg.gamma,
-        };
+        let (mut ps, net, mut summary) = model.build(cx, &device, cx.seed, train.shape, classes)?;
+        let Prepared { data, features_line, features_seconds } = model.prepare(cx, net.as_ref(), &manifest, norm, &device, (train, val))?;
+        summary.extend(features_line);
+        let class_weights = model.loss_weights(data.inputs.train_labels(), classes)?;
+        let mut opt = model.optimizer(&ps);
+        let schedule = model.schedule();
         let progress = resume(cx, &mut ps, &mut opt, &mut summary)?;
-        let batches = Batches::new(inputs.train_len(), cfg.batch_size);
-        Ok(Session {
-            manifest,
-            norm,
-            device,
-            ps,
-            net,
-            inputs,
-            augment,
-            class_weights,
-            opt,
-            schedule,
-            progress,
-            summary,
-            batches,
-            features_seconds,
-        })
+        let batches = Batches::new(data.inputs.train_len(), cfg.batch_size);
+        let trainer = Trainer { device, ps, net, opt, schedule, class_weights };
+        Ok(Session { manifest, data, trainer, progress, summary, batches, features_seconds })
     }
-}
-
-/// The model input: the preset of a pretrained model (or the manifest's override) must
-/// match what preprocess produced; byte shards are normalised with it at load time.
-fn resolve_input(stage: &TrainStage, m: &ShardManifest) -> Result<Normalize, StageError> {
-    let c = m.channels;
-    let want = stage.expected_input();
-    if let Some(size) = want.size
-        && size != [m.width, m.height]
-    {
-        return Err(StageError::Failed(format!(
-            "model `{}` expects {}x{} input but the shards are {}x{}: set `size = [{}, {}]` in the preprocess stage, or `input = {{ size = [{}, {}] }}` in this stage to accept them",
-            stage.config.model, size[0], size[1], m.width, m.height, size[0], size[1], m.width, m.height
-        )));
-    }
-    if let Some(channels) = want.channels
-        && channels != c
-    {
-        return Err(StageError::Failed(format!(
-            "model `{}` expects {channels} channels but the shards have {c}: set `color = \"rgb\"` in the preprocess stage",
-            stage.config.model
-        )));
-    }
-    match (want.norm.map_err(StageError::Failed)?, m.normalization.clone()) {
-        (Some(w), _) if w.mean.len() != c || w.std.len() != c => {
-            Err(StageError::Failed(format!("input normalisation has {} values, the shards have {c} channels", w.mean.len())))
-        }
-        (Some(w), Some(d)) if !w.approx_eq(&d) => Err(StageError::Failed(format!(
-            "model `{}` expects normalize = {{ mean = {:?}, std = {:?} }} but preprocess used mean = {:?}, std = {:?}: change the preprocess stage, or set `input = {{ mean = …, std = … }}` here to accept it",
-            stage.config.model, w.mean, w.std, d.mean, d.std
-        ))),
-        (Some(w), None) if m.dtype == Dtype::F32 => Err(StageError::Failed(format!(
-            "model `{}` expects normalised input but the f32 shards were written without normalisation: add normalize = {{ mean = {:?}, std = {:?} }} to the preprocess stage",
-            stage.config.model, w.mean, w.std
-        ))),
-        (Some(w), _) => Ok(w),
-        (None, Some(d)) => Ok(d),
-        (None, None) => Ok(Normalize::identity(c)),
-    }
-}
-
-/// Which weights train, by name, under the manifest's `finetune`.
-fn trainable_rule(stage: &TrainStage) -> Box<dyn Fn(&str) -> bool + Send + Sync> {
-    let head_dot = format!("{}.", stage.arch.head_prefix());
-    match &stage.config.finetune {
-        Finetune::Mode(FinetuneMode::Full) => Box::new(|_| true),
-        Finetune::Mode(FinetuneMode::Head) => Box::new(move |n| n.starts_with(&head_dot)),
-        Finetune::LastN { last_n_blocks } => {
-            let blocks = stage.arch.blocks();
-            let open: HashSet<String> = blocks[blocks.len() - last_n_blocks..].iter().cloned().collect();
-            Box::new(move |n| n.starts_with(&head_dot) || block_of(n, &blocks).is_some_and(|b| open.contains(b)))
-        }
-    }
-}
-
-/// A built network: its parameters, the network, and the summary's first lines.
-type Built = (ParamStore, Box<dyn Network>, Vec<String>);
-
-/// Builds the network for `shape` (`[channels, height, width]`) and loads the manifest's
-/// pretrained `weights` into it. Returns the summary's first lines too.
-fn build_model(stage: &TrainStage, cx: &StageContext<'_>, device: &Device, shape: [usize; 3], classes: usize) -> Result<Built, StageError> {
-    let cfg = &stage.config;
-    let arch = &stage.arch;
-    let head_dot = format!("{}.", arch.head_prefix());
-    let [c, hgt, wid] = shape;
-    let mut ps = ParamStore::new(device.clone(), cx.seed).with_trainable(trainable_rule(stage));
-    let net = arch.build(&mut ps, c, [wid as u32, hgt as u32], classes).map_err(candle("build model"))?;
-    let mut summary =
-        vec![format!("{} ({} parameters, {} trainable) on {}", arch.name(), ps.parameter_count(), trainable_count(&ps), cfg.device.kind())];
-    if let Some(w) = &cfg.weights {
-        let path = cx.root.join(w);
-        let tensors = read_weights(&path).map_err(|e| StageError::Failed(e.to_string()))?;
-        let loaded = ps.load(&tensors, |n| n.starts_with(&head_dot)).map_err(|e| StageError::Failed(format!("weights `{w}`: {e}")))?;
-        let expected = ps.names().filter(|n| !n.starts_with(&head_dot)).count();
-        if loaded.is_empty() {
-            return Err(StageError::Failed(format!(
-                "no tensor in weights `{w}` matches model `{}`: is it a {} checkpoint?",
-                cfg.model, cfg.model
-            )));
-        }
-        if loaded.len() < expected {
-            cx.reporter.warn(&format!(
-                "{}: weights `{w}` cover {} of {expected} backbone tensors; the rest start from random values",
-                cx.stage,
-                loaded.len()
-            ));
-        }
-        summary.push(format!("loaded {} tensors from {w}; head `{}` is new ({classes} classes)", loaded.len(), arch.head_prefix()));
-    }
-    Ok((ps, net, summary))
-}
-
-fn trainable_count(ps: &ParamStore) -> usize {
-    ps.trainable().iter().map(|(_, v)| v.elem_count()).sum()
-}
-
-/// The loss's per-class weights under the manifest's `class_weights`.
-fn loss_weights(cfg: &Config, inputs: &Inputs, classes: usize) -> Result<Option<Vec<f32>>, StageError> {
-    let train_labels: Vec<u32> = match inputs {
-        Inputs::Images { train, .. } => train.labels.clone(),
-        Inputs::Features { train, .. } => train.1.clone(),
-    };
-    Ok(match &cfg.class_weights {
-        None => None,
-        Some(ClassWeights::Named(_)) => Some(balanced_weights(&train_labels, classes)),
-        Some(ClassWeights::List(w)) if w.len() == classes => Some(w.clone()),
-        Some(ClassWeights::List(w)) => {
-            return Err(StageError::Failed(format!("`class_weights` has {} values for {classes} classes", w.len())));
-        }
-    })
 }
 
 /// Restores the weights, optimizer state and progress of the last checkpoint an earlier
@@ -276,68 +74,4 @@ fn resume(cx: &StageContext<'_>, ps: &mut ParamStore, opt: &mut Optimizer, summa
 
 fn strip_optim(t: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
     t.iter().filter(|(k, _)| !k.starts_with("optim.")).map(|(k, v)| (k.clone(), v.clone())).collect()
-}
-
-/// Bump when a backbone's numerics change (padding, batch-norm formula, convolution
-/// kernels): memoised features of the old code must not be reused.
-const FEATURES_VERSION: u32 = 1;
-
-/// Backbone features of every row, memoised per (model weights, input normalisation, row
-/// bytes): a second run, or another head on the same backbone, computes none.
-fn features(
-    cx: &StageContext<'_>,
-    stage: &TrainStage,
-    net: &dyn Network,
-    split: &Split,
-    norm: &Normalize,
-    device: &Device,
-    computed: &mut usize,
-) -> Result<(Tensor, Vec<u32>), StageError> {
-    let weights_tree = stage.deps.first().and_then(|d| cx.dep_scan(d.get_ref())).map(|s| s.tree.digest());
-    let mut h = blake3::Hasher::new();
-    h.update(b"kiln-features\0");
-    h.update(&FEATURES_VERSION.to_le_bytes());
-    h.update(serde_json::to_string(&stage.arch).expect("architecture serialises").as_bytes());
-    h.update(weights_tree.map(|d| d.0).unwrap_or_default().as_slice());
-    h.update(serde_json::to_string(&(&norm.mean, &norm.std)).expect("floats serialise").as_bytes());
-    let op = Digest(*h.finalize().as_bytes());
-    let row_len = split.row_len();
-    let keys: Vec<Digest> = (0..split.len())
-        .map(|r| {
-            let mut h = blake3::Hasher::new();
-            match &split.pixels {
-                Pixels::U8(v) => h.update(&v[r * row_len..(r + 1) * row_len]),
-                Pixels::F32(v) => h.update(&v[r * row_len..(r + 1) * row_len].iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<_>>()),
-            };
-            Digest(*h.finalize().as_bytes())
-        })
-        .collect();
-    let memo = cx.cache.state().memo();
-    let mut found: Vec<Option<Vec<f32>>> = Vec::with_capacity(keys.len());
-    for k in &keys {
-        let v = memo.get(k, &op).map_err(|e| StageError::Failed(format!("feature memo: {e}")))?;
-        found.push(v.map(|b| b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()));
-    }
-    let misses: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
-    *computed += misses.len();
-    if !misses.is_empty() {
-        let progress = cx.reporter.progress(&format!("{}: backbone features", cx.stage), misses.len() as u64, "images");
-        for chunk in misses.chunks(32) {
-            let x = split.batch(chunk, norm, None, device).map_err(candle("batch"))?;
-            let f = net.features(&x, &mut Ctx::eval()).map_err(candle("backbone forward"))?;
-            let rows: Vec<Vec<f32>> = f.to_device(&Device::Cpu).and_then(|f| f.to_vec2()).map_err(candle("features"))?;
-            let mut puts = Vec::with_capacity(chunk.len());
-            for (&i, row) in chunk.iter().zip(rows) {
-                puts.push((keys[i], row.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()));
-                found[i] = Some(row);
-            }
-            memo.put_many(&op, &puts).map_err(|e| StageError::Failed(format!("feature memo: {e}")))?;
-            progress.inc(chunk.len() as u64);
-        }
-        progress.finish();
-    }
-    let dim = found.first().and_then(|f| f.as_ref()).map_or(0, Vec::len);
-    let flat: Vec<f32> = found.into_iter().flat_map(|f| f.expect("every row computed")).collect();
-    let t = Tensor::from_vec(flat, (keys.len(), dim), device).map_err(candle("features"))?;
-    Ok((t, split.labels.clone()))
 }

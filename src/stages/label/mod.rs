@@ -11,15 +11,20 @@
 //! aliases = { Cat = "cat", cats = "cat" }
 //! unknown = "error"                  # or "drop"
 //! conflicts = "drop"                 # duplicates that disagree: "drop", "majority", "first"
+//! corrections = "labels/corrections.csv"   # reviewed fixes, applied last (see `corrections`)
 //! ```
 //!
 //! An item may have several classes, written `cat|dog` in a mapping, listing or pattern
 //! result; each part must be a known class, and convert encodes them multi-hot.
 //!
 //! Writes the labelled dataset, `classes.json` (the class order every later stage uses)
-//! and `label_report.json` (class balance, dropped items and why, conflicts).
+//! and `label_report.json` (class balance, dropped items and why, conflicts, the
+//! corrections applied).
 
-use std::collections::{BTreeMap, HashMap};
+mod corrections;
+mod sources;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -28,9 +33,9 @@ use toml::de::DeValue;
 
 use super::{ParseContext, PlanView, Stage, StageContext, StageError, StageKind, io, parse_config, upstream};
 use crate::diagnostic::{Bounds, Checker, Issue, ValueSpans};
-use crate::digest::Digest;
 use crate::formats::dataset::MULTI;
-use crate::paths::{dep_path, normalize_dep};
+use crate::paths::normalize_dep;
+use corrections::{Applied, Corrections, CorrectionsReport, DROP, Fix, check_corrections};
 
 pub struct LabelKind;
 
@@ -120,6 +125,9 @@ struct Config {
     /// Warn when the largest class outnumbers the smallest by more than this.
     #[serde(default = "default_imbalance")]
     imbalance_warning: f64,
+    /// A reviewed CSV or JSONL file of `id,label` fixes, applied after every other rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    corrections: Option<String>,
 }
 
 fn default_imbalance() -> f64 {
@@ -234,6 +242,21 @@ impl StageKind for LabelKind {
             Bounds::closed(1.0, 1e6),
             "largest class over smallest; 1 warns at any imbalance",
         );
+        if let Some(file) = &config.corrections {
+            match normalize_dep(file) {
+                Ok(p) if corrections::known_format(&p) => deps.push(Spanned::new(spans.get("corrections"), p)),
+                Ok(_) => ck.fail(
+                    "corrections",
+                    format!("corrections file `{file}` is neither CSV nor JSONL"),
+                    "name a `.csv` file with the columns `id` and `label`, or a `.jsonl` file with those fields",
+                ),
+                Err(why) => ck.fail(
+                    "corrections",
+                    format!("invalid corrections path `{file}`: {why}"),
+                    "a path relative to the workspace root, e.g. `labels/corrections.csv`",
+                ),
+            }
+        }
         let issues = ck.into_issues();
         if !issues.is_empty() {
             return Err(issues);
@@ -271,6 +294,17 @@ struct Report {
     aliases_applied: usize,
     dropped: Vec<Dropped>,
     conflicts: Vec<Conflict>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    corrections: Option<CorrectionsReport>,
+}
+
+/// What the labelling rules decided for one item, before the corrections file has its say.
+enum Outcome {
+    Label(String),
+    /// No rule found a label.
+    Missing,
+    /// Removed, for the reason given.
+    Drop(String),
 }
 
 impl Stage for LabelStage {
@@ -373,6 +407,17 @@ impl Stage for LabelStage {
             (!parts.is_empty()).then(|| parts.join(MULTI))
         };
 
+        let corrections = match &cfg.corrections {
+            Some(file) => Some(Corrections::load(cx.root, file)?),
+            None => None,
+        };
+        let mut applied: Vec<Applied> = Vec::new();
+        let mut kept = 0;
+        // Which corrected ids were found, and every class the rules gave some item (what a
+        // correction may name when `classes` does not list them).
+        let mut corrected: BTreeSet<String> = BTreeSet::new();
+        let mut found: BTreeSet<String> = BTreeSet::new();
+
         let mut labelled = Vec::new();
         let mut dropped = Vec::new();
         let mut conflicts = Vec::new();
@@ -398,7 +443,7 @@ impl Stage for LabelStage {
             let mut distinct: Vec<&String> = all.values().collect();
             distinct.sort();
             distinct.dedup();
-            let label = if distinct.len() > 1 {
+            let mut outcome = if distinct.len() > 1 {
                 let resolved = match cfg.conflicts {
                     OnConflict::Drop => None,
                     OnConflict::First => own.clone(),
@@ -406,30 +451,59 @@ impl Stage for LabelStage {
                 };
                 let resolution = resolved.as_ref().map_or_else(|| "dropped".to_string(), |l| format!("labelled `{l}`"));
                 conflicts.push(Conflict { id: item.id.clone(), labels: all.clone(), resolution });
-                if resolved.is_none() {
-                    dropped.push(Dropped {
-                        id: item.id.clone(),
-                        source: item.source.clone(),
-                        reason: format!(
-                            "duplicates disagree: {}",
-                            distinct.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(" vs ")
-                        ),
-                    });
+                match resolved {
+                    Some(l) => Outcome::Label(l),
+                    None => Outcome::Drop(format!(
+                        "duplicates disagree: {}",
+                        distinct.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(" vs ")
+                    )),
+                }
+            } else {
+                match own.or_else(|| distinct.first().map(|s| s.to_string())) {
+                    Some(l) => Outcome::Label(l),
+                    None => Outcome::Missing,
+                }
+            };
+            if let Outcome::Label(l) = &outcome {
+                found.extend(l.split(MULTI).map(String::from));
+            }
+            // A person's reviewed decision overrides every rule above.
+            if let Some(file) = &corrections
+                && let Some(fix) = file.by_id.get(&item.id)
+            {
+                corrected.insert(item.id.clone());
+                let from = match &outcome {
+                    Outcome::Label(l) => Some(l.clone()),
+                    _ => None,
+                };
+                match &fix.fix {
+                    Fix::Relabel(to) if from.as_ref() != Some(to) => {
+                        applied.push(Applied { id: item.id.clone(), from, to: to.clone(), line: fix.line });
+                        outcome = Outcome::Label(to.clone());
+                    }
+                    Fix::Drop => {
+                        applied.push(Applied { id: item.id.clone(), from, to: DROP.to_string(), line: fix.line });
+                        outcome = Outcome::Drop(format!("dropped by {}", file.at(fix.line)));
+                    }
+                    Fix::Keep | Fix::Relabel(_) => kept += 1,
+                }
+            }
+            let label = match outcome {
+                Outcome::Label(l) => l,
+                Outcome::Drop(reason) => {
+                    dropped.push(Dropped { id: item.id.clone(), source: item.source.clone(), reason });
                     continue;
                 }
-                resolved
-            } else {
-                own.or_else(|| distinct.first().map(|s| s.to_string()))
-            };
-            let Some(label) = label else {
-                if cfg.missing == OnMissing::Error {
-                    return Err(StageError::data(
-                        input,
-                        format!("item `{}` ({}) has no label (set `missing = \"drop\"` to drop such items)", item.id, item.source),
-                    ));
+                Outcome::Missing => {
+                    if cfg.missing == OnMissing::Error {
+                        return Err(StageError::data(
+                            input,
+                            format!("item `{}` ({}) has no label (set `missing = \"drop\"` to drop such items)", item.id, item.source),
+                        ));
+                    }
+                    dropped.push(Dropped { id: item.id.clone(), source: item.source.clone(), reason: "no label".into() });
+                    continue;
                 }
-                dropped.push(Dropped { id: item.id.clone(), source: item.source.clone(), reason: "no label".into() });
-                continue;
             };
             if !cfg.classes.is_empty() && label.split(MULTI).any(|part| !cfg.classes.iter().any(|c| c == part)) {
                 unknown.push((item.source.clone(), label.clone()));
@@ -443,6 +517,10 @@ impl Stage for LabelStage {
             let mut item = item;
             item.label = Some(label);
             labelled.push(item);
+        }
+        if let Some(file) = &corrections {
+            let classes: BTreeSet<String> = if cfg.classes.is_empty() { found } else { cfg.classes.iter().cloned().collect() };
+            check_corrections(file, &corrected, &applied, &classes)?;
         }
         if cfg.unknown == OnUnknown::Error && !unknown.is_empty() {
             let shown: Vec<String> = unknown.iter().take(5).map(|(src, l)| format!("`{l}` ({src})")).collect();
@@ -478,6 +556,9 @@ impl Stage for LabelStage {
         if !dropped.is_empty() {
             summary.push(format!("{} items dropped (see label_report.json)", dropped.len()));
         }
+        if let Some(file) = &corrections {
+            summary.push(format!("{} corrections applied from {} ({kept} rows kept the label)", applied.len(), file.file));
+        }
         cx.reporter.summary(cx.stage, &summary);
         if imbalance_ratio > cfg.imbalance_warning {
             cx.reporter.warn(&format!(
@@ -493,73 +574,13 @@ impl Stage for LabelStage {
             aliases_applied,
             dropped,
             conflicts,
+            corrections: corrections.map(|c| CorrectionsReport { file: c.file, rows: c.by_id.len(), applied, kept }),
         };
         io::write(cx, &mut labelled)?;
         meta.classes = Some(classes.clone());
         io::write_meta(cx, &meta)?;
         io::write_json(cx, "classes.json", &classes)?;
         io::write_json(cx, "label_report.json", &report)
-    }
-}
-
-impl LabelStage {
-    fn raw_label(
-        &self,
-        id: &str,
-        source: &str,
-        digest: &Digest,
-        collected: Option<&str>,
-        mapping: &HashMap<String, String>,
-    ) -> Option<String> {
-        match self.config.from {
-            From::Collected => collected.map(String::from),
-            From::Folder => {
-                let mut parts = source.rsplit('/');
-                parts.next();
-                parts.next().map(String::from)
-            }
-            From::Pattern => {
-                let name = source.rsplit('/').next().unwrap_or(source);
-                let caps = self.pattern.as_ref()?.captures(name)?;
-                caps.name("label").or_else(|| caps.get(1)).map(|m| m.as_str().to_string())
-            }
-            From::Mapping => {
-                let key = self.config.mapping.as_ref().map_or(MapKey::Path, |m| m.key);
-                match key {
-                    MapKey::Digest => mapping.get(&digest.to_hex()).cloned(),
-                    MapKey::Id => mapping.get(id).cloned(),
-                    MapKey::Path => mapping.get(source).or_else(|| mapping.get(source.rsplit('/').next().unwrap_or(source))).cloned(),
-                }
-            }
-        }
-    }
-
-    fn load_mapping(&self, cx: &StageContext<'_>) -> Result<HashMap<String, String>, StageError> {
-        let Some(m) = &self.config.mapping else { return Ok(HashMap::new()) };
-        let path = dep_path(cx.root, &m.path);
-        let fail = |e: String| StageError::Failed(format!("mapping `{}`: {e}", m.path));
-        let rows: Vec<HashMap<String, serde_json::Value>> = if m.path.ends_with(".jsonl") || m.path.ends_with(".ndjson") {
-            std::fs::read_to_string(&path)
-                .map_err(StageError::io("read", &path))?
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| serde_json::from_str(l).map_err(|e| fail(e.to_string())))
-                .collect::<Result<_, _>>()?
-        } else {
-            let mut r = csv::Reader::from_path(&path).map_err(|e| fail(e.to_string()))?;
-            r.deserialize::<HashMap<String, String>>()
-                .map(|row| row.map(|row| row.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect()))
-                .collect::<Result<_, _>>()
-                .map_err(|e| fail(e.to_string()))?
-        };
-        let text = |v: &serde_json::Value| v.as_str().map(String::from).unwrap_or_else(|| v.to_string());
-        rows.iter()
-            .enumerate()
-            .map(|(n, row)| match (row.get(&m.key_field), row.get(&m.label_field)) {
-                (Some(k), Some(l)) => Ok((text(k), text(l))),
-                _ => Err(fail(format!("row {} lacks `{}` or `{}`", n + 1, m.key_field, m.label_field))),
-            })
-            .collect()
     }
 }
 

@@ -1,5 +1,6 @@
-//! The train stage's options as the manifest writes them (`deny_unknown_fields`), with
-//! their defaults. Their ranges are checked where the stage is parsed (`super`).
+//! The options of a model a stage trains, as the manifest writes them (`deny_unknown_fields`),
+//! with their defaults: a train stage's table, and label_issues' `train` table. Their ranges
+//! are checked by [`super::Model::check`].
 
 use serde::{Deserialize, Serialize};
 
