@@ -6,6 +6,7 @@
 //! it per item; changing a threshold never decodes anything again.
 
 pub mod augment;
+pub mod near;
 pub mod synth;
 pub mod transform;
 

@@ -6,7 +6,7 @@
 //! inputs = ["collect"]
 //! max_pixels = 64_000_000                      # the default; larger headers are rejected undecoded
 //! [stages.clean.checks]
-//! near_duplicates = { policy = "quarantine", max_distance = 14, max_colour_difference = 12.0 }
+//! near_duplicates = { policy = "quarantine", max_difference = 0.06 }   # see near.rs
 //! blurry = { policy = "keep", min_sharpness = 10.0 }   # keep = report only
 //! ```
 //!
@@ -20,7 +20,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use toml::de::DeValue;
@@ -30,8 +29,9 @@ use crate::diagnostic::{Bounds, Checker, Issue, ValueSpans};
 use crate::digest::Digest;
 use crate::formats::dataset::{DuplicateRef, Item};
 use crate::imaging::{self, DecodeLimits, Defect, Probe};
-use report::{CheckCount, ClassCount, DuplicateGroup, Finding, GroupCopy, Report, class_of};
+use report::{CheckCount, ClassCount, CrossClassMember, DuplicateGroup, Finding, GroupCopy, Report, class_of};
 
+mod groups;
 mod report;
 
 pub struct CleanKind;
@@ -68,7 +68,7 @@ macro_rules! check {
 check!(DecodeCheck, Policy::Quarantine);
 check!(ExtensionCheck, Policy::Keep);
 check!(ExactCheck, Policy::Drop);
-check!(NearCheck, Policy::Quarantine, max_distance: u32 = 14, max_colour_difference: f64 = 12.0);
+check!(NearCheck, Policy::Quarantine, max_distance: u32 = 14, max_colour_difference: f64 = 12.0, max_difference: f64 = 0.06);
 check!(SmallCheck, Policy::Quarantine, min_side: u32 = 8);
 check!(AspectCheck, Policy::Quarantine, max_ratio: f64 = 5.0);
 check!(FlatCheck, Policy::Quarantine, min_contrast: f64 = 2.0);
@@ -131,7 +131,10 @@ impl StageKind for CleanKind {
 
     fn version(&self) -> u32 {
         // 2: near-duplicate groups by leader clustering instead of transitive pairs.
-        2
+        // 3: hash pairs confirmed by aligned, tone-matched comparison; chroma instead of
+        //    colour; the original kept over upscaled and re-encoded copies; undecodable
+        //    files never grouped as exact duplicates; groups across classes only reported.
+        3
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
@@ -146,14 +149,20 @@ impl StageKind for CleanKind {
             u64::from(c.near_duplicates.max_distance),
             0,
             32,
-            "bits of a 64-bit perceptual hash; above 32 unrelated images match, typical values are 4 to 10",
+            "bits of a 64-bit perceptual hash within which pairs are compared exactly; typical values are 10 to 18",
         );
         let level = Bounds::closed(0.0, 255.0);
         ck.float(
             "checks.near_duplicates.max_colour_difference",
             c.near_duplicates.max_colour_difference,
             level,
-            "mean difference of 8x8 colour thumbnails, on the 0-255 scale",
+            "mean difference of 8x8 chroma thumbnails (red and blue against green), on the 0-255 scale",
+        );
+        ck.float(
+            "checks.near_duplicates.max_difference",
+            c.near_duplicates.max_difference,
+            Bounds::closed(0.0, 1.0),
+            "share of the range of levels that 99 % of an aligned, tone-matched copy stays within (0.06 = 6 %)",
         );
         ck.int("checks.too_small.min_side", u64::from(c.too_small.min_side), 1, 65_535, "pixels on the shorter side");
         ck.float("checks.aspect_ratio.max_ratio", c.aspect_ratio.max_ratio, Bounds::closed(1.0, 1000.0), "longer side over shorter side");
@@ -295,7 +304,9 @@ impl Stage for CleanStage {
         let mut groups: Vec<DuplicateGroup> = Vec::new();
         let mut group_of: HashMap<usize, usize> = HashMap::new();
         let mut by_digest: BTreeMap<Digest, Vec<usize>> = BTreeMap::new();
-        for (i, item) in items.iter().enumerate() {
+        // Only decodable images: identical broken files are each reported (and quarantined)
+        // as broken, not dropped as copies of one another.
+        for (i, item) in items.iter().enumerate().filter(|&(i, _)| probes[i].is_ok()) {
             by_digest.entry(item.digest).or_default().push(i);
         }
         for members in by_digest.values().filter(|m| m.len() > 1) {
@@ -315,88 +326,50 @@ impl Stage for CleanStage {
             });
         }
 
-        // Near duplicates among distinct decodable images: pairs within the pHash distance
-        // and the colour difference are joined; in each group the best copy stays.
+        // Near duplicates among distinct decodable images (see groups.rs and imaging/near.rs).
+        let mut cross_class = Vec::new();
         if c.near_duplicates.policy != Policy::Off {
-            let candidates: Vec<usize> = by_digest
-                .values()
-                .map(|m| *m.iter().min_by(|&&a, &&b| items[a].id.cmp(&items[b].id)).expect("non-empty"))
-                .filter(|&i| probes[i].is_ok())
-                .collect();
-            let hashes: Vec<u64> = candidates.iter().map(|&i| probes[i].as_ref().expect("decodable").phash).collect();
-            let limit = c.near_duplicates.max_distance;
-            let colour_limit = c.near_duplicates.max_colour_difference;
-            let thumbs: Vec<Vec<u8>> =
-                candidates.iter().map(|&i| hex::decode(&probes[i].as_ref().expect("decodable").thumb).unwrap_or_default()).collect();
-            let colour = |a: usize, b: usize| imaging::thumb_difference(&thumbs[a], &thumbs[b]);
-            // All pairs: a plain scan of the hash slice per image (the compiler keeps it
-            // tight; an iterator chain with the colour closure inside ran 2× slower), then
-            // the colour check on the few pHash hits. Same structure is not enough: a red
-            // and a blue circle in one place are different pictures.
-            let pairs: Vec<(usize, usize, u32)> = (0..hashes.len())
-                .into_par_iter()
-                .flat_map_iter(|a| {
-                    let ha = hashes[a];
-                    let mut hits = Vec::new();
-                    for (off, &hb) in hashes[a + 1..].iter().enumerate() {
-                        let d = (ha ^ hb).count_ones();
-                        if d <= limit {
-                            hits.push((a, a + 1 + off, d));
-                        }
-                    }
-                    hits.retain(|&(a, b, _)| colour(a, b) <= colour_limit);
-                    hits
-                })
-                .collect();
-            // Leader clustering, best image first: each image not yet in a group leads one
-            // and takes every ungrouped image directly within the thresholds of it. Unlike
-            // joining pairs transitively, groups cannot chain (A≈B≈…≈Z with A far from Z):
-            // on Fashion-MNIST that produced one "group" of 3 626 items.
-            let mut neighbours: Vec<Vec<(usize, u32)>> = vec![Vec::new(); candidates.len()];
-            for &(a, b, d) in &pairs {
-                neighbours[a].push((b, d));
-                neighbours[b].push((a, d));
-            }
-            // More pixels, then more bytes (a better encoding: JPEG artefacts would fool a
-            // sharpness measure), then the first id.
-            let best = |k: usize| {
-                let p = probes[candidates[k]].as_ref().expect("decodable");
-                let item = &items[candidates[k]];
-                (u64::from(p.width) * u64::from(p.height), item.bytes, std::cmp::Reverse(item.id.clone()))
+            let candidates: Vec<usize> =
+                by_digest.values().map(|m| *m.iter().min_by(|&&a, &&b| items[a].id.cmp(&items[b].id)).expect("non-empty")).collect();
+            let thresholds = groups::Thresholds {
+                max_distance: c.near_duplicates.max_distance,
+                max_colour_difference: c.near_duplicates.max_colour_difference,
+                max_difference: c.near_duplicates.max_difference,
             };
-            let mut order: Vec<usize> = (0..candidates.len()).filter(|&k| !neighbours[k].is_empty()).collect();
-            order.sort_by_cached_key(|&k| std::cmp::Reverse(best(k)));
-            let mut leader_of: Vec<Option<usize>> = vec![None; candidates.len()];
-            let mut clusters: Vec<(usize, Vec<(usize, u32)>)> = Vec::new();
-            for &k in &order {
-                if leader_of[k].is_some() {
+            let limits = DecodeLimits { max_pixels: self.config.max_pixels, max_bytes: self.config.max_bytes };
+            for group in groups::find(cx, &items, &probes, &candidates, &thresholds, &limits)? {
+                let kept = group.kept;
+                if group.cross_class {
+                    let mut members: Vec<CrossClassMember> = std::iter::once(kept)
+                        .chain(group.copies.iter().map(|&(i, _, _)| i))
+                        .map(|i| CrossClassMember { id: items[i].id.clone(), label: class_of(&items[i]) })
+                        .collect();
+                    members.sort_by(|a, b| a.id.cmp(&b.id));
+                    for &(i, _, diff) in &group.copies {
+                        add(
+                            i,
+                            "cross_class_duplicates",
+                            Policy::Keep,
+                            format!(
+                                "looks like `{}` labelled `{}` (differs by {:.1} %): a label conflict to review",
+                                items[kept].id,
+                                class_of(&items[kept]),
+                                100.0 * diff
+                            ),
+                            Some(f64::from(diff)),
+                        );
+                    }
+                    cross_class.push(members);
                     continue;
                 }
-                leader_of[k] = Some(k);
-                let mut members = Vec::new();
-                for &(m, d) in &neighbours[k] {
-                    if leader_of[m].is_none() {
-                        leader_of[m] = Some(k);
-                        members.push((m, d));
-                    }
-                }
-                if !members.is_empty() {
-                    members.sort_unstable();
-                    clusters.push((k, members));
-                }
-            }
-            for (kept_k, members) in &clusters {
-                let kept_k = *kept_k;
-                let kept = candidates[kept_k];
                 let mut copies = Vec::new();
-                for &(k, d) in members {
-                    let i = candidates[k];
+                for &(i, d, diff) in &group.copies {
                     add(
                         i,
                         "near_duplicates",
                         c.near_duplicates.policy,
-                        format!("looks like `{}` (pHash distance {d})", items[kept].id),
-                        Some(f64::from(d)),
+                        format!("a copy of `{}` (differs by {:.1} % once aligned; pHash distance {d})", items[kept].id, 100.0 * diff),
+                        Some(f64::from(diff)),
                     );
                     copies.push(GroupCopy { id: items[i].id.clone(), kind: "near", distance: Some(d), removed: false });
                 }
@@ -408,9 +381,9 @@ impl Stage for CleanStage {
                         groups.len() - 1
                     }
                 };
-                for &k in members.iter().map(|(k, _)| k).chain([&kept_k]) {
-                    for &i in &by_digest[&items[candidates[k]].digest] {
-                        group_of.insert(i, g);
+                for i in group.copies.iter().map(|&(i, _, _)| i).chain([kept]) {
+                    for &j in &by_digest[&items[i].digest] {
+                        group_of.insert(j, g);
                     }
                 }
                 groups[g].copies.extend(copies);
@@ -517,6 +490,7 @@ impl Stage for CleanStage {
             per_class,
             checks: counts,
             duplicate_groups: groups,
+            cross_class_groups: cross_class,
             findings: findings.into_iter().flatten().collect(),
         };
         io::write(cx, &mut kept_items)?;

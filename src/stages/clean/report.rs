@@ -41,6 +41,12 @@ pub(super) struct GroupCopy {
     pub(super) removed: bool,
 }
 
+#[derive(Debug, Serialize)]
+pub(super) struct CrossClassMember {
+    pub(super) id: String,
+    pub(super) label: String,
+}
+
 /// What clean did to one class: a check that removes a share of one class skews what the
 /// model learns, even when the total looks small.
 #[derive(Debug, Default, Serialize)]
@@ -65,5 +71,7 @@ pub(super) struct Report {
     pub(super) per_class: BTreeMap<String, ClassCount>,
     pub(super) checks: BTreeMap<&'static str, CheckCount>,
     pub(super) duplicate_groups: Vec<DuplicateGroup>,
+    /// Near duplicates whose labels differ: kept, for a person to decide which label is right.
+    pub(super) cross_class_groups: Vec<Vec<CrossClassMember>>,
     pub(super) findings: Vec<Finding>,
 }

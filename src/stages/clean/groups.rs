@@ -1,0 +1,246 @@
+//! Finding the groups of near duplicates, and which copy of each to keep.
+//!
+//! Three steps, from cheap to exact: a perceptual-hash scan proposes each image's closest
+//! few look-alikes; their 8×8 chroma must agree; then [`near::difference`] confirms or
+//! rejects each pair. Groups form by leader clustering over the confirmed pairs, so they
+//! cannot chain from one image to a different one through a series of small steps.
+
+use std::cmp::Ordering;
+use std::collections::BTreeSet;
+
+use rayon::prelude::*;
+
+use crate::digest::Digest;
+use crate::formats::dataset::Item;
+use crate::imaging::near::{self, Sketch, View};
+use crate::imaging::{self, DecodeLimits, Probe};
+use crate::stages::{StageContext, StageError};
+
+/// How many hash neighbours of each image are confirmed: a copy is among its original's
+/// closest few, and a cap keeps the exact comparisons linear in the set's size on sets where
+/// many distinct images hash alike.
+const NEIGHBOURS: usize = 8;
+/// How many nearest neighbours by thumbnail shape are confirmed.
+const SHAPE_NEIGHBOURS: usize = 4;
+
+/// An 8×8 RGB thumbnail's luma, standardised (zero mean, unit spread as 32 levels): its
+/// shape, whatever its brightness and contrast.
+fn shape(rgb: &[u8]) -> [i8; 64] {
+    let mut out = [0i8; 64];
+    if rgb.len() != 64 * 3 {
+        return out;
+    }
+    let luma: Vec<f32> = rgb.chunks_exact(3).map(|p| 0.299 * f32::from(p[0]) + 0.587 * f32::from(p[1]) + 0.114 * f32::from(p[2])).collect();
+    let mean = luma.iter().sum::<f32>() / 64.0;
+    let spread = (luma.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 64.0).sqrt().max(1.0);
+    for (o, v) in out.iter_mut().zip(&luma) {
+        *o = ((v - mean) / spread * 32.0).round().clamp(-127.0, 127.0) as i8;
+    }
+    out
+}
+
+pub(super) struct Thresholds {
+    pub(super) max_distance: u32,
+    pub(super) max_colour_difference: f64,
+    pub(super) max_difference: f64,
+}
+
+/// One group: the copy kept, and the others with their hash distance and difference to the
+/// image that led the group.
+pub(super) struct NearGroup {
+    pub(super) kept: usize,
+    pub(super) copies: Vec<(usize, u32, f32)>,
+    /// Members carry different labels: a label conflict for a person to review, not copies
+    /// to remove.
+    pub(super) cross_class: bool,
+}
+
+/// `candidates` are item indices (one per distinct digest, decodable).
+pub(super) fn find(
+    cx: &StageContext<'_>,
+    items: &[Item],
+    probes: &[Result<Probe, imaging::Defect>],
+    candidates: &[usize],
+    t: &Thresholds,
+    limits: &DecodeLimits,
+) -> Result<Vec<NearGroup>, StageError> {
+    let probe = |k: usize| probes[candidates[k]].as_ref().expect("candidates are decodable");
+    let hashes: Vec<u64> = (0..candidates.len()).map(|k| probe(k).phash).collect();
+    let thumbs: Vec<Vec<u8>> = (0..candidates.len()).map(|k| hex::decode(&probe(k).thumb).unwrap_or_default()).collect();
+    let shapes: Vec<[i8; 64]> = thumbs.iter().map(|t| shape(t)).collect();
+    // Two proposals per image: its nearest few by hash within the distance, and its nearest
+    // few by the shape of its 8×8 thumbnail. A crop of a few per cent moves a hash by up to
+    // 16 bits on small images, where look-alikes crowd the hash neighbourhood, but it barely
+    // changes the coarse shape. Both are plain scans the compiler keeps tight.
+    let nearest: Vec<Vec<(usize, u32)>> = (0..hashes.len())
+        .into_par_iter()
+        .map(|a| {
+            let ha = hashes[a];
+            let mut by_hash: Vec<(u32, usize)> = Vec::new();
+            for (b, &hb) in hashes.iter().enumerate() {
+                let d = (ha ^ hb).count_ones();
+                if d <= t.max_distance && b != a {
+                    by_hash.push((d, b));
+                }
+            }
+            by_hash.sort_unstable();
+            by_hash.retain(|&(_, b)| near::chroma_difference(&thumbs[a], &thumbs[b]) <= t.max_colour_difference);
+            by_hash.truncate(NEIGHBOURS);
+            let sa = &shapes[a];
+            let mut by_shape: Vec<(u32, usize)> = shapes
+                .iter()
+                .enumerate()
+                .filter(|&(b, _)| b != a)
+                .map(|(b, sb)| (sa.iter().zip(sb).map(|(&x, &y)| u32::from(x.abs_diff(y))).sum::<u32>(), b))
+                .collect();
+            let k = SHAPE_NEIGHBOURS.min(by_shape.len());
+            if k > 0 {
+                by_shape.select_nth_unstable(k - 1);
+                by_shape.truncate(k);
+            }
+            by_shape.retain(|&(_, b)| near::chroma_difference(&thumbs[a], &thumbs[b]) <= t.max_colour_difference);
+            let mut hits: Vec<(usize, u32)> = by_hash.into_iter().map(|(d, b)| (b, d)).collect();
+            hits.extend(by_shape.into_iter().map(|(_, b)| (b, (ha ^ hashes[b]).count_ones())));
+            hits.sort_unstable();
+            hits.dedup();
+            hits
+        })
+        .collect();
+    let pairs: BTreeSet<(usize, usize, u32)> =
+        nearest.iter().enumerate().flat_map(|(a, hits)| hits.iter().map(move |&(b, d)| (a.min(b), a.max(b), d))).collect();
+    if pairs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let involved: Vec<usize> = pairs.iter().flat_map(|&(a, b, _)| [a, b]).collect::<BTreeSet<_>>().into_iter().collect();
+    let sketches = sketch_all(cx, items, &involved.iter().map(|&k| candidates[k]).collect::<Vec<_>>(), limits)?;
+    let mut views: Vec<Option<View>> = (0..candidates.len()).map(|_| None).collect();
+    let mut sketch_of: Vec<Option<Sketch>> = vec![None; candidates.len()];
+    for (&k, s) in involved.iter().zip(sketches) {
+        views[k] = s.as_ref().and_then(View::of);
+        sketch_of[k] = s;
+    }
+    let limit = t.max_difference as f32;
+    let confirmed: Vec<(usize, usize, u32, f32)> = pairs
+        .into_par_iter()
+        .filter_map(|(a, b, d)| {
+            let diff = near::difference(views[a].as_ref()?, views[b].as_ref()?, limit)?;
+            (diff <= limit).then_some((a, b, d, diff))
+        })
+        .collect();
+
+    let mut neighbours: Vec<Vec<(usize, u32, f32)>> = vec![Vec::new(); candidates.len()];
+    for &(a, b, d, diff) in &confirmed {
+        neighbours[a].push((b, d, diff));
+        neighbours[b].push((a, d, diff));
+    }
+    // Leaders in order of a cheap quality guess (lossless, pixels, bytes, first id); which
+    // copy is kept is then decided within the group, where the upscale test can run.
+    let rank = |k: usize| {
+        let i = candidates[k];
+        let lossless = sketch_of[k].as_ref().is_some_and(|s| s.lossless);
+        let p = probe(k);
+        (lossless, u64::from(p.width) * u64::from(p.height), items[i].bytes, std::cmp::Reverse(items[i].id.clone()))
+    };
+    let mut order: Vec<usize> = (0..candidates.len()).filter(|&k| !neighbours[k].is_empty()).collect();
+    order.sort_by_cached_key(|&k| std::cmp::Reverse(rank(k)));
+    let mut taken = vec![false; candidates.len()];
+    let mut groups = Vec::new();
+    for &leader in &order {
+        if taken[leader] {
+            continue;
+        }
+        taken[leader] = true;
+        let mut members = Vec::new();
+        for &(m, d, diff) in &neighbours[leader] {
+            if !taken[m] {
+                taken[m] = true;
+                members.push((m, d, diff));
+            }
+        }
+        if members.is_empty() {
+            continue;
+        }
+        members.sort_unstable_by_key(|&(m, _, _)| m);
+        let all: Vec<usize> = std::iter::once(leader).chain(members.iter().map(|&(m, _, _)| m)).collect();
+        let labels: BTreeSet<&str> = all.iter().filter_map(|&k| items[candidates[k]].label.as_deref()).collect();
+        let kept = all.iter().copied().reduce(|best, k| if better(cx, items, candidates, &sketch_of, k, best, limits) { k } else { best });
+        let kept = kept.expect("a group has members");
+        let copies = std::iter::once((leader, 0, 0.0f32))
+            .chain(members)
+            .filter(|&(k, _, _)| k != kept)
+            .map(|(k, d, diff)| (candidates[k], d, diff))
+            .collect();
+        groups.push(NearGroup { kept: candidates[kept], copies, cross_class: labels.len() > 1 });
+    }
+    Ok(groups)
+}
+
+/// Whether copy `a` is a better one to keep than `b`: the original over what was made of it.
+/// Lossless over lossy; of two sizes, the larger unless it is only an upscale of the smaller;
+/// at one size, more distinct levels (a tone shift clips some away) for lossless files and
+/// more bytes (a higher quality) for lossy ones; then the first id.
+fn better(
+    cx: &StageContext<'_>,
+    items: &[Item],
+    candidates: &[usize],
+    sketches: &[Option<Sketch>],
+    a: usize,
+    b: usize,
+    limits: &DecodeLimits,
+) -> bool {
+    let (Some(sa), Some(sb)) = (&sketches[a], &sketches[b]) else {
+        return sketches[a].is_some();
+    };
+    let (ia, ib) = (&items[candidates[a]], &items[candidates[b]]);
+    if sa.lossless != sb.lossless {
+        return sa.lossless;
+    }
+    let (pa, pb) = (u64::from(sa.width) * u64::from(sa.height), u64::from(sb.width) * u64::from(sb.height));
+    // Sizes within 2 % are one size: a one-pixel crop is not a better original.
+    if pa.abs_diff(pb) * 50 > pa.max(pb) {
+        let (large, small) = if pa > pb { (ia, ib) } else { (ib, ia) };
+        let upscale = match (decode(cx, &large.digest, limits), decode(cx, &small.digest, limits)) {
+            (Some(l), Some(s)) => near::is_upscale_of(&l, &s),
+            _ => false,
+        };
+        return (pa > pb) != upscale;
+    }
+    // A tone shift clips levels away at one end, or moves the darkest or brightest level off
+    // the end of the range it reached.
+    let anchored = |s: &Sketch| std::cmp::Reverse(u32::from(s.black) + u32::from(255 - s.white));
+    let quality = |s: &Sketch, item: &Item| if s.lossless { (s.levels, anchored(s), item.bytes) } else { (0, anchored(s), item.bytes) };
+    match quality(sa, ia).cmp(&quality(sb, ib)) {
+        Ordering::Equal => ia.id < ib.id,
+        o => o == Ordering::Greater,
+    }
+}
+
+fn decode(cx: &StageContext<'_>, digest: &Digest, limits: &DecodeLimits) -> Option<image::DynamicImage> {
+    let bytes = cx.cache.read_blob(digest).ok()?;
+    imaging::decode(&bytes, limits).ok().map(|(_, img)| img)
+}
+
+/// Sketches of the given items, memoised per (image digest, sketch version, limits): a rerun
+/// with other thresholds decodes nothing.
+fn sketch_all(cx: &StageContext<'_>, items: &[Item], which: &[usize], limits: &DecodeLimits) -> Result<Vec<Option<Sketch>>, StageError> {
+    let op = Digest::of_bytes(
+        format!("clean-sketch v{} {}", near::SKETCH_VERSION, serde_json::to_string(limits).expect("limits serialise")).as_bytes(),
+    );
+    let digests: Vec<Digest> = which.iter().map(|&i| items[i].digest).collect();
+    let results = cx
+        .cache
+        .state()
+        .memo()
+        .map(&digests, &op, |k| {
+            let bytes = cx.cache.read_blob(&digests[k]).map_err(|e| format!("cannot read image of `{}`: {e}", items[which[k]].id))?;
+            serde_json::to_vec(&near::sketch(&bytes, limits).ok()).map_err(|e| e.to_string())
+        })
+        .map_err(|e| StageError::Failed(e.to_string()))?;
+    results
+        .into_iter()
+        .map(|r| {
+            let bytes = r.map_err(StageError::Failed)?;
+            serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("memo entry: {e}")))
+        })
+        .collect()
+}
