@@ -43,5 +43,10 @@ fn main() {
         None => println!("too small to compare (under 8 pixels on a side)"),
     }
     let (ia, ib) = (image::load_from_memory(&ba).expect("A decodes"), image::load_from_memory(&bb).expect("B decodes"));
-    println!("A only an upscale of B: {}; B only an upscale of A: {}", near::is_upscale_of(&ia, &ib), near::is_upscale_of(&ib, &ia));
+    let (large, small, which) = if u64::from(ia.width()) * u64::from(ia.height()) >= u64::from(ib.width()) * u64::from(ib.height()) {
+        (&ia, &ib, "A")
+    } else {
+        (&ib, &ia, "B")
+    };
+    println!("the larger, {which}, is: {:?} (Upscale: the smaller stays)", near::larger_copy(large, small));
 }

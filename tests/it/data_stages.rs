@@ -86,9 +86,20 @@ fn every_planted_fault_is_found_and_nothing_else_is_dropped() {
         jpeg(&t("hubble_deep_field", 3).crop_imm(w / 50, h / 50, w - w / 25, h - h / 25), 92),
         "near_duplicates",
     );
+    // Brighter by 20 levels, and enlarged 1.5× into a lossless PNG: copies all the same, and
+    // the JPEG original stays over the PNG (native resolution before lossless).
+    plant("astronaut/t1_brighter.jpg", jpeg(&t("astronaut", 1).brighten(20), 92), "near_duplicates");
+    let big = t("coffee", 2).resize_exact(
+        t("coffee", 2).width() * 3 / 2,
+        t("coffee", 2).height() * 3 / 2,
+        image::imageops::FilterType::CatmullRom,
+    );
+    plant("coffee/t2_upscaled.png", png(&big), "near_duplicates");
     let whole = std::fs::read(root.join("chelsea/t0.jpg")).unwrap();
     plant("chelsea/t0_truncated.jpg", whole[..whole.len() / 2].to_vec(), "decode:truncated");
     plant("chelsea/empty.jpg", Vec::new(), "decode:zero-byte");
+    // Identical broken files are each broken, not copies of one another.
+    plant("coffee/empty.jpg", Vec::new(), "decode:zero-byte");
     plant("coffee/notes.jpg", b"shopping list: beans, milk, filters".to_vec(), "decode:not an image");
     let mut bomb = png(&DynamicImage::ImageRgb8(RgbImage::new(1, 1)));
     bomb[16..24].copy_from_slice(&[0, 1, 0x86, 0xA0, 0, 1, 0x86, 0xA0]); // 100 000 x 100 000
@@ -100,6 +111,8 @@ fn every_planted_fault_is_found_and_nothing_else_is_dropped() {
     // The same retina tile filed under the cat class: an exact duplicate whose labels
     // conflict, so the label stage drops the group.
     write(&root.join("chelsea/retina_copy.jpg"), &std::fs::read(root.join("retina/t0.jpg")).unwrap());
+    // A re-encoded copy filed under another class: a label conflict to review, not removed.
+    write(&root.join("hubble_deep_field/retina_t1.jpg"), &jpeg(t("retina", 1), 60));
     std::fs::write(ws.path().join("kiln.toml"), PIPELINE).unwrap();
 
     let out = plain_ok(ws.path(), &["run"]);
@@ -132,14 +145,17 @@ fn every_planted_fault_is_found_and_nothing_else_is_dropped() {
     expected_kept.remove("photos/retina/t0.jpg");
     expected_kept.insert("photos/chelsea/retina_copy.jpg".into());
     expected_kept.insert("photos/astronaut/wrong_ext.jpg".into());
+    expected_kept.insert("photos/hubble_deep_field/retina_t1.jpg".into());
     assert_eq!(kept, expected_kept, "exactly the planted faults are removed");
+    let cross = report["cross_class_groups"].to_string();
+    assert!(cross.contains("photos/hubble_deep_field/retina_t1.jpg") && cross.contains("photos/retina/t1.jpg"), "{cross}");
     for id in
         planted.keys().filter(|id| !id.contains("bomb") && !id.contains("notes") && !id.contains("empty") && !id.contains("truncated"))
     {
         assert!(report["duplicate_groups"].to_string().contains(id.as_str()), "{id} is listed in a duplicate group");
     }
     let quarantined = std::fs::read_dir(ws.path().join("outputs/dirty/clean/quarantine/near_duplicates")).unwrap().count();
-    assert_eq!(quarantined, 3, "quarantined images are there to look at");
+    assert_eq!(quarantined, 5, "quarantined images are there to look at");
 
     let labels = read_json(ws.path().join("outputs/dirty/label/label_report.json"));
     assert_eq!(labels["conflicts"].as_array().unwrap().len(), 1, "{labels:#}");
@@ -150,7 +166,7 @@ fn every_planted_fault_is_found_and_nothing_else_is_dropped() {
     assert_eq!(cats["label"], "chelsea", "the alias folder maps to the canonical class");
     let classes = read_json(ws.path().join("outputs/dirty/label/classes.json"));
     assert_eq!(classes, serde_json::json!(["astronaut", "chelsea", "coffee", "hubble_deep_field", "retina"]));
-    assert_eq!(labelled.len(), 20, "21 kept images minus the conflicting retina copy");
+    assert_eq!(labelled.len(), 21, "22 kept images minus the conflicting retina copy");
 
     // `kiln report` lists the offending files with reason and score.
     let out = plain_ok(ws.path(), &["report", "clean"]);

@@ -6,13 +6,13 @@
 //! cannot chain from one image to a different one through a series of small steps.
 
 use std::cmp::Ordering;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use rayon::prelude::*;
 
 use crate::digest::Digest;
 use crate::formats::dataset::Item;
-use crate::imaging::near::{self, Sketch, View};
+use crate::imaging::near::{self, Larger, Sketch, View};
 use crate::imaging::{self, DecodeLimits, Probe};
 use crate::stages::{StageContext, StageError};
 
@@ -20,8 +20,11 @@ use crate::stages::{StageContext, StageError};
 /// closest few, and a cap keeps the exact comparisons linear in the set's size on sets where
 /// many distinct images hash alike.
 const NEIGHBOURS: usize = 8;
+/// Hash distance within which every pair is confirmed (up to [`MAX_CLOSE`] per image).
+const CLOSE_DISTANCE: u32 = 4;
+const MAX_CLOSE: usize = 64;
 /// How many nearest neighbours by thumbnail shape are confirmed.
-const SHAPE_NEIGHBOURS: usize = 4;
+const SHAPE_NEIGHBOURS: usize = 6;
 
 /// An 8×8 RGB thumbnail's luma, standardised (zero mean, unit spread as 32 levels): its
 /// shape, whatever its brightness and contrast.
@@ -67,6 +70,7 @@ pub(super) fn find(
     let probe = |k: usize| probes[candidates[k]].as_ref().expect("candidates are decodable");
     let hashes: Vec<u64> = (0..candidates.len()).map(|k| probe(k).phash).collect();
     let thumbs: Vec<Vec<u8>> = (0..candidates.len()).map(|k| hex::decode(&probe(k).thumb).unwrap_or_default()).collect();
+    let started = std::time::Instant::now();
     let shapes: Vec<[i8; 64]> = thumbs.iter().map(|t| shape(t)).collect();
     // Two proposals per image: its nearest few by hash within the distance, and its nearest
     // few by the shape of its 8×8 thumbnail. A crop of a few per cent moves a hash by up to
@@ -85,7 +89,10 @@ pub(super) fn find(
             }
             by_hash.sort_unstable();
             by_hash.retain(|&(_, b)| near::chroma_difference(&thumbs[a], &thumbs[b]) <= t.max_colour_difference);
-            by_hash.truncate(NEIGHBOURS);
+            // Where many images hash alike (dark sky, plain backgrounds) a copy can fall
+            // behind its look-alikes: every pair this close is confirmed, up to a bound.
+            let close = by_hash.iter().take_while(|&&(d, _)| d <= CLOSE_DISTANCE).count();
+            by_hash.truncate(NEIGHBOURS.max(close.min(MAX_CLOSE)));
             let sa = &shapes[a];
             let mut by_shape: Vec<(u32, usize)> = shapes
                 .iter()
@@ -108,6 +115,7 @@ pub(super) fn find(
         .collect();
     let pairs: BTreeSet<(usize, usize, u32)> =
         nearest.iter().enumerate().flat_map(|(a, hits)| hits.iter().map(move |&(b, d)| (a.min(b), a.max(b), d))).collect();
+    let proposed = started.elapsed();
     if pairs.is_empty() {
         return Ok(Vec::new());
     }
@@ -119,15 +127,58 @@ pub(super) fn find(
         views[k] = s.as_ref().and_then(View::of);
         sketch_of[k] = s;
     }
+    let mut sizes: HashMap<(u32, u32), usize> = HashMap::new();
+    for p in probes.iter().flatten() {
+        *sizes.entry((p.width, p.height)).or_default() += 1;
+    }
     let limit = t.max_difference as f32;
-    let confirmed: Vec<(usize, usize, u32, f32)> = pairs
-        .into_par_iter()
-        .filter_map(|(a, b, d)| {
-            let diff = near::difference(views[a].as_ref()?, views[b].as_ref()?, limit)?;
-            (diff <= limit).then_some((a, b, d, diff))
+    let pairs_len = pairs.len();
+    // Each pair's verdict is memoised by the two images' digests, so a rerun after images
+    // were added compares only the pairs that are new.
+    let pairs: Vec<(usize, usize, u32)> = pairs.into_iter().collect();
+    let pair_keys: Vec<Digest> = pairs
+        .iter()
+        .map(|&(a, b, _)| {
+            let (da, db) = (items[candidates[a]].digest, items[candidates[b]].digest);
+            let (lo, hi) = if da.0 <= db.0 { (da, db) } else { (db, da) };
+            Digest::of_bytes(&[lo.0, hi.0].concat())
         })
         .collect();
+    let op = Digest::of_bytes(
+        format!("clean-near-pair v{} sketch v{} limit {limit}", near::DIFFERENCE_VERSION, near::SKETCH_VERSION).as_bytes(),
+    );
+    let verdicts = cx
+        .cache
+        .state()
+        .memo()
+        .map(&pair_keys, &op, |k| {
+            let (a, b, _) = pairs[k];
+            let diff = match (&views[a], &views[b]) {
+                (Some(va), Some(vb)) => near::difference(va, vb, limit),
+                _ => None,
+            };
+            Ok::<_, String>(diff.map_or_else(Vec::new, |d| d.to_le_bytes().to_vec()))
+        })
+        .map_err(|e| StageError::Failed(e.to_string()))?;
+    let mut confirmed: Vec<(usize, usize, u32, f32)> = Vec::new();
+    for (&(a, b, d), verdict) in pairs.iter().zip(verdicts) {
+        let bytes = verdict.map_err(StageError::Failed)?;
+        if let Ok(raw) = <[u8; 4]>::try_from(bytes.as_slice()) {
+            let diff = f32::from_le_bytes(raw);
+            if diff <= limit {
+                confirmed.push((a, b, d, diff));
+            }
+        }
+    }
 
+    tracing::debug!(
+        candidates = candidates.len(),
+        pairs = pairs_len,
+        confirmed = confirmed.len(),
+        "near duplicates: pairs proposed in {:.1} s, sketched and confirmed in {:.1} s",
+        proposed.as_secs_f64(),
+        (started.elapsed() - proposed).as_secs_f64()
+    );
     let mut neighbours: Vec<Vec<(usize, u32, f32)>> = vec![Vec::new(); candidates.len()];
     for &(a, b, d, diff) in &confirmed {
         neighbours[a].push((b, d, diff));
@@ -141,6 +192,7 @@ pub(super) fn find(
         let p = probe(k);
         (lossless, u64::from(p.width) * u64::from(p.height), items[i].bytes, std::cmp::Reverse(items[i].id.clone()))
     };
+    let resolve = Resolve { cx, items, candidates, sketches: &sketch_of, limits, sizes: &sizes };
     let mut order: Vec<usize> = (0..candidates.len()).filter(|&k| !neighbours[k].is_empty()).collect();
     order.sort_by_cached_key(|&k| std::cmp::Reverse(rank(k)));
     let mut taken = vec![false; candidates.len()];
@@ -163,7 +215,7 @@ pub(super) fn find(
         members.sort_unstable_by_key(|&(m, _, _)| m);
         let all: Vec<usize> = std::iter::once(leader).chain(members.iter().map(|&(m, _, _)| m)).collect();
         let labels: BTreeSet<&str> = all.iter().filter_map(|&k| items[candidates[k]].label.as_deref()).collect();
-        let kept = all.iter().copied().reduce(|best, k| if better(cx, items, candidates, &sketch_of, k, best, limits) { k } else { best });
+        let kept = all.iter().copied().reduce(|best, k| if better(&resolve, k, best) { k } else { best });
         let kept = kept.expect("a group has members");
         let copies = std::iter::once((leader, 0, 0.0f32))
             .chain(members)
@@ -176,34 +228,58 @@ pub(super) fn find(
 }
 
 /// Whether copy `a` is a better one to keep than `b`: the original over what was made of it.
-/// Lossless over lossy; of two sizes, the larger unless it is only an upscale of the smaller;
-/// at one size, more distinct levels (a tone shift clips some away) for lossless files and
-/// more bytes (a higher quality) for lossy ones; then the first id.
-fn better(
-    cx: &StageContext<'_>,
-    items: &[Item],
-    candidates: &[usize],
-    sketches: &[Option<Sketch>],
-    a: usize,
-    b: usize,
-    limits: &DecodeLimits,
-) -> bool {
+/// Native resolution first: of two sizes, the larger unless it is only an upscale of the
+/// smaller (an upscaled PNG of a JPEG is no original). At one size, lossless over lossy, then
+/// more distinct levels and a darkest or brightest level at the end of the range (a tone
+/// shift clips levels away or moves off the end), then more bytes (a higher quality); then
+/// the first id.
+/// What deciding which copy to keep needs to see.
+struct Resolve<'a> {
+    cx: &'a StageContext<'a>,
+    items: &'a [Item],
+    candidates: &'a [usize],
+    sketches: &'a [Option<Sketch>],
+    limits: &'a DecodeLimits,
+    /// How many images of the set have each size.
+    sizes: &'a HashMap<(u32, u32), usize>,
+}
+
+fn better(r: &Resolve<'_>, a: usize, b: usize) -> bool {
+    let Resolve { cx, items, candidates, sketches, limits, sizes } = *r;
     let (Some(sa), Some(sb)) = (&sketches[a], &sketches[b]) else {
         return sketches[a].is_some();
     };
     let (ia, ib) = (&items[candidates[a]], &items[candidates[b]]);
-    if sa.lossless != sb.lossless {
-        return sa.lossless;
-    }
     let (pa, pb) = (u64::from(sa.width) * u64::from(sa.height), u64::from(sb.width) * u64::from(sb.height));
     // Sizes within 2 % are one size: a one-pixel crop is not a better original.
     if pa.abs_diff(pb) * 50 > pa.max(pb) {
         let (large, small) = if pa > pb { (ia, ib) } else { (ib, ia) };
-        let upscale = match (decode(cx, &large.digest, limits), decode(cx, &small.digest, limits)) {
-            (Some(l), Some(s)) => near::is_upscale_of(&l, &s),
-            _ => false,
+        let larger = match (decode(cx, &large.digest, limits), decode(cx, &small.digest, limits)) {
+            (Some(l), Some(s)) => near::larger_copy(&l, &s),
+            _ => Larger::Original,
         };
-        return (pa > pb) != upscale;
+        let larger_stays = match larger {
+            Larger::Original => true,
+            Larger::Upscale => false,
+            // Too smooth to tell: the size most of the set shares is the likelier original
+            // (a set is collected at a few native sizes; copies are made one by one).
+            Larger::Unclear => {
+                let count = |s: &Sketch| sizes.get(&(s.width, s.height)).copied().unwrap_or(0);
+                let (cl, cs) = if pa > pb { (count(sa), count(sb)) } else { (count(sb), count(sa)) };
+                let (ll, ls) = if pa > pb { (sa.lossless, sb.lossless) } else { (sb.lossless, sa.lossless) };
+                if cl != cs {
+                    cl > cs
+                } else if ll != ls {
+                    ll
+                } else {
+                    true
+                }
+            }
+        };
+        return (pa > pb) == larger_stays;
+    }
+    if sa.lossless != sb.lossless {
+        return sa.lossless;
     }
     // A tone shift clips levels away at one end, or moves the darkest or brightest level off
     // the end of the range it reached.
