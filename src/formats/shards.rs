@@ -123,6 +123,28 @@ impl Split {
         self.shape.iter().product()
     }
 
+    /// Row `r` as a PNG at `path`, as the model saw it (after preprocessing); `false` for
+    /// images of neither one nor three channels, which have no PNG colour type.
+    pub fn save_row_png(&self, r: usize, applied: Option<&Normalize>, path: &std::path::Path) -> std::io::Result<bool> {
+        let [c, h, w] = self.shape;
+        let chw = self.row_bytes(r, applied);
+        let (color, pixels) = match c {
+            1 => (image::ExtendedColorType::L8, chw),
+            3 => {
+                let mut hwc = vec![0u8; chw.len()];
+                for ch in 0..3 {
+                    for p in 0..h * w {
+                        hwc[p * 3 + ch] = chw[ch * h * w + p];
+                    }
+                }
+                (image::ExtendedColorType::Rgb8, hwc)
+            }
+            _ => return Ok(false),
+        };
+        image::save_buffer_with_format(path, &pixels, w as u32, h as u32, color, image::ImageFormat::Png).map_err(std::io::Error::other)?;
+        Ok(true)
+    }
+
     /// Row `r` as CHW bytes; f32 rows are mapped back through the normalisation that
     /// convert applied (`applied`), or read as fractions of 1.
     pub fn row_bytes(&self, r: usize, applied: Option<&Normalize>) -> Vec<u8> {

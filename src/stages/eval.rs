@@ -282,25 +282,11 @@ fn write_thumbnails(cx: &StageContext<'_>, split: &Split, mistakes: &[Mistake], 
     }
     let dir = cx.out_dir.join("mistakes");
     std::fs::create_dir_all(&dir).map_err(StageError::io("create", &dir))?;
-    let [c, h, w] = split.shape;
     for m in mistakes {
-        let chw = split.row_bytes(m.row, applied);
-        let (color, pixels) = match c {
-            1 => (image::ExtendedColorType::L8, chw),
-            3 => {
-                let mut hwc = vec![0u8; chw.len()];
-                for ch in 0..3 {
-                    for p in 0..h * w {
-                        hwc[p * 3 + ch] = chw[ch * h * w + p];
-                    }
-                }
-                (image::ExtendedColorType::Rgb8, hwc)
-            }
-            _ => return Ok(()),
-        };
         let path = cx.out_dir.join(&m.thumbnail);
-        image::save_buffer_with_format(&path, &pixels, w as u32, h as u32, color, image::ImageFormat::Png)
-            .map_err(|e| StageError::io("write", &path)(std::io::Error::other(e)))?;
+        if !split.save_row_png(m.row, applied, &path).map_err(StageError::io("write", &path))? {
+            return Ok(());
+        }
     }
     Ok(())
 }

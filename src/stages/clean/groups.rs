@@ -296,27 +296,7 @@ fn decode(cx: &StageContext<'_>, digest: &Digest, limits: &DecodeLimits) -> Opti
     imaging::decode(&bytes, limits).ok().map(|(_, img)| img)
 }
 
-/// Sketches of the given items, memoised per (image digest, sketch version, limits): a rerun
-/// with other thresholds decodes nothing.
+/// Sketches of the given items, memoised like the probes.
 fn sketch_all(cx: &StageContext<'_>, items: &[Item], which: &[usize], limits: &DecodeLimits) -> Result<Vec<Option<Sketch>>, StageError> {
-    let op = Digest::of_bytes(
-        format!("clean-sketch v{} {}", near::SKETCH_VERSION, serde_json::to_string(limits).expect("limits serialise")).as_bytes(),
-    );
-    let digests: Vec<Digest> = which.iter().map(|&i| items[i].digest).collect();
-    let results = cx
-        .cache
-        .state()
-        .memo()
-        .map(&digests, &op, |k| {
-            let bytes = cx.cache.read_blob(&digests[k]).map_err(|e| format!("cannot read image of `{}`: {e}", items[which[k]].id))?;
-            serde_json::to_vec(&near::sketch(&bytes, limits).ok()).map_err(|e| e.to_string())
-        })
-        .map_err(|e| StageError::Failed(e.to_string()))?;
-    results
-        .into_iter()
-        .map(|r| {
-            let bytes = r.map_err(StageError::Failed)?;
-            serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("memo entry: {e}")))
-        })
-        .collect()
+    super::memoised(cx, items, which, "clean-sketch", near::SKETCH_VERSION, limits, |bytes| near::sketch(bytes, limits).ok())
 }

@@ -506,23 +506,39 @@ fn extension(source: &str) -> Option<String> {
 
 /// Probes every item, memoised per (image digest, probe version and limits).
 fn probe_all(cx: &StageContext<'_>, items: &[Item], limits: &DecodeLimits) -> Result<Vec<Result<Probe, Defect>>, StageError> {
-    let op = Digest::of_bytes(
-        format!("clean-probe v{} {}", imaging::PROBE_VERSION, serde_json::to_string(limits).expect("limits serialise")).as_bytes(),
-    );
-    let digests: Vec<Digest> = items.iter().map(|i| i.digest).collect();
     let progress = cx.reporter.progress(&format!("{}: checking images", cx.stage), items.len() as u64, "items");
+    let all: Vec<usize> = (0..items.len()).collect();
+    let probes = memoised(cx, items, &all, "clean-probe", imaging::PROBE_VERSION, limits, |bytes| {
+        let verdict = imaging::probe(bytes, limits);
+        progress.inc(1);
+        verdict
+    })?;
+    progress.finish();
+    Ok(probes)
+}
+
+/// `measure` of the bytes of each item in `which`, memoised per (image digest, `what`,
+/// its version and the decode limits): a rerun with other thresholds decodes nothing.
+fn memoised<T: Serialize + serde::de::DeserializeOwned>(
+    cx: &StageContext<'_>,
+    items: &[Item],
+    which: &[usize],
+    what: &str,
+    version: u32,
+    limits: &DecodeLimits,
+    measure: impl Fn(&[u8]) -> T + Sync,
+) -> Result<Vec<T>, StageError> {
+    let op = Digest::of_bytes(format!("{what} v{version} {}", serde_json::to_string(limits).expect("limits serialise")).as_bytes());
+    let digests: Vec<Digest> = which.iter().map(|&i| items[i].digest).collect();
     let results = cx
         .cache
         .state()
         .memo()
         .map(&digests, &op, |k| {
-            let bytes = cx.cache.read_blob(&digests[k]).map_err(|e| format!("cannot read image of `{}`: {e}", items[k].id))?;
-            let verdict = imaging::probe(&bytes, limits);
-            progress.inc(1);
-            serde_json::to_vec(&verdict).map_err(|e| e.to_string())
+            let bytes = cx.cache.read_blob(&digests[k]).map_err(|e| format!("cannot read image of `{}`: {e}", items[which[k]].id))?;
+            serde_json::to_vec(&measure(&bytes)).map_err(|e| e.to_string())
         })
         .map_err(|e| StageError::Failed(e.to_string()))?;
-    progress.finish();
     results
         .into_iter()
         .map(|r| {

@@ -168,28 +168,14 @@ fn write_thumbnail(
     applied: Option<&Normalize>,
     rank: usize,
 ) -> Result<Option<String>, StageError> {
-    let [c, h, w] = split.shape;
-    let chw = split.row_bytes(row, applied);
-    let (color, pixels) = match c {
-        1 => (image::ExtendedColorType::L8, chw),
-        3 => {
-            let mut hwc = vec![0u8; chw.len()];
-            for ch in 0..3 {
-                for p in 0..h * w {
-                    hwc[p * 3 + ch] = chw[ch * h * w + p];
-                }
-            }
-            (image::ExtendedColorType::Rgb8, hwc)
-        }
-        _ => return Ok(None),
-    };
     let name = format!("thumbs/{rank:04}.png");
     let path = cx.out_dir.join(&name);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(StageError::io("create", dir))?;
     }
-    image::save_buffer_with_format(&path, &pixels, w as u32, h as u32, color, image::ImageFormat::Png)
-        .map_err(|e| StageError::io("write", &path)(std::io::Error::other(e)))?;
+    if !split.save_row_png(row, applied, &path).map_err(StageError::io("write", &path))? {
+        return Ok(None);
+    }
     Ok(Some(name))
 }
 
