@@ -80,21 +80,6 @@ pub struct Probe {
     pub thumb: String,
 }
 
-impl Probe {
-    /// Mean absolute difference of two thumbnails, 0–255 per channel.
-    pub fn colour_difference(&self, other: &Probe) -> f64 {
-        thumb_difference(&hex::decode(&self.thumb).unwrap_or_default(), &hex::decode(&other.thumb).unwrap_or_default())
-    }
-}
-
-/// Mean absolute difference of two decoded thumbnails; infinite when they do not compare.
-pub fn thumb_difference(a: &[u8], b: &[u8]) -> f64 {
-    if a.len() != b.len() || a.is_empty() {
-        return f64::INFINITY;
-    }
-    a.iter().zip(b).map(|(x, y)| u32::from(x.abs_diff(*y))).sum::<u32>() as f64 / a.len() as f64
-}
-
 /// Format name from the leading bytes, if they are an image kiln can decode.
 pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
     image::guess_format(bytes).ok().filter(|f| f.reading_enabled())

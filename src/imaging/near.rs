@@ -305,12 +305,9 @@ fn residual(reference: &View, quantiles: &[f32], trim: [f32; 4], ow: usize, oh: 
     }
     let k = ((s.smooth.len() - 1) as f64 * QUANTILE).round() as usize;
     let q = *s.smooth.select_nth_unstable_by(k, f32::total_cmp).1;
-    s.residual.clear();
-    s.residual.extend_from_slice(&s.reference);
-    let lo = ((s.residual.len() - 1) as f64 * 0.01).round() as usize;
-    let hi = ((s.residual.len() - 1) as f64 * 0.99).round() as usize;
-    let p_lo = *s.residual.select_nth_unstable_by(lo, f32::total_cmp).1;
-    let p_hi = *s.residual.select_nth_unstable_by(hi, f32::total_cmp).1;
+    // The reference's range of levels, read off the sort the tone map already made.
+    let last = (s.sorted.len() - 1) as f64;
+    let (p_lo, p_hi) = (s.sorted[(last * 0.01).round() as usize], s.sorted[(last * 0.99).round() as usize]);
     q / (p_hi - p_lo).max(MIN_RANGE)
 }
 

@@ -93,17 +93,17 @@ pub(super) fn find(
             // behind its look-alikes: every pair this close is confirmed, up to a bound.
             let close = by_hash.iter().take_while(|&&(d, _)| d <= CLOSE_DISTANCE).count();
             by_hash.truncate(NEIGHBOURS.max(close.min(MAX_CLOSE)));
+            // The nearest few kept as the scan goes (sorted, at most SHAPE_NEIGHBOURS), so
+            // the scan allocates nothing per image pair.
             let sa = &shapes[a];
-            let mut by_shape: Vec<(u32, usize)> = shapes
-                .iter()
-                .enumerate()
-                .filter(|&(b, _)| b != a)
-                .map(|(b, sb)| (sa.iter().zip(sb).map(|(&x, &y)| u32::from(x.abs_diff(y))).sum::<u32>(), b))
-                .collect();
-            let k = SHAPE_NEIGHBOURS.min(by_shape.len());
-            if k > 0 {
-                by_shape.select_nth_unstable(k - 1);
-                by_shape.truncate(k);
+            let mut by_shape: Vec<(u32, usize)> = Vec::with_capacity(SHAPE_NEIGHBOURS + 1);
+            for (b, sb) in shapes.iter().enumerate().filter(|&(b, _)| b != a) {
+                let hit = (sa.iter().zip(sb).map(|(&x, &y)| u32::from(x.abs_diff(y))).sum::<u32>(), b);
+                if by_shape.len() < SHAPE_NEIGHBOURS || by_shape.last().is_some_and(|&worst| hit < worst) {
+                    let at = by_shape.partition_point(|&kept| kept < hit);
+                    by_shape.insert(at, hit);
+                    by_shape.truncate(SHAPE_NEIGHBOURS);
+                }
             }
             by_shape.retain(|&(_, b)| near::chroma_difference(&thumbs[a], &thumbs[b]) <= t.max_colour_difference);
             let mut hits: Vec<(usize, u32)> = by_hash.into_iter().map(|(d, b)| (b, d)).collect();
