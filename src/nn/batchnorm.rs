@@ -1,23 +1,70 @@
-//! Training-mode batch normalisation as fused custom ops.
+//! Batch normalisation fused with the activation after it, as custom ops.
 //!
 //! Written with candle's tensor ops, batch norm reduces over dimensions (0, 2, 3) several
 //! times in the forward pass and again in the backward pass of every broadcast, and
 //! candle's CPU reductions over non-trailing dimensions walk a strided index per element:
 //! profiling the small CNN put most of its training time there. Here statistics are one
-//! pass per channel and the backward pass uses the closed form
-//! `dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy · x̂))`.
+//! pass per channel, the backward pass uses the closed form
+//! `dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy · x̂))`, and the ReLU (or ReLU6) that follows
+//! is applied in the same pass: its own backward in candle is five passes over the
+//! activation (a comparison, a cast, a multiply, and a zero-fill and add to accumulate).
+//! The forward pass keeps its statistics for the backward pass instead of recomputing them.
+//!
+//! With running statistics (evaluation, or a frozen layer being fine-tuned through) the
+//! layer is `act(x · scale + shift)` per channel: one pass, differentiable in all three.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::Result;
+use super::activation::{Act, Gate, gated};
 use super::depthwise::slice;
+use super::kernels_apply;
 
-/// `y = (x − μ_B) / sqrt(σ²_B + eps) · γ + β` with the batch's own statistics, and those
+/// `out = act(x · scale + shift)` over one plane.
+#[inline(always)]
+fn scale_shift<G: Gate>(gate: G, out: &mut [f32], x: &[f32], scale: f32, shift: f32) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = gate.apply(v * scale + shift);
+    }
+}
+
+const LANES: usize = 8;
+
+/// `(Σ (x − shift)·g, Σ g)` over one plane, `g` being `dy` where the gate passes `y` and 0
+/// elsewhere; eight partial sums so that the loop vectorises.
+#[inline(always)]
+fn gated_sums<G: Gate>(gate: G, x: &[f32], y: &[f32], dy: &[f32], shift: f32) -> (f32, f32) {
+    let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+    let n = x.len().min(y.len()).min(dy.len());
+    let body = n / LANES * LANES;
+    for ((x, y), dy) in x[..body].chunks_exact(LANES).zip(y[..body].chunks_exact(LANES)).zip(dy[..body].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            let g = if gate.pass(y[l]) { dy[l] } else { 0.0 };
+            a[l] += (x[l] - shift) * g;
+            b[l] += g;
+        }
+    }
+    for j in body..n {
+        let g = if gate.pass(y[j]) { dy[j] } else { 0.0 };
+        a[0] += (x[j] - shift) * g;
+        b[0] += g;
+    }
+    (a.iter().sum(), b.iter().sum())
+}
+
+/// Planes per parallel task, so that small planes do not become thousands of tasks.
+fn planes_per_task(plane: usize) -> usize {
+    (16_384 / plane.max(1)).max(1)
+}
+
+/// `act((x − μ_B) / sqrt(σ²_B + eps) · γ + β)` with the batch's own statistics, and those
 /// statistics (`[2, C]`: mean, biased variance), detached, for the running averages.
-pub fn train_forward(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+pub fn train_forward(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, act: Act) -> Result<(Tensor, Tensor)> {
     let x = x.contiguous()?;
-    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+    if !kernels_apply(super::Kernel::BatchNorm, &[&x, gamma, beta]) {
         let mean = x.mean_keepdim((0, 2, 3))?;
         let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
         let c = x.dim(1)?;
@@ -28,11 +75,25 @@ pub fn train_forward(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Res
             .broadcast_mul(&gamma.reshape(shape)?)?
             .broadcast_add(&beta.reshape(shape)?)?;
         let stats = Tensor::stack(&[mean.flatten_all()?.detach(), var.flatten_all()?.detach()], 0)?;
-        return Ok((y, stats));
+        return Ok((act.tensor(&y)?, stats));
     }
-    let stats = x.apply_op1_no_bwd(&Stats)?;
-    let y = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, Fused { eps })?;
-    Ok((y, stats))
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let y = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, Fused { eps, act, stats: kept.clone() })?;
+    let st = kept.lock().map_err(|_| candle_core::Error::Msg("batch norm: statistics lock poisoned".into()))?.clone();
+    let (storage, shape) = two_rows(&st);
+    let CpuStorage::F32(v) = storage else { unreachable!("two_rows makes f32") };
+    Ok((y, Tensor::from_vec(v, shape, x.device())?))
+}
+
+/// `act(x · scale + shift)` per channel (`scale`, `shift`: `[C]`), differentiable in all
+/// three: batch norm with running statistics folded into one scale and shift.
+pub fn affine_act(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Act) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    if !kernels_apply(super::Kernel::BatchNorm, &[x, scale, shift]) {
+        let shape = (1, c, 1, 1);
+        return act.tensor(&x.broadcast_mul(&scale.reshape(shape)?)?.broadcast_add(&shift.reshape(shape)?)?);
+    }
+    x.contiguous()?.apply_op3(&scale.contiguous()?, &shift.contiguous()?, Affine { act })
 }
 
 /// Per-channel mean and biased variance of `[N, C, H, W]`, in f64 sums.
@@ -43,17 +104,41 @@ fn channel_stats(x: &[f32], n: usize, c: usize, plane: usize) -> Vec<(f64, f64)>
             let (mut s, mut s2) = (0f64, 0f64);
             for img in 0..n {
                 let p = &x[(img * c + ch) * plane..(img * c + ch + 1) * plane];
-                let (mut a, mut b) = (0f32, 0f32);
-                for v in p {
-                    a += v;
-                    b += v * v;
+                let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+                let mut chunks = p.chunks_exact(LANES);
+                for v in &mut chunks {
+                    for l in 0..LANES {
+                        a[l] += v[l];
+                        b[l] += v[l] * v[l];
+                    }
                 }
-                s += f64::from(a);
-                s2 += f64::from(b);
+                for v in chunks.remainder() {
+                    a[0] += v;
+                    b[0] += v * v;
+                }
+                s += f64::from(a.iter().sum::<f32>());
+                s2 += f64::from(b.iter().sum::<f32>());
             }
             let m = (n * plane) as f64;
             let mean = s / m;
             (mean, (s2 / m - mean * mean).max(0.0))
+        })
+        .collect()
+}
+
+/// Per-channel sums over `[N, C, H, W]` of `f(x, y, dy)`-derived pairs, in f64.
+fn channel_sums(n: usize, c: usize, plane: usize, pair: impl Fn(usize, std::ops::Range<usize>) -> (f32, f32) + Sync) -> Vec<(f64, f64)> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut a, mut b) = (0f64, 0f64);
+            for img in 0..n {
+                let r = (img * c + ch) * plane..(img * c + ch + 1) * plane;
+                let (pa, pb) = pair(ch, r);
+                a += f64::from(pa);
+                b += f64::from(pb);
+            }
+            (a, b)
         })
         .collect()
 }
@@ -72,21 +157,18 @@ fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
     }
 }
 
-struct Stats;
-
-impl CustomOp1 for Stats {
-    fn name(&self) -> &'static str {
-        "kiln-batch-norm-stats"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, plane) = dims(l)?;
-        Ok(two_rows(&channel_stats(slice(s, l)?, n, c, plane)))
-    }
+/// Splits a flat `[dx…, da…, db…]` gradient into its three parts (views, no copy).
+fn split3(flat: Tensor, x: &Tensor, c: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let n = x.elem_count();
+    Ok((flat.narrow(0, 0, n)?.reshape(x.shape())?, flat.narrow(0, n, c)?, flat.narrow(0, n + c, c)?))
 }
 
 struct Fused {
     eps: f64,
+    act: Act,
+    /// The batch's statistics, written by the forward pass, read by the caller (running
+    /// averages) and by the backward pass.
+    stats: Arc<Mutex<Vec<(f64, f64)>>>,
 }
 
 impl CustomOp3 for Fused {
@@ -107,15 +189,14 @@ impl CustomOp3 for Fused {
         let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let st = channel_stats(x, n, c, plane);
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(plane).enumerate().for_each(|(p, o)| {
+        out.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().for_each(|(p, o)| {
             let ch = p % c;
             let inv = 1.0 / (st[ch].1 + self.eps).sqrt();
             let scale = (f64::from(gamma[ch]) * inv) as f32;
             let shift = (f64::from(beta[ch]) - st[ch].0 * inv * f64::from(gamma[ch])) as f32;
-            for (o, v) in o.iter_mut().zip(&x[p * plane..(p + 1) * plane]) {
-                *o = v * scale + shift;
-            }
+            gated!(self.act, scale_shift(o, &x[p * plane..(p + 1) * plane], scale, shift));
         });
+        *self.stats.lock().map_err(|_| candle_core::Error::Msg("batch norm: statistics lock poisoned".into()))? = st;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -124,61 +205,28 @@ impl CustomOp3 for Fused {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _res: &Tensor,
+        y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        // [2, C]: sum(dy · x̂) and sum(dy) per channel.
-        let sums = x.apply_op2_no_bwd(&grad, &ParamGrads { eps: self.eps })?;
-        let dx = x.apply_op3_no_bwd(&grad, &Tensor::cat(&[gamma.unsqueeze(0)?, sums.clone()], 0)?, &InputGrad { eps: self.eps })?;
-        Ok((Some(dx), Some(sums.get(0)?), Some(sums.get(1)?)))
+        let st = self.stats.lock().map_err(|_| candle_core::Error::Msg("batch norm: statistics lock poisoned".into()))?.clone();
+        let op = FusedGrad { eps: self.eps, act: self.act, stats: st, gamma: gamma.to_vec1::<f32>()? };
+        let flat = x.apply_op3_no_bwd(y, &grad.contiguous()?, &op)?;
+        let (dx, dgamma, dbeta) = split3(flat, x, gamma.elem_count())?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }
 
-struct ParamGrads {
+/// The gradients of [`Fused`] from `x`, `y` and `dy`, flat: `[dx…, dγ…, dβ…]`.
+struct FusedGrad {
     eps: f64,
+    act: Act,
+    stats: Vec<(f64, f64)>,
+    gamma: Vec<f32>,
 }
 
-impl candle_core::CustomOp2 for ParamGrads {
+impl CustomOp3 for FusedGrad {
     fn name(&self) -> &'static str {
-        "kiln-batch-norm-param-grads"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, plane) = dims(l1)?;
-        let (x, dy) = (slice(s1, l1)?, slice(s2, l2)?);
-        let st = channel_stats(x, n, c, plane);
-        let sums: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let inv = 1.0 / (st[ch].1 + self.eps).sqrt();
-                let mean = st[ch].0 as f32;
-                let (mut dxhat, mut dsum) = (0f64, 0f64);
-                for img in 0..n {
-                    let r = (img * c + ch) * plane..(img * c + ch + 1) * plane;
-                    let (mut a, mut b) = (0f32, 0f32);
-                    for (v, g) in x[r.clone()].iter().zip(&dy[r]) {
-                        a += (v - mean) * g;
-                        b += g;
-                    }
-                    dxhat += f64::from(a) * inv;
-                    dsum += f64::from(b);
-                }
-                (dxhat, dsum)
-            })
-            .collect();
-        Ok(two_rows(&sums))
-    }
-}
-
-/// `dx` from `x`, `dy` and `[γ; sum(dy·x̂); sum(dy)]` (`[3, C]`).
-struct InputGrad {
-    eps: f64,
-}
-
-impl CustomOp3 for InputGrad {
-    fn name(&self) -> &'static str {
-        "kiln-batch-norm-input-grad"
+        "kiln-batch-norm-grad"
     }
 
     fn cpu_fwd(
@@ -191,25 +239,129 @@ impl CustomOp3 for InputGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, plane) = dims(l1)?;
-        let (x, dy, p) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let st = channel_stats(x, n, c, plane);
+        let (x, y, dy) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        if self.stats.len() != c || self.gamma.len() != c || y.len() != x.len() || dy.len() != x.len() {
+            candle_core::bail!("batch norm backward: shapes do not fit");
+        }
+        let inv: Vec<f64> = self.stats.iter().map(|s| 1.0 / (s.1 + self.eps).sqrt()).collect();
+        // sum(dy'·x̂) and sum(dy'), dy' being the gradient that passes the activation.
+        let sums =
+            channel_sums(n, c, plane, |ch, r| gated!(self.act, gated_sums(&x[r.clone()], &y[r.clone()], &dy[r], self.stats[ch].0 as f32)));
         let m = (n * plane) as f64;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(plane).enumerate().for_each(|(i, o)| {
-            let ch = i % c;
-            let inv = 1.0 / (st[ch].1 + self.eps).sqrt();
-            let (gamma, sum_dxhat, sum_dy) = (f64::from(p[ch]), f64::from(p[c + ch]), f64::from(p[2 * c + ch]));
-            let k = (gamma * inv) as f32;
-            let mean_dy = (sum_dy / m) as f32;
-            let mean_dxhat = (sum_dxhat / m) as f32;
-            let (mean, inv) = (st[ch].0 as f32, inv as f32);
-            let r = i * plane..(i + 1) * plane;
-            for ((o, v), g) in o.iter_mut().zip(&x[r.clone()]).zip(&dy[r]) {
-                let xhat = (v - mean) * inv;
-                *o = k * (g - mean_dy - xhat * mean_dxhat);
+        let mut out = vec![0f32; x.len() + 2 * c];
+        let (dx, params) = out.split_at_mut(x.len());
+        // dx = k·(g − mean(g) − x̂·mean(g·x̂)), written as a·g + b·x + c per channel.
+        fn plane_grad<G: Gate>(gate: G, o: &mut [f32], x: &[f32], y: &[f32], dy: &[f32], [a, b, c]: [f32; 3]) {
+            for (((o, v), out), g) in o.iter_mut().zip(x).zip(y).zip(dy) {
+                let g = if gate.pass(*out) { *g } else { 0.0 };
+                *o = a * g + b * v + c;
             }
+        }
+        dx.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().for_each(|(i, o)| {
+            let ch = i % c;
+            let k = f64::from(self.gamma[ch]) * inv[ch];
+            let (mean_dy, mean_dxhat) = (sums[ch].1 / m, sums[ch].0 * inv[ch] / m);
+            let slope = -k * inv[ch] * mean_dxhat;
+            let coeffs = [k as f32, slope as f32, (-k * mean_dy - slope * self.stats[ch].0) as f32];
+            let r = i * plane..(i + 1) * plane;
+            gated!(self.act, plane_grad(o, &x[r.clone()], &y[r.clone()], &dy[r], coeffs));
+        });
+        for ch in 0..c {
+            params[ch] = (sums[ch].0 * inv[ch]) as f32;
+            params[c + ch] = sums[ch].1 as f32;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
+    }
+}
+
+struct Affine {
+    act: Act,
+}
+
+impl CustomOp3 for Affine {
+    fn name(&self) -> &'static str {
+        "kiln-affine-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, plane) = dims(l1)?;
+        let (x, scale, shift) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        if scale.len() != c || shift.len() != c {
+            candle_core::bail!("affine: scale and shift must have {c} values");
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().for_each(|(p, o)| {
+            gated!(self.act, scale_shift(o, &x[p * plane..(p + 1) * plane], scale[p % c], shift[p % c]));
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = AffineGrad { act: self.act, scale: scale.to_vec1::<f32>()? };
+        let flat = x.apply_op3_no_bwd(y, &grad.contiguous()?, &op)?;
+        let (dx, dscale, dshift) = split3(flat, x, scale.elem_count())?;
+        let keep = |t: &Tensor, g: Tensor| if t.track_op() { Some(g) } else { None };
+        Ok((keep(x, dx), keep(scale, dscale), keep(shift, dshift)))
+    }
+}
+
+/// The gradients of [`Affine`] from `x`, `y` and `dy`, flat: `[dx…, dscale…, dshift…]`.
+struct AffineGrad {
+    act: Act,
+    scale: Vec<f32>,
+}
+
+impl CustomOp3 for AffineGrad {
+    fn name(&self) -> &'static str {
+        "kiln-affine-act-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, plane) = dims(l1)?;
+        let (x, y, dy) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        if self.scale.len() != c || y.len() != x.len() || dy.len() != x.len() {
+            candle_core::bail!("affine backward: shapes do not fit");
+        }
+        let sums = channel_sums(n, c, plane, |_, r| gated!(self.act, gated_sums(&x[r.clone()], &y[r.clone()], &dy[r], 0.0)));
+        let mut out = vec![0f32; x.len() + 2 * c];
+        let (dx, params) = out.split_at_mut(x.len());
+        fn plane_grad<G: Gate>(gate: G, o: &mut [f32], y: &[f32], dy: &[f32], k: f32) {
+            for ((o, out), g) in o.iter_mut().zip(y).zip(dy) {
+                *o = if gate.pass(*out) { k * g } else { 0.0 };
+            }
+        }
+        dx.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().for_each(|(i, o)| {
+            let r = i * plane..(i + 1) * plane;
+            gated!(self.act, plane_grad(o, &y[r.clone()], &dy[r], self.scale[i % c]));
+        });
+        for ch in 0..c {
+            params[ch] = sums[ch].0 as f32;
+            params[c + ch] = sums[ch].1 as f32;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
     }
 }
 
@@ -224,35 +376,63 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    /// The fused op against the same formula written with candle's differentiable ops.
+    fn diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// The fused op against the same formula written with candle's differentiable ops (the
+    /// path other devices take), for each activation, forward and all three gradients.
     #[test]
     fn fused_batch_norm_matches_the_composite_forward_and_backward() {
-        let x = Var::from_tensor(&data(&[3, 4, 5, 6], 1)).unwrap();
-        let gamma = Var::from_tensor(&data(&[4], 2)).unwrap();
-        let beta = Var::from_tensor(&data(&[4], 3)).unwrap();
-        let eps = 1e-5;
-        let (ours, stats) = train_forward(&x, &gamma, &beta, eps).unwrap();
-        let mean = x.mean_keepdim((0, 2, 3)).unwrap();
-        let var = x.broadcast_sub(&mean).unwrap().sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap();
-        let theirs = x
-            .broadcast_sub(&mean)
-            .unwrap()
-            .broadcast_div(&(&var + eps).unwrap().sqrt().unwrap())
-            .unwrap()
-            .broadcast_mul(&gamma.reshape((1, 4, 1, 1)).unwrap())
-            .unwrap()
-            .broadcast_add(&beta.reshape((1, 4, 1, 1)).unwrap())
-            .unwrap();
-        let diff =
-            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff(&ours, &theirs) < 1e-4);
-        assert!(diff(&stats.get(0).unwrap(), &mean.flatten_all().unwrap()) < 1e-5);
-        assert!(diff(&stats.get(1).unwrap(), &var.flatten_all().unwrap()) < 1e-4);
-        let probe = data(&[3, 4, 5, 6], 4);
-        let g1 = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (&theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        for (v, what) in [(x.as_tensor(), "x"), (gamma.as_tensor(), "gamma"), (beta.as_tensor(), "beta")] {
-            assert!(diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < 1e-3, "grad {what}");
+        for act in [Act::Identity, Act::Relu, Act::Relu6] {
+            let x = Var::from_tensor(&(data(&[3, 4, 5, 6], 1) * 3.0).unwrap()).unwrap();
+            let gamma = Var::from_tensor(&(data(&[4], 2) * 2.0).unwrap()).unwrap();
+            let beta = Var::from_tensor(&data(&[4], 3)).unwrap();
+            let eps = 1e-5;
+            let (ours, stats) = train_forward(&x, &gamma, &beta, eps, act).unwrap();
+            let mean = x.mean_keepdim((0, 2, 3)).unwrap();
+            let var = x.broadcast_sub(&mean).unwrap().sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap();
+            let normed = x
+                .broadcast_sub(&mean)
+                .unwrap()
+                .broadcast_div(&(&var + eps).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(&gamma.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap()
+                .broadcast_add(&beta.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap();
+            let theirs = act.tensor(&normed).unwrap();
+            assert!(diff(&ours, &theirs) < 1e-4, "{act:?}");
+            assert!(diff(&stats.get(0).unwrap(), &mean.flatten_all().unwrap()) < 1e-5);
+            assert!(diff(&stats.get(1).unwrap(), &var.flatten_all().unwrap()) < 1e-4);
+            let probe = data(&[3, 4, 5, 6], 4);
+            let g1 = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (v, what) in [(x.as_tensor(), "x"), (gamma.as_tensor(), "gamma"), (beta.as_tensor(), "beta")] {
+                assert!(diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < 1e-3, "{act:?}: grad {what}");
+            }
+        }
+    }
+
+    /// Scale-and-shift with an activation against candle's ops, and its gradients.
+    #[test]
+    fn affine_activation_matches_the_composite_forward_and_backward() {
+        for act in [Act::Identity, Act::Relu, Act::Relu6] {
+            let x = Var::from_tensor(&(data(&[2, 3, 4, 5], 5) * 4.0).unwrap()).unwrap();
+            let scale = Var::from_tensor(&(data(&[3], 6) * 2.0).unwrap()).unwrap();
+            let shift = Var::from_tensor(&data(&[3], 7)).unwrap();
+            let ours = affine_act(&x, &scale, &shift, act).unwrap();
+            let shape = (1, 3, 1, 1);
+            let theirs = act
+                .tensor(&x.broadcast_mul(&scale.reshape(shape).unwrap()).unwrap().broadcast_add(&shift.reshape(shape).unwrap()).unwrap())
+                .unwrap();
+            assert!(diff(&ours, &theirs) < 1e-5, "{act:?}");
+            let probe = data(&[2, 3, 4, 5], 8);
+            let g1 = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (v, what) in [(x.as_tensor(), "x"), (scale.as_tensor(), "scale"), (shift.as_tensor(), "shift")] {
+                assert!(diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < 1e-3, "{act:?}: grad {what}");
+            }
         }
     }
 }

@@ -1,126 +1,290 @@
-//! Dense 2-D convolution as im2col + matrix multiply, forward and backward.
+//! Dense 2-D convolution on the CPU: one matrix multiply per image, forward and backward.
 //!
 //! candle's CPU convolution backward computes the input gradient with a direct transposed
 //! convolution (a dot product per output element) and the kernel gradient with an im2col
 //! as large as the image; profiling the small CNN showed under 2% of training time in
-//! matrix multiplies. Here the convolution is `W · im2col(x)`: the gradients of the matrix
-//! multiply are matrix multiplies again (candle differentiates them), and the gradient of
-//! im2col is col2im, a custom op. Other devices keep candle's convolution.
+//! matrix multiplies. An earlier version here built one column matrix for the whole batch
+//! and multiplied once, which then needed a permute copy of the output (and of its
+//! gradient) and kept every image's columns alive for the backward pass.
+//!
+//! Now each image is `Y_i = W · cols(X_i)` written straight into its `[Cout, OH, OW]` slot
+//! (`gemm` over caller-owned buffers, [`super::gemm`]); a 1×1, stride-1 convolution
+//! multiplies the image itself with no column copy. The backward pass is
+//! `dX_i = col2im(Wᵀ · dY_i)` and `dW = Σ_i dY_i · cols(X_i)ᵀ`, with the columns made
+//! again per image rather than kept. Images run in parallel where the batch allows,
+//! otherwise each multiply is split over the threads. The weight gradient sums its images
+//! in fixed groups of [`GROUP`] and then the groups in order, so its bits do not depend on
+//! the thread count. Other devices and dtypes keep candle's convolution.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::Result;
 use super::depthwise::{Geometry, slice};
+use super::gemm::{Mat, matmul};
+
+/// Images whose weight gradients are summed together before the groups are added.
+const GROUP: usize = 8;
 
 /// `x`: `[N, C, H, W]`, `w`: `[Cout, C, K, K]`, symmetric zero padding.
-///
-/// The columns are laid out `[C·K·K, N·OH·OW]`, so the whole batch is one matrix multiply
-/// `W[Cout, C·K·K] · cols` (a batched multiply would copy `W` once per image).
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let (c_out, c_in, k, _) = w.dims4()?;
-    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || c_in != c {
+    let (_, c, _, _) = x.dims4()?;
+    let (_, c_in, k, k2) = w.dims4()?;
+    if !super::kernels_apply(super::Kernel::Conv, &[x, w]) || c_in != c || k != k2 {
         return x.conv2d(w, padding, stride, 1, 1);
     }
-    let (oh, ow) = ((h + 2 * padding - k) / stride + 1, (wd + 2 * padding - k) / stride + 1);
-    let cols = x.contiguous()?.apply_op1(Im2Col { k, stride, padding })?;
-    let y = w.reshape((c_out, c * k * k))?.matmul(&cols)?;
-    y.reshape((c_out, n, oh, ow))?.permute((1, 0, 2, 3))?.contiguous()
+    x.contiguous()?.apply_op2(&w.contiguous()?, Conv { stride, padding })
 }
 
-struct Im2Col {
-    k: usize,
-    stride: usize,
-    padding: usize,
+/// Shapes of one convolution, checked once.
+#[derive(Debug, Clone, Copy)]
+struct Shapes {
+    g: Geometry,
+    c_out: usize,
 }
 
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "kiln-im2col"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let c = l.dims()[1];
-        let g = Geometry::new(l.dims(), &[c, 1, self.k, self.k], self.stride, self.padding)?;
-        let x = slice(s, l)?;
-        let (plane_in, cols, taps) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
-        let width = g.n * cols;
-        let mut out = vec![0f32; g.c * taps * width];
-        // One channel fills `taps` consecutive rows; image `n` fills columns [n·L, (n+1)·L).
-        out.par_chunks_mut(taps * width).enumerate().for_each(|(ch, rows)| {
-            for img in 0..g.n {
-                let x = &x[(img * g.c + ch) * plane_in..(img * g.c + ch + 1) * plane_in];
-                for oy in 0..g.oh {
-                    g.for_taps(oy, |iy, ix0, lo, hi, t| {
-                        let at = t * width + img * cols + oy * g.ow;
-                        let dst = &mut rows[at..at + g.ow];
-                        let src = &x[iy * g.w..(iy + 1) * g.w];
-                        if g.stride == 1 {
-                            dst[lo..hi].copy_from_slice(&src[ix0..ix0 + hi - lo]);
-                        } else {
-                            for (j, d) in dst[lo..hi].iter_mut().enumerate() {
-                                *d = src[ix0 + j * g.stride];
-                            }
-                        }
-                    });
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((g.c * taps, width))))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (n, c, h, w) = x.dims4()?;
-        let gx = grad.contiguous()?.apply_op1_no_bwd(&Col2Im { k: self.k, stride: self.stride, padding: self.padding, n, c, h, w })?;
-        // Col2Im writes channel-major planes, [C, N, H, W].
-        Ok(Some(gx.permute((1, 0, 2, 3))?.contiguous()?))
-    }
-}
-
-/// The adjoint of [`Im2Col`]: every column entry flows back to the pixel it copied.
-struct Col2Im {
-    k: usize,
-    stride: usize,
-    padding: usize,
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-}
-
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "kiln-col2im"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let n = self.n;
-        let g = Geometry::new(&[n, self.c, self.h, self.w], &[self.c, 1, self.k, self.k], self.stride, self.padding)?;
-        let (plane_in, cols, taps) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
-        let width = n * cols;
-        if l.dims() != [g.c * taps, width] {
-            candle_core::bail!("col2im: gradient shape {:?} does not fit", l.dims());
+impl Shapes {
+    fn new(x: &[usize], w: &[usize], stride: usize, padding: usize) -> Result<Self> {
+        let &[c_out, c_in, k, k2] = w else { candle_core::bail!("conv2d: kernel must be [Cout, C, K, K], got {w:?}") };
+        if x.len() != 4 || x[1] != c_in || k != k2 {
+            candle_core::bail!("conv2d: kernel {w:?} does not fit input {x:?}");
         }
-        let gc = slice(s, l)?;
-        let mut out = vec![0f32; g.c * n * plane_in];
-        out.par_chunks_mut(n * plane_in).enumerate().for_each(|(ch, planes)| {
-            let rows = &gc[ch * taps * width..(ch + 1) * taps * width];
-            for img in 0..n {
-                let gx = &mut planes[img * plane_in..(img + 1) * plane_in];
-                for oy in 0..g.oh {
-                    g.for_taps(oy, |iy, ix0, lo, hi, t| {
-                        let at = t * width + img * cols + oy * g.ow;
-                        let src = &rows[at..at + g.ow];
-                        let dst = &mut gx[iy * g.w..(iy + 1) * g.w];
-                        for (j, v) in src[lo..hi].iter().enumerate() {
-                            dst[ix0 + j * g.stride] += v;
-                        }
-                    });
+        Ok(Shapes { g: Geometry::new(x, &[c_in, 1, k, k], stride, padding)?, c_out })
+    }
+
+    fn plane_in(&self) -> usize {
+        self.g.c * self.g.h * self.g.w
+    }
+
+    fn cols(&self) -> usize {
+        self.g.oh * self.g.ow
+    }
+
+    fn rows(&self) -> usize {
+        self.g.c * self.g.k * self.g.k
+    }
+
+    /// A 1×1 stride-1 unpadded convolution: the image is its own column matrix.
+    fn direct(&self) -> bool {
+        self.g.k == 1 && self.g.stride == 1 && self.g.padding == 0
+    }
+
+    fn kernel<'a>(&self, w: &'a [f32]) -> Mat<'a> {
+        Mat::rows(w, self.c_out, self.rows())
+    }
+
+    /// The column matrix of image `x` (`[C, H, W]`): `buf` is filled unless the image
+    /// already is one.
+    fn columns<'a>(&self, x: &'a [f32], buf: &'a mut Vec<f32>) -> Mat<'a> {
+        if self.direct() {
+            return Mat::rows(x, self.rows(), self.cols());
+        }
+        buf.resize(self.rows() * self.cols(), 0.0);
+        im2col(x, &self.g, buf);
+        Mat::rows(buf, self.rows(), self.cols())
+    }
+}
+
+/// Whether to give each thread whole images (true) or split each multiply (false): whole
+/// images when they share out evenly or are many.
+fn by_image(n: usize) -> bool {
+    let t = rayon::current_num_threads();
+    t > 1 && (n >= 4 * t || (n >= t && n.is_multiple_of(t)))
+}
+
+/// Runs `f(image, out_chunk, scratch, split_multiply)` for every image's output chunk.
+fn per_image(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32], &mut Vec<f32>, bool) + Sync) {
+    let n = out.len() / chunk.max(1);
+    if by_image(n) {
+        out.par_chunks_mut(chunk).enumerate().for_each_init(Vec::new, |buf, (i, o)| f(i, o, buf, false));
+    } else {
+        let mut buf = Vec::new();
+        for (i, o) in out.chunks_mut(chunk).enumerate() {
+            f(i, o, &mut buf, true);
+        }
+    }
+}
+
+/// One image's columns, `[C·K·K, OH·OW]`: row `c·K·K + tap` holds the input pixels that
+/// tap of channel `c` sees at each output position (zero where it falls in the padding).
+fn im2col(x: &[f32], g: &Geometry, cols: &mut [f32]) {
+    let (plane, l, taps) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
+    if g.padding > 0 {
+        cols.fill(0.0);
+    }
+    for ch in 0..g.c {
+        let x = &x[ch * plane..(ch + 1) * plane];
+        let rows = &mut cols[ch * taps * l..(ch + 1) * taps * l];
+        for oy in 0..g.oh {
+            g.for_taps(oy, |iy, ix0, lo, hi, t| {
+                let dst = &mut rows[t * l + oy * g.ow..t * l + (oy + 1) * g.ow];
+                let src = &x[iy * g.w..(iy + 1) * g.w];
+                if g.stride == 1 {
+                    dst[lo..hi].copy_from_slice(&src[ix0..ix0 + hi - lo]);
+                } else {
+                    for (j, d) in dst[lo..hi].iter_mut().enumerate() {
+                        *d = src[ix0 + j * g.stride];
+                    }
                 }
+            });
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: every column entry is added back to the pixel it copied.
+fn col2im(cols: &[f32], g: &Geometry, x: &mut [f32]) {
+    let (plane, l, taps) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
+    x.fill(0.0);
+    for ch in 0..g.c {
+        let x = &mut x[ch * plane..(ch + 1) * plane];
+        let rows = &cols[ch * taps * l..(ch + 1) * taps * l];
+        for oy in 0..g.oh {
+            g.for_taps(oy, |iy, ix0, lo, hi, t| {
+                let src = &rows[t * l + oy * g.ow..t * l + (oy + 1) * g.ow];
+                let dst = &mut x[iy * g.w..(iy + 1) * g.w];
+                if g.stride == 1 {
+                    for (d, v) in dst[ix0..ix0 + hi - lo].iter_mut().zip(&src[lo..hi]) {
+                        *d += v;
+                    }
+                } else {
+                    for (j, v) in src[lo..hi].iter().enumerate() {
+                        dst[ix0 + j * g.stride] += v;
+                    }
+                }
+            });
+        }
+    }
+}
+
+struct Conv {
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "kiln-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let s = Shapes::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
+        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
+        let g = s.g;
+        let mut out = vec![0f32; g.n * s.c_out * s.cols()];
+        per_image(&mut out, s.c_out * s.cols(), |i, y, buf, split| {
+            let cols = s.columns(&x[i * s.plane_in()..(i + 1) * s.plane_in()], buf);
+            matmul(y, s.kernel(w), cols, false, split);
+        });
+        Ok((CpuStorage::F32(out), Shape::from((g.n, s.c_out, g.oh, g.ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (n, c, h, wd) = x.dims4()?;
+        // The network's input needs no gradient: skip the larger half of the work there.
+        let dx = if x.track_op() {
+            Some(w.apply_op2_no_bwd(&grad, &InputGrad { stride: self.stride, padding: self.padding, x: [n, c, h, wd] })?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let k = w.dim(2)?;
+            Some(x.apply_op2_no_bwd(&grad, &KernelGrad { stride: self.stride, padding: self.padding, k, c_out: w.dim(0)? })?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// `dX_i = col2im(Wᵀ · dY_i)`, from the kernel and the output gradient.
+struct InputGrad {
+    stride: usize,
+    padding: usize,
+    x: [usize; 4],
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "kiln-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let s = Shapes::new(&self.x, l1.dims(), self.stride, self.padding)?;
+        let (w, dy) = (slice(s1, l1)?, slice(s2, l2)?);
+        let g = s.g;
+        if l2.dims() != [g.n, s.c_out, g.oh, g.ow] {
+            candle_core::bail!("conv2d backward: gradient shape {:?} does not fit", l2.dims());
+        }
+        let chunk_out = s.c_out * s.cols();
+        let mut dx = vec![0f32; g.n * s.plane_in()];
+        per_image(&mut dx, s.plane_in(), |i, dxi, buf, split| {
+            let dyi = Mat::rows(&dy[i * chunk_out..(i + 1) * chunk_out], s.c_out, s.cols());
+            if s.direct() {
+                matmul(dxi, s.kernel(w).t(), dyi, false, split);
+            } else {
+                buf.resize(s.rows() * s.cols(), 0.0);
+                matmul(buf, s.kernel(w).t(), dyi, false, split);
+                col2im(buf, &g, dxi);
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((g.c, n, g.h, g.w))))
+        Ok((CpuStorage::F32(dx), Shape::from(self.x.to_vec())))
+    }
+}
+
+/// `dW = Σ_i dY_i · cols(X_i)ᵀ`, from the input and the output gradient.
+struct KernelGrad {
+    stride: usize,
+    padding: usize,
+    k: usize,
+    c_out: usize,
+}
+
+impl CustomOp2 for KernelGrad {
+    fn name(&self) -> &'static str {
+        "kiln-conv2d-kernel-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let c = l1.dims().get(1).copied().unwrap_or(0);
+        let s = Shapes::new(l1.dims(), &[self.c_out, c, self.k, self.k], self.stride, self.padding)?;
+        let (x, dy) = (slice(s1, l1)?, slice(s2, l2)?);
+        let g = s.g;
+        if l2.dims() != [g.n, s.c_out, g.oh, g.ow] {
+            candle_core::bail!("conv2d backward: gradient shape {:?} does not fit", l2.dims());
+        }
+        let (size, chunk_out) = (s.c_out * s.rows(), s.c_out * s.cols());
+        let groups = g.n.div_ceil(GROUP);
+        // Each group's images accumulate in order into the group's own sum.
+        let group_sum = |j: usize, sum: &mut [f32], buf: &mut Vec<f32>, split: bool| {
+            for i in j * GROUP..((j + 1) * GROUP).min(g.n) {
+                let dyi = Mat::rows(&dy[i * chunk_out..(i + 1) * chunk_out], s.c_out, s.cols());
+                let cols = s.columns(&x[i * s.plane_in()..(i + 1) * s.plane_in()], buf);
+                matmul(sum, dyi, cols.t(), i > j * GROUP, split);
+            }
+        };
+        let mut sums = vec![0f32; groups * size];
+        let t = rayon::current_num_threads();
+        if t > 1 && groups >= t {
+            sums.par_chunks_mut(size).enumerate().for_each_init(Vec::new, |buf, (j, sum)| group_sum(j, sum, buf, false));
+        } else {
+            let mut buf = Vec::new();
+            for (j, sum) in sums.chunks_mut(size).enumerate() {
+                group_sum(j, sum, &mut buf, true);
+            }
+        }
+        // The groups in order: the sum's bits do not depend on which thread made which.
+        if groups > 1 {
+            let (dw, rest) = sums.split_at_mut(size);
+            for part in rest.chunks(size) {
+                for (d, p) in dw.iter_mut().zip(part) {
+                    *d += p;
+                }
+            }
+        }
+        let mut dw = sums;
+        dw.resize(size, 0.0);
+        Ok((CpuStorage::F32(dw), Shape::from((s.c_out, g.c, g.k, g.k))))
     }
 }
 
@@ -130,22 +294,70 @@ mod tests {
     use crate::nn::test_support::{data, max_diff};
     use candle_core::Var;
 
-    /// Forward and both gradients against candle's own convolution, on the shapes where
-    /// candle's backward is right (even sizes for stride 2).
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
+    }
+
+    /// Output, input gradient and kernel gradient of `sum(conv(x, w) · probe)`.
+    fn run(x: &Tensor, w: &Tensor, stride: usize, pad: usize, ours: bool) -> (Tensor, Tensor, Tensor) {
+        let (x, w) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
+        let y = if ours { conv2d(&x, &w, stride, pad).unwrap() } else { x.conv2d(&w, pad, stride, 1, 1).unwrap() };
+        let probe = data(y.dims(), 3);
+        let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        (y.clone(), g.get(&x).unwrap().clone(), g.get(&w).unwrap().clone())
+    }
+
+    /// Forward and both gradients against candle's own convolution (the path other devices
+    /// take), on the shapes where candle's backward is right (even sizes for stride 2):
+    /// batches that run image by image, split multiplies, and more than one gradient group.
     #[test]
     fn matches_candle_convolution_forward_and_backward() {
-        for (k, stride, pad, h, w) in [(3, 1, 1, 9, 7), (3, 2, 1, 8, 10), (1, 1, 0, 5, 6), (7, 2, 3, 12, 12), (1, 2, 0, 8, 8)] {
-            let x = Var::from_tensor(&data(&[2, 3, h, w], 1)).unwrap();
-            let wt = Var::from_tensor(&data(&[4, 3, k, k], 2)).unwrap();
-            let ours = conv2d(&x, &wt, stride, pad).unwrap();
-            let theirs = x.conv2d(&wt, pad, stride, 1, 1).unwrap();
-            assert_eq!(ours.dims(), theirs.dims());
-            assert!(max_diff(&ours, &theirs) < 1e-4, "forward k={k} s={stride}");
-            let probe = data(ours.dims(), 3);
-            let g1 = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (&theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-4, "grad input k={k} s={stride}");
-            assert!(max_diff(g1.get(&wt).unwrap(), g2.get(&wt).unwrap()) < 1e-3, "grad weight k={k} s={stride}");
+        for (n, c, c_out, k, stride, pad, h, w) in [
+            (2, 3, 4, 3, 1, 1, 9, 7),
+            (3, 3, 4, 3, 2, 1, 8, 10),
+            (1, 3, 4, 1, 1, 0, 5, 6),
+            (2, 3, 4, 7, 2, 3, 12, 12),
+            (4, 3, 4, 1, 2, 0, 8, 8),
+            (17, 3, 4, 3, 1, 1, 6, 6),
+            (9, 3, 4, 1, 1, 0, 4, 4),
+            // EfficientNet's late 1×1 convolutions: wide, on a 3×3 map, a batch of 3.
+            (3, 192, 1152, 1, 1, 0, 3, 3),
+            (3, 1152, 192, 1, 1, 0, 3, 3),
+        ] {
+            let (x, wt) = (data(&[n, c, h, w], 1), (data(&[c_out, c, k, k], 2) * 0.05).unwrap());
+            let (y1, gx1, gw1) = run(&x, &wt, stride, pad, true);
+            let (y2, gx2, gw2) = run(&x, &wt, stride, pad, false);
+            assert_eq!(y1.dims(), y2.dims());
+            assert!(max_diff(&y1, &y2) < 1e-4, "forward n={n} k={k} s={stride}");
+            assert!(max_diff(&gx1, &gx2) < 1e-4, "grad input n={n} k={k} s={stride}");
+            assert!(max_diff(&gw1, &gw2) < 1e-3, "grad weight n={n} k={k} s={stride}");
         }
+    }
+
+    /// Training is reproducible across thread counts: the same bits on 1, 2 and 3 threads,
+    /// whichever way each batch is shared out.
+    #[test]
+    fn gives_the_same_bits_on_any_thread_count() {
+        for (n, k, stride, pad) in [(17, 3, 1, 1), (3, 3, 2, 1), (8, 1, 1, 0)] {
+            let (x, wt) = (data(&[n, 5, 10, 10], 4), data(&[6, 5, k, k], 5));
+            let on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let (y, gx, gw) = pool.install(|| run(&x, &wt, stride, pad, true));
+                (bits(&y), bits(&gx), bits(&gw))
+            };
+            let one = on(1);
+            assert_eq!(one, on(2), "n={n} k={k}: 1 vs 2 threads");
+            assert_eq!(one, on(3), "n={n} k={k}: 1 vs 3 threads");
+        }
+    }
+
+    /// The network's input is not a variable: no gradient is made for it.
+    #[test]
+    fn a_constant_input_gets_no_gradient() {
+        let x = data(&[2, 3, 6, 6], 1);
+        let w = Var::from_tensor(&data(&[4, 3, 3, 3], 2)).unwrap();
+        let g = conv2d(&x, &w, 1, 1).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_none());
+        assert!(g.get(&w).is_some());
     }
 }

@@ -15,7 +15,7 @@ use super::Result;
 
 /// `x`: `[N, C, H, W]`, `w`: `[C, 1, K, K]`; symmetric zero padding.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+    if !super::kernels_apply(super::Kernel::Depthwise, &[x, w]) {
         let c = x.dim(1)?;
         return x.conv2d(w, padding, stride, 1, c);
     }
@@ -270,6 +270,26 @@ mod tests {
             // And the forward agrees with candle's grouped convolution.
             let theirs = x.conv2d(&wt, pad, stride, 1, c).unwrap();
             assert!(max_diff(&ours, &theirs) < 1e-5);
+        }
+    }
+
+    /// candle's grouped convolution (what other devices run) gives the same numbers.
+    #[test]
+    fn the_fallback_gives_the_same_numbers() {
+        for (k, stride, h, w) in [(3, 1, 9, 7), (3, 2, 10, 8), (5, 1, 6, 11), (5, 2, 12, 12), (5, 1, 3, 3), (3, 1, 2, 2)] {
+            let (n, c, pad) = (2, 4, k / 2);
+            let x = Var::from_tensor(&data(&[n, c, h, w], 1)).unwrap();
+            let wt = Var::from_tensor(&data(&[c, 1, k, k], 2)).unwrap();
+            let run = || {
+                let y = conv2d(&x, &wt, stride, pad).unwrap();
+                let probe = data(y.dims(), 3);
+                let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                (y, g.get(&x).unwrap().clone(), g.get(&wt).unwrap().clone())
+            };
+            let (a, b) = (run(), crate::nn::with_fallback(&[crate::nn::Kernel::Depthwise], run));
+            assert!(crate::nn::test_support::max_diff(&a.0, &b.0) < 1e-4, "forward k={k} s={stride}");
+            assert!(crate::nn::test_support::max_diff(&a.1, &b.1) < 1e-4, "grad x k={k} s={stride}");
+            assert!(crate::nn::test_support::max_diff(&a.2, &b.2) < 1e-3, "grad w k={k} s={stride}");
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use candle_core::{D, Tensor, Var};
 
+pub use super::activation::{Act, add_act};
 use super::{Init, ParamStore, Result, depthwise};
 use crate::rng::Rng;
 
@@ -59,7 +60,7 @@ impl Conv2d {
         bias: bool,
     ) -> Result<Self> {
         let fan_in = c_in / groups * kernel * kernel;
-        let weight = ps.weight(&join(prefix, "weight"), &[c_out, c_in / groups, kernel, kernel], Init::Kaiming { fan_in })?;
+        let weight = ps.weight(&join(prefix, "weight"), &[c_out, c_in / groups, kernel, kernel], Init::Uniform { fan_in })?;
         let bias = if bias { Some(ps.weight(&join(prefix, "bias"), &[c_out], Init::Uniform { fan_in })?) } else { None };
         Ok(Conv2d { weight, bias, stride, padding, groups, same: false })
     }
@@ -119,20 +120,24 @@ impl BatchNorm2d {
     }
 
     pub fn forward(&self, x: &Tensor, cx: &Ctx) -> Result<Tensor> {
-        let c = x.dim(1)?;
-        let shape = (1, c, 1, 1);
+        self.forward_act(x, cx, Act::Identity)
+    }
+
+    /// `act(bn(x))` in one pass (and one backward pass): see [`super::batchnorm`].
+    pub fn forward_act(&self, x: &Tensor, cx: &Ctx, act: Act) -> Result<Tensor> {
         if cx.train && self.trainable {
-            let (y, stats) = super::batchnorm::train_forward(x, &self.weight, &self.bias, self.eps)?;
-            let n = (x.elem_count() / c) as f64;
+            let (y, stats) = super::batchnorm::train_forward(x, &self.weight, &self.bias, self.eps, act)?;
+            let n = (x.elem_count() / x.dim(1)?) as f64;
             let m = self.momentum;
             let (mean, var) = (stats.get(0)?, (stats.get(1)? * (n / (n - 1.0).max(1.0)))?);
             self.running_mean.set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?)?;
             self.running_var.set(&((self.running_var.as_tensor() * (1.0 - m))? + (var * m)?)?)?;
             return Ok(y);
         }
-        let (mean, var) = (self.running_mean.as_detached_tensor().reshape(shape)?, self.running_var.as_detached_tensor().reshape(shape)?);
-        let scale = self.weight.reshape(shape)?.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        x.broadcast_sub(&mean)?.broadcast_mul(&scale)?.broadcast_add(&self.bias.reshape(shape)?)
+        // Running statistics fold into one scale and shift per channel.
+        let scale = self.weight.broadcast_div(&(self.running_var.as_detached_tensor() + self.eps)?.sqrt()?)?;
+        let shift = (&self.bias - self.running_mean.as_detached_tensor().mul(&scale)?)?;
+        super::batchnorm::affine_act(x, &scale, &shift, act)
     }
 }
 
@@ -176,36 +181,14 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.mean((2, 3))
 }
 
-/// 3×3 max pooling with stride 2 and padding 1 (the ResNet stem) over non-negative inputs.
-///
-/// Zero padding equals PyTorch's −∞ padding because the input follows a ReLU. candle
-/// refuses the backward pass of a max pool whose kernel differs from its stride, so in
-/// training the pool is the maximum of nine strided views, which candle differentiates.
-pub fn max_pool_3x3_s2(x: &Tensor, cx: &Ctx) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    let (oh, ow) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
-    // Pad so that every view has room for `2 * out` rows and columns.
-    let xp = x.pad_with_zeros(2, 1, 2 * oh + 1 - h)?.pad_with_zeros(3, 1, 2 * ow + 1 - w)?;
-    if !cx.train {
-        return xp.narrow(2, 0, 2 * oh + 1)?.narrow(3, 0, 2 * ow + 1)?.max_pool2d_with_stride(3, 2);
-    }
-    let mut out: Option<Tensor> = None;
-    for dy in 0..3 {
-        for dx in 0..3 {
-            let view = xp.narrow(2, dy, 2 * oh)?.narrow(3, dx, 2 * ow)?.reshape((n, c, oh, 2, ow, 2))?;
-            let view = view.narrow(3, 0, 1)?.narrow(5, 0, 1)?.reshape((n, c, oh, ow))?;
-            out = Some(match out {
-                None => view,
-                Some(o) => o.maximum(&view)?,
-            });
-        }
-    }
-    Ok(out.expect("nine views"))
+/// 3×3 max pooling with stride 2 and padding 1 (the ResNet stem).
+pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    super::pool::max_pool2d(x, 3, 2, 1)
 }
 
-/// 2×2 max pooling with stride 2 (kernel equals stride: candle differentiates it).
+/// 2×2 max pooling with stride 2.
 pub fn max_pool_2x2(x: &Tensor) -> Result<Tensor> {
-    x.max_pool2d(2)
+    super::pool::max_pool2d(x, 2, 2, 0)
 }
 
 /// Softmax probabilities over the last dimension.
@@ -217,17 +200,6 @@ pub fn softmax(logits: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn max_pool_views_match_the_native_pool() {
-        let v: Vec<f32> = (0..2 * 3 * 7 * 9).map(|i| ((i * 37) % 101) as f32).collect();
-        let x = Tensor::from_vec(v, (2, 3, 7, 9), &Device::Cpu).unwrap();
-        let a = max_pool_3x3_s2(&x, &Ctx::eval()).unwrap();
-        let b = max_pool_3x3_s2(&x, &Ctx::train(Rng::new(1))).unwrap();
-        assert_eq!(a.dims(), &[2, 3, 4, 5]);
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert_eq!(diff, 0.0);
-    }
 
     #[test]
     fn batch_norm_trains_on_batch_statistics_and_updates_running_ones() {

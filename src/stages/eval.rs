@@ -60,7 +60,8 @@ impl StageKind for EvalKind {
     }
 
     fn version(&self) -> u32 {
-        2
+        // 3: batch norm at inference is one scale and shift per channel (other rounding).
+        3
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {

@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::nn::Result;
-use crate::nn::layers::{BatchNorm2d, Conv2d, Ctx, Linear, dropout, global_avg_pool, max_pool_2x2};
+use crate::nn::layers::{Act, BatchNorm2d, Conv2d, Ctx, Linear, dropout, global_avg_pool, max_pool_2x2};
 use crate::nn::{ParamStore, models::Network};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,7 +18,8 @@ pub struct CnnConfig {
     /// Units of the hidden fully connected layer after flattening; 0 = global average
     /// pooling straight into the head.
     pub hidden: usize,
-    /// Dropout before the hidden layer and before the head.
+    /// Dropout before the first fully connected layer: the hidden layer, or the head when
+    /// there is none (before train version 3 it was applied before both).
     pub dropout: f64,
 }
 
@@ -87,7 +88,7 @@ impl Network for Cnn {
         let mut x = x.clone();
         for stage in &self.stages {
             for (conv, bn) in stage {
-                x = bn.forward(&conv.forward(&x)?, cx)?.relu()?;
+                x = bn.forward_act(&conv.forward(&x)?, cx, Act::Relu)?;
             }
             x = max_pool_2x2(&x)?;
         }
@@ -101,6 +102,8 @@ impl Network for Cnn {
     }
 
     fn classify(&self, features: &Tensor, cx: &mut Ctx) -> Result<Tensor> {
-        self.head.forward(&dropout(features, self.dropout, cx)?)
+        // One dropout, as PyTorch's usual `Flatten, Dropout, Linear, ReLU, Linear`.
+        let p = if self.hidden.is_some() { 0.0 } else { self.dropout };
+        self.head.forward(&dropout(features, p, cx)?)
     }
 }

@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 
 use crate::nn::Result;
-use crate::nn::layers::{BatchNorm2d, Conv2d, Ctx, Linear, dropout, global_avg_pool, relu6};
+use crate::nn::layers::{Act, BatchNorm2d, Conv2d, Ctx, Linear, dropout, global_avg_pool};
 use crate::nn::{ParamStore, models::Network};
 
 const EPS: f64 = 1e-3;
@@ -34,9 +34,9 @@ impl MbConv {
     fn forward(&self, x: &Tensor, cx: &Ctx) -> Result<Tensor> {
         let mut y = x.clone();
         if let Some((conv, bn)) = &self.expand {
-            y = relu6(&bn.forward(&conv.forward(&y)?, cx)?)?;
+            y = bn.forward_act(&conv.forward(&y)?, cx, Act::Relu6)?;
         }
-        y = relu6(&self.depthwise.1.forward(&self.depthwise.0.forward(&y)?, cx)?)?;
+        y = self.depthwise.1.forward_act(&self.depthwise.0.forward(&y)?, cx, Act::Relu6)?;
         y = self.project.1.forward(&self.project.0.forward(&y)?, cx)?;
         if self.residual { y + x } else { Ok(y) }
     }
@@ -88,11 +88,11 @@ impl EfficientNetLite {
 
 impl Network for EfficientNetLite {
     fn features(&self, x: &Tensor, cx: &mut Ctx) -> Result<Tensor> {
-        let mut x = relu6(&self.stem.1.forward(&self.stem.0.forward(x)?, cx)?)?;
+        let mut x = self.stem.1.forward_act(&self.stem.0.forward(x)?, cx, Act::Relu6)?;
         for b in &self.blocks {
             x = b.forward(&x, cx)?;
         }
-        let x = relu6(&self.head.1.forward(&self.head.0.forward(&x)?, cx)?)?;
+        let x = self.head.1.forward_act(&self.head.0.forward(&x)?, cx, Act::Relu6)?;
         global_avg_pool(&x)
     }
 

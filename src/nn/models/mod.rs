@@ -327,4 +327,75 @@ mod tests {
             assert!(ps.names().any(|n| block_of(n, &blocks) == Some(b.as_str())), "`{}`: block `{b}` holds no tensor", spec.name);
         }
     }
+
+    /// Every architecture, trained one step on the CPU kernels and on candle's fallback
+    /// ops (what CUDA and Metal run), gives the same logits and the same gradient for
+    /// every weight; evaluation too. This is where the GPU path is checked without a GPU.
+    #[test]
+    fn the_fallback_path_gives_the_kernels_numbers() {
+        use crate::nn::layers::Ctx;
+        use crate::rng::Rng;
+        let cnn = CnnConfig { widths: vec![8, 16], convs_per_stage: 2, hidden: 16, dropout: 0.0 };
+        for arch in [Arch::Cnn(cnn), Arch::Resnet18, Arch::EfficientnetLite0] {
+            let size = if matches!(arch, Arch::Cnn(_)) { 12 } else { 72 };
+            let run = |fallback: Option<&[crate::nn::Kernel]>| {
+                let go = || {
+                    let mut ps = ParamStore::new(Device::Cpu, 3);
+                    let net = arch.build(&mut ps, 3, [size, size], 5).unwrap();
+                    let n = 3 * 3 * (size * size) as usize;
+                    let x: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1013) as f32 / 506.0) - 1.0).collect();
+                    let x = Tensor::from_vec(x, (3, 3, size as usize, size as usize), &Device::Cpu).unwrap();
+                    let logits = net.forward(&x, &mut Ctx::train(Rng::new(1))).unwrap();
+                    let loss = crate::nn::loss::cross_entropy(&logits, &[1, 3, 4], 0.0, None).unwrap();
+                    let grads = loss.backward().unwrap();
+                    let g: Vec<(String, Tensor)> =
+                        ps.trainable().into_iter().map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().clone())).collect();
+                    let eval = net.forward(&x, &mut Ctx::eval()).unwrap();
+                    (logits, g, eval)
+                };
+                match fallback {
+                    Some(kernels) => crate::nn::with_fallback(kernels, go),
+                    None => go(),
+                }
+            };
+            let (l1, g1, e1) = run(None);
+            // Each kernel alone, so that a difference names its op, then all at once.
+            let mut sets: Vec<Vec<crate::nn::Kernel>> = crate::nn::ALL_KERNELS.iter().map(|k| vec![*k]).collect();
+            sets.push(crate::nn::ALL_KERNELS.to_vec());
+            for set in sets {
+                let (l2, g2, e2) = run(Some(&set));
+                let close = |a: &Tensor, b: &Tensor| {
+                    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                    let d = crate::nn::test_support::max_diff(a, b);
+                    (d <= 1e-3 * scale + 1e-5).then_some(()).ok_or(format!("{d} of {scale}"))
+                };
+                // Gradients: each element for the CNN and ResNet. EfficientNet's late blocks
+                // run on 3×3 maps with 27 values per channel, where an activation within
+                // rounding of a ReLU6 kink can pass its gradient on one path and not the
+                // other (the forward passes sum in different orders); that moves a few
+                // elements, so there the whole tensor is compared by its norm.
+                let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+                let by_norm = matches!(arch, Arch::EfficientnetLite0);
+                let mut bad = Vec::new();
+                for (what, a, b) in [("logits", &l1, &l2), ("eval logits", &e1, &e2)] {
+                    if let Err(e) = close(a, b) {
+                        bad.push(format!("{what}: {e}"));
+                    }
+                }
+                assert_eq!(g1.len(), g2.len());
+                for ((name, a), (_, b)) in g1.iter().zip(&g2) {
+                    let verdict = if by_norm {
+                        let (d, r) = (norm(&(a - b).unwrap()), norm(b));
+                        (d <= 2e-2 * r + 1e-5).then_some(()).ok_or(format!("norm {d} of {r}"))
+                    } else {
+                        close(a, b)
+                    };
+                    if let Err(e) = verdict {
+                        bad.push(format!("gradient of {name}: {e}"));
+                    }
+                }
+                assert!(bad.is_empty(), "{} with {set:?} on candle's ops: {} differ: {bad:#?}", arch.name(), bad.len());
+            }
+        }
+    }
 }

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use crate::nn::Result;
-use crate::nn::layers::{BatchNorm2d, Conv2d, Ctx, Linear, global_avg_pool, max_pool_3x3_s2};
+use crate::nn::layers::{Act, BatchNorm2d, Conv2d, Ctx, Linear, add_act, global_avg_pool, max_pool_3x3_s2};
 use crate::nn::{ParamStore, models::Network};
 
 pub const LAYERS_18: [usize; 4] = [2, 2, 2, 2];
@@ -30,16 +30,14 @@ impl Block {
         let mut y = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            y = bn.forward(&conv.forward(&y)?, cx)?;
-            if i < last {
-                y = y.relu()?;
-            }
+            let act = if i < last { Act::Relu } else { Act::Identity };
+            y = bn.forward_act(&conv.forward(&y)?, cx, act)?;
         }
         let shortcut = match &self.downsample {
             Some((conv, bn)) => bn.forward(&conv.forward(x)?, cx)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        add_act(&y, &shortcut, Act::Relu)
     }
 }
 
@@ -99,8 +97,8 @@ impl ResNet {
 
 impl Network for ResNet {
     fn features(&self, x: &Tensor, cx: &mut Ctx) -> Result<Tensor> {
-        let x = self.bn1.forward(&self.conv1.forward(x)?, cx)?.relu()?;
-        let mut x = max_pool_3x3_s2(&x, cx)?;
+        let x = self.bn1.forward_act(&self.conv1.forward(x)?, cx, Act::Relu)?;
+        let mut x = max_pool_3x3_s2(&x)?;
         for b in &self.blocks {
             x = b.forward(&x, cx)?;
         }

@@ -116,7 +116,8 @@ impl StageKind for LabelIssuesKind {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: the fold models train with kiln's own convolution, pooling and batch norm ops.
+        2
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
