@@ -13,6 +13,10 @@ use kiln::nn::optim::{OptimConfig, Optimizer, OptimizerKind};
 use kiln::nn::{ParamStore, Result};
 use kiln::rng::Rng;
 
+// The same allocator as the kiln binary: training and inference run there with it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let get = |i: usize, d: &str| args.get(i).cloned().unwrap_or_else(|| d.to_string());
