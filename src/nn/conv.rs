@@ -94,7 +94,10 @@ fn by_image(n: usize) -> bool {
 
 /// Runs `f(image, out_chunk, scratch, split_multiply)` for every image's output chunk.
 fn per_image(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32], &mut Vec<f32>, bool) + Sync) {
-    let n = out.len() / chunk.max(1);
+    if chunk == 0 {
+        return;
+    }
+    let n = out.len() / chunk;
     if by_image(n) {
         out.par_chunks_mut(chunk).enumerate().for_each_init(Vec::new, |buf, (i, o)| f(i, o, buf, false));
     } else {

@@ -55,7 +55,7 @@ struct MaxPool {
 
 impl MaxPool {
     fn out(&self, h: usize, w: usize) -> Result<(usize, usize)> {
-        if self.k == 0 || self.stride == 0 || h + 2 * self.padding < self.k || w + 2 * self.padding < self.k {
+        if self.k == 0 || self.stride == 0 || h == 0 || w == 0 || h + 2 * self.padding < self.k || w + 2 * self.padding < self.k {
             candle_core::bail!("max pool: a {0}x{0} window does not fit a {h}x{w} input", self.k);
         }
         Ok(((h + 2 * self.padding - self.k) / self.stride + 1, (w + 2 * self.padding - self.k) / self.stride + 1))
