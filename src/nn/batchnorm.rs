@@ -101,6 +101,12 @@ fn channel_stats(x: &[f32], n: usize, c: usize, plane: usize) -> Vec<(f64, f64)>
     (0..c)
         .into_par_iter()
         .map(|ch| {
+            if n == 0 || plane == 0 {
+                return (0.0, 0.0);
+            }
+            // Sums of x − x₀ (the channel's first value): E[x²] − E[x]² cancels badly when
+            // the mean is large against the spread; shifted by a sample it does not.
+            let shift = x[ch * plane];
             let (mut s, mut s2) = (0f64, 0f64);
             for img in 0..n {
                 let p = &x[(img * c + ch) * plane..(img * c + ch + 1) * plane];
@@ -108,20 +114,22 @@ fn channel_stats(x: &[f32], n: usize, c: usize, plane: usize) -> Vec<(f64, f64)>
                 let mut chunks = p.chunks_exact(LANES);
                 for v in &mut chunks {
                     for l in 0..LANES {
-                        a[l] += v[l];
-                        b[l] += v[l] * v[l];
+                        let d = v[l] - shift;
+                        a[l] += d;
+                        b[l] += d * d;
                     }
                 }
                 for v in chunks.remainder() {
-                    a[0] += v;
-                    b[0] += v * v;
+                    let d = v - shift;
+                    a[0] += d;
+                    b[0] += d * d;
                 }
                 s += f64::from(a.iter().sum::<f32>());
                 s2 += f64::from(b.iter().sum::<f32>());
             }
             let m = (n * plane) as f64;
             let mean = s / m;
-            (mean, (s2 / m - mean * mean).max(0.0))
+            (f64::from(shift) + mean, (s2 / m - mean * mean).max(0.0))
         })
         .collect()
 }
@@ -187,6 +195,9 @@ impl CustomOp3 for Fused {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, plane) = dims(l1)?;
         let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        if gamma.len() != c || beta.len() != c {
+            candle_core::bail!("batch norm: {c} channels, but {} scales and {} shifts", gamma.len(), beta.len());
+        }
         let st = channel_stats(x, n, c, plane);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().for_each(|(p, o)| {

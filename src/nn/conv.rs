@@ -257,6 +257,9 @@ impl CustomOp2 for KernelGrad {
             candle_core::bail!("conv2d backward: gradient shape {:?} does not fit", l2.dims());
         }
         let (size, chunk_out) = (s.c_out * s.rows(), s.c_out * s.cols());
+        if size == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), Shape::from((s.c_out, g.c, g.k, g.k))));
+        }
         let groups = g.n.div_ceil(GROUP);
         // Each group's images accumulate in order into the group's own sum.
         let group_sum = |j: usize, sum: &mut [f32], buf: &mut Vec<f32>, split: bool| {

@@ -42,6 +42,9 @@ impl Geometry {
         if wc != c || k != k2 {
             candle_core::bail!("depthwise conv: kernel {w:?} does not fit input {x:?}");
         }
+        if stride == 0 || *h == 0 || *wd == 0 || *k == 0 {
+            candle_core::bail!("conv: stride {stride}, kernel {k} and input {h}x{wd} must all be at least 1");
+        }
         let oh = (h + 2 * padding).checked_sub(*k).map(|v| v / stride + 1);
         let ow = (wd + 2 * padding).checked_sub(*k).map(|v| v / stride + 1);
         let (Some(oh), Some(ow)) = (oh, ow) else { candle_core::bail!("depthwise conv: kernel larger than padded input") };

@@ -28,8 +28,22 @@ impl<'a> Mat<'a> {
     /// # Panics
     /// When an element of the view would fall outside `data`.
     pub fn strided(data: &'a [f32], rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> Self {
-        let last = if rows == 0 || cols == 0 { 0 } else { (rows - 1) * row_stride + (cols - 1) * col_stride + 1 };
-        assert!(last <= data.len(), "gemm view {rows}x{cols} (strides {row_stride}, {col_stride}) exceeds {} values", data.len());
+        // A stride of a dimension of one is never used: zero keeps it in range for gemm.
+        let row_stride = if rows <= 1 { 0 } else { row_stride };
+        let col_stride = if cols <= 1 { 0 } else { col_stride };
+        let last = if rows == 0 || cols == 0 {
+            Some(0)
+        } else {
+            (rows - 1)
+                .checked_mul(row_stride)
+                .and_then(|r| (cols - 1).checked_mul(col_stride).and_then(|c| r.checked_add(c)))
+                .map(|v| v + 1)
+        };
+        assert!(
+            last.is_some_and(|last| last <= data.len()),
+            "gemm view {rows}x{cols} (strides {row_stride}, {col_stride}) exceeds {} values",
+            data.len()
+        );
         Mat { data, rows, cols, row_stride, col_stride }
     }
 
@@ -50,7 +64,7 @@ impl<'a> Mat<'a> {
 pub fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool, parallel: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "gemm: inner dimensions {k} and {} differ", b.rows);
-    assert_eq!(dst.len(), m * n, "gemm: destination holds {} values, not {m}x{n}", dst.len());
+    assert_eq!(Some(dst.len()), m.checked_mul(n), "gemm: destination holds {} values, not {m}x{n}", dst.len());
     if m == 0 || n == 0 {
         return;
     }
@@ -62,10 +76,11 @@ pub fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool, paralle
     }
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
-    // SAFETY: `Mat::strided` checked that every element of `a` and `b` lies inside its
-    // slice, and `dst` holds exactly `m × n` values at row stride `n`, column stride 1.
-    // `dst` is a unique borrow, so it cannot overlap `a` or `b`. Strides fit in isize
-    // because they index slices, whose lengths do.
+    // SAFETY: `Mat::strided` checked, without overflow, that every element of `a` and `b`
+    // lies inside its slice, and `dst` holds exactly `m × n` values at row stride `n`,
+    // column stride 1. `dst` is a unique borrow, so it cannot overlap `a` or `b`. Every
+    // stride that is used (its dimension above one) is below the slice's length, so it
+    // fits in isize; unused strides are zero.
     unsafe {
         gemm::gemm(
             m,
@@ -136,5 +151,12 @@ mod tests {
     fn a_view_past_its_slice_is_refused() {
         let v = vec![0f32; 10];
         let _ = Mat::strided(&v, 3, 4, 4, 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "exceeds")]
+    fn a_view_whose_extent_overflows_is_refused() {
+        let v = vec![0f32; 10];
+        let _ = Mat::strided(&v, usize::MAX / 2, 3, 4, 1);
     }
 }

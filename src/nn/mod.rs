@@ -13,7 +13,7 @@ pub mod batchnorm;
 pub mod conv;
 pub mod depthwise;
 pub mod device;
-pub mod gemm;
+pub(crate) mod gemm;
 pub mod input;
 pub mod layers;
 pub mod loss;
@@ -61,9 +61,9 @@ pub(crate) fn kernels_apply(k: Kernel, ts: &[&Tensor]) -> bool {
 #[cfg(test)]
 pub(crate) fn with_fallback<R>(kernels: &[Kernel], f: impl FnOnce() -> R) -> R {
     let mask = kernels.iter().fold(0u8, |m, k| m | *k as u8);
-    FALLBACK.with(|c| c.set(mask));
+    let before = FALLBACK.with(|c| c.replace(mask));
     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    FALLBACK.with(|c| c.set(0));
+    FALLBACK.with(|c| c.set(before));
     out.unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 

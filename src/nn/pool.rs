@@ -58,6 +58,10 @@ impl MaxPool {
         if self.k == 0 || self.stride == 0 || h == 0 || w == 0 || h + 2 * self.padding < self.k || w + 2 * self.padding < self.k {
             candle_core::bail!("max pool: a {0}x{0} window does not fit a {h}x{w} input", self.k);
         }
+        // As PyTorch: more padding than half the window would leave windows with no pixel.
+        if 2 * self.padding > self.k {
+            candle_core::bail!("max pool: padding {} is more than half the {}x{} window", self.padding, self.k, self.k);
+        }
         Ok(((h + 2 * self.padding - self.k) / self.stride + 1, (w + 2 * self.padding - self.k) / self.stride + 1))
     }
 
@@ -79,6 +83,12 @@ impl MaxPool {
         }
         best
     }
+}
+
+/// The larger of two values, NaN winning so that it propagates (as in the backward pass).
+#[inline]
+fn wins(best: f32, v: f32) -> f32 {
+    if v > best || (v.is_nan() && !best.is_nan()) { v } else { best }
 }
 
 fn dims(l: &Layout) -> Result<(usize, usize, usize, usize)> {
@@ -104,7 +114,7 @@ impl CustomOp1 for MaxPool {
                 for oy in 0..oh {
                     let (r0, r1) = (&x[2 * oy * w..], &x[(2 * oy + 1) * w..]);
                     for (ox, o) in o[oy * ow..(oy + 1) * ow].iter_mut().enumerate() {
-                        *o = r0[2 * ox].max(r0[2 * ox + 1]).max(r1[2 * ox].max(r1[2 * ox + 1]));
+                        *o = [r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]].into_iter().fold(r0[2 * ox], wins);
                     }
                 }
             } else {
@@ -231,5 +241,20 @@ mod tests {
         let neg = Tensor::full(-5f32, (1, 1, 3, 3), &candle_core::Device::Cpu).unwrap();
         let pooled = max_pool2d(&neg, 3, 2, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(pooled, vec![-5.0; 4]);
+    }
+
+    /// Bad geometry is an error, not a panic or a window of padding; a NaN wins its window
+    /// in the 2×2 fast path as in the general one.
+    #[test]
+    fn bad_windows_are_errors_and_nan_propagates() {
+        let x = Tensor::ones((1, 1, 1, 1), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        assert!(max_pool2d(&x, 2, 2, 2).is_err(), "padding more than half the window");
+        assert!(max_pool2d(&x, 3, 0, 1).is_err(), "stride 0");
+        let v = vec![1.0, f32::NAN, 2.0, 3.0];
+        let x = Tensor::from_vec(v, (1, 1, 2, 2), &candle_core::Device::Cpu).unwrap();
+        for (k, s, p) in [(2, 2, 0), (3, 2, 1)] {
+            let y = max_pool2d(&x, k, s, p).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(y[0].is_nan(), "k={k}: {y:?}");
+        }
     }
 }
