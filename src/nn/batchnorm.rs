@@ -79,10 +79,8 @@ pub fn train_forward(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, act: A
     }
     let kept = Arc::new(Mutex::new(Vec::new()));
     let y = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, Fused { eps, act, stats: kept.clone() })?;
-    let st = kept.lock().map_err(|_| candle_core::Error::Msg("batch norm: statistics lock poisoned".into()))?.clone();
-    let (storage, shape) = two_rows(&st);
-    let CpuStorage::F32(v) = storage else { unreachable!("two_rows makes f32") };
-    Ok((y, Tensor::from_vec(v, shape, x.device())?))
+    let st = locked(&kept)?;
+    Ok((y, Tensor::from_vec(two_rows(&st), (2, st.len()), x.device())?))
 }
 
 /// `act(x · scale + shift)` per channel (`scale`, `shift`: `[C]`), differentiable in all
@@ -152,10 +150,27 @@ fn channel_sums(n: usize, c: usize, plane: usize, pair: impl Fn(usize, std::ops:
 }
 
 /// Per-channel pairs as a `[2, C]` tensor: firsts, then seconds.
-fn two_rows(pairs: &[(f64, f64)]) -> (CpuStorage, Shape) {
-    let mut out: Vec<f32> = pairs.iter().map(|p| p.0 as f32).collect();
-    out.extend(pairs.iter().map(|p| p.1 as f32));
-    (CpuStorage::F32(out), Shape::from((2, pairs.len())))
+fn two_rows(pairs: &[(f64, f64)]) -> Vec<f32> {
+    pairs.iter().map(|p| p.0 as f32).chain(pairs.iter().map(|p| p.1 as f32)).collect()
+}
+
+/// One buffer `[dx…, da…, db…]` for an input gradient of `len` values (filled by `dx`) and
+/// two per-channel parameter gradients, so that one op returns all three ([`split3`]).
+fn flat_grads(len: usize, params: &[(f32, f32)], dx: impl FnOnce(&mut [f32])) -> (CpuStorage, Shape) {
+    let c = params.len();
+    let mut out = vec![0f32; len + 2 * c];
+    let (grad, rest) = out.split_at_mut(len);
+    dx(grad);
+    let (da, db) = rest.split_at_mut(c);
+    for ((a, b), p) in da.iter_mut().zip(db).zip(params) {
+        (*a, *b) = *p;
+    }
+    (CpuStorage::F32(out), Shape::from(len + 2 * c))
+}
+
+/// The batch's statistics, as the forward pass left them.
+fn locked(stats: &Mutex<Vec<(f64, f64)>>) -> Result<std::sync::MutexGuard<'_, Vec<(f64, f64)>>> {
+    stats.lock().map_err(|_| candle_core::Error::Msg("batch norm: statistics lock poisoned".into()))
 }
 
 fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
@@ -207,7 +222,7 @@ impl CustomOp3 for Fused {
             let shift = (f64::from(beta[ch]) - st[ch].0 * inv * f64::from(gamma[ch])) as f32;
             gated!(self.act, scale_shift(o, &x[p * plane..(p + 1) * plane], scale, shift));
         });
-        *self.stats.lock().map_err(|_| candle_core::Error::Msg("batch norm: statistics lock poisoned".into()))? = st;
+        *locked(&self.stats)? = st;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -219,7 +234,7 @@ impl CustomOp3 for Fused {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let st = self.stats.lock().map_err(|_| candle_core::Error::Msg("batch norm: statistics lock poisoned".into()))?.clone();
+        let st = locked(&self.stats)?.clone();
         let op = FusedGrad { eps: self.eps, act: self.act, stats: st, gamma: gamma.to_vec1::<f32>()? };
         let flat = x.apply_op3_no_bwd(y, &grad.contiguous()?, &op)?;
         let (dx, dgamma, dbeta) = split3(flat, x, gamma.elem_count())?;
@@ -259,8 +274,6 @@ impl CustomOp3 for FusedGrad {
         let sums =
             channel_sums(n, c, plane, |ch, r| gated!(self.act, gated_sums(&x[r.clone()], &y[r.clone()], &dy[r], self.stats[ch].0 as f32)));
         let m = (n * plane) as f64;
-        let mut out = vec![0f32; x.len() + 2 * c];
-        let (dx, params) = out.split_at_mut(x.len());
         // dx = k·(g − mean(g) − x̂·mean(g·x̂)), written as a·g + b·x + c per channel.
         fn plane_grad<G: Gate>(gate: G, o: &mut [f32], x: &[f32], y: &[f32], dy: &[f32], [a, b, c]: [f32; 3]) {
             for (((o, v), out), g) in o.iter_mut().zip(x).zip(y).zip(dy) {
@@ -268,20 +281,18 @@ impl CustomOp3 for FusedGrad {
                 *o = a * g + b * v + c;
             }
         }
-        dx.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().for_each(|(i, o)| {
-            let ch = i % c;
-            let k = f64::from(self.gamma[ch]) * inv[ch];
-            let (mean_dy, mean_dxhat) = (sums[ch].1 / m, sums[ch].0 * inv[ch] / m);
-            let slope = -k * inv[ch] * mean_dxhat;
-            let coeffs = [k as f32, slope as f32, (-k * mean_dy - slope * self.stats[ch].0) as f32];
-            let r = i * plane..(i + 1) * plane;
-            gated!(self.act, plane_grad(o, &x[r.clone()], &y[r.clone()], &dy[r], coeffs));
-        });
-        for ch in 0..c {
-            params[ch] = (sums[ch].0 * inv[ch]) as f32;
-            params[c + ch] = sums[ch].1 as f32;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
+        let params: Vec<(f32, f32)> = sums.iter().zip(&inv).map(|(s, inv)| ((s.0 * inv) as f32, s.1 as f32)).collect();
+        Ok(flat_grads(x.len(), &params, |dx| {
+            dx.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().for_each(|(i, o)| {
+                let ch = i % c;
+                let k = f64::from(self.gamma[ch]) * inv[ch];
+                let (mean_dy, mean_dxhat) = (sums[ch].1 / m, sums[ch].0 * inv[ch] / m);
+                let slope = -k * inv[ch] * mean_dxhat;
+                let coeffs = [k as f32, slope as f32, (-k * mean_dy - slope * self.stats[ch].0) as f32];
+                let r = i * plane..(i + 1) * plane;
+                gated!(self.act, plane_grad(o, &x[r.clone()], &y[r.clone()], &dy[r], coeffs));
+            });
+        }))
     }
 }
 
@@ -357,22 +368,18 @@ impl CustomOp3 for AffineGrad {
             candle_core::bail!("affine backward: shapes do not fit");
         }
         let sums = channel_sums(n, c, plane, |_, r| gated!(self.act, gated_sums(&x[r.clone()], &y[r.clone()], &dy[r], 0.0)));
-        let mut out = vec![0f32; x.len() + 2 * c];
-        let (dx, params) = out.split_at_mut(x.len());
         fn plane_grad<G: Gate>(gate: G, o: &mut [f32], y: &[f32], dy: &[f32], k: f32) {
             for ((o, out), g) in o.iter_mut().zip(y).zip(dy) {
                 *o = if gate.pass(*out) { k * g } else { 0.0 };
             }
         }
-        dx.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().for_each(|(i, o)| {
-            let r = i * plane..(i + 1) * plane;
-            gated!(self.act, plane_grad(o, &y[r.clone()], &dy[r], self.scale[i % c]));
-        });
-        for ch in 0..c {
-            params[ch] = sums[ch].0 as f32;
-            params[c + ch] = sums[ch].1 as f32;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
+        let params: Vec<(f32, f32)> = sums.iter().map(|s| (s.0 as f32, s.1 as f32)).collect();
+        Ok(flat_grads(x.len(), &params, |dx| {
+            dx.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().for_each(|(i, o)| {
+                let r = i * plane..(i + 1) * plane;
+                gated!(self.act, plane_grad(o, &y[r.clone()], &dy[r], self.scale[i % c]));
+            });
+        }))
     }
 }
 

@@ -172,10 +172,6 @@ pub fn dropout(x: &Tensor, p: f64, cx: &mut Ctx) -> Result<Tensor> {
     x.mul(&mask)
 }
 
-pub fn relu6(x: &Tensor) -> Result<Tensor> {
-    x.clamp(0f32, 6f32)
-}
-
 /// Mean over the spatial dimensions: `[N, C, H, W]` → `[N, C]`.
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.mean((2, 3))
