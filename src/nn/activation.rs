@@ -43,6 +43,15 @@ impl Act {
 pub(crate) trait Gate: Copy + Send + Sync {
     fn pass(self, y: f32) -> bool;
     fn apply(self, v: f32) -> f32;
+
+    /// `dy` where the gate passes `y`, else 0 (also for a NaN `dy`, as PyTorch's threshold
+    /// backward). A bit mask rather than a branch: a ReLU's signs are close to random, and
+    /// as a branch this mispredicted on every other element (a quarter of the small CNN's
+    /// training time in batch norm's backward pass); as a mask the loop vectorises.
+    #[inline(always)]
+    fn grad(self, y: f32, dy: f32) -> f32 {
+        f32::from_bits(dy.to_bits() & 0u32.wrapping_sub(u32::from(self.pass(y))))
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -77,7 +86,7 @@ impl Gate for Positive {
 impl Gate for BelowSix {
     #[inline(always)]
     fn pass(self, y: f32) -> bool {
-        y > 0.0 && y < 6.0
+        (y > 0.0) & (y < 6.0)
     }
     #[inline(always)]
     fn apply(self, v: f32) -> f32 {
@@ -156,7 +165,7 @@ impl candle_core::CustomOp2 for Mask {
         let (y, dy) = (slice(s1, l1)?, slice(s2, l2)?);
         fn kernel<G: Gate>(gate: G, o: &mut [f32], y: &[f32], dy: &[f32]) {
             for ((o, y), g) in o.iter_mut().zip(y).zip(dy) {
-                *o = if gate.pass(*y) { *g } else { 0.0 };
+                *o = gate.grad(*y, *g);
             }
         }
         let mut out = vec![0f32; y.len()];

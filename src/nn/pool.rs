@@ -76,7 +76,7 @@ impl MaxPool {
             for ix in xs..xe {
                 // `>` keeps the first of equal values; NaN wins so that it propagates.
                 let i = iy * w + ix;
-                if x[i] > x[best] || (x[i].is_nan() && !x[best].is_nan()) {
+                if beats(x[i], x[best]) {
                     best = i;
                 }
             }
@@ -85,10 +85,20 @@ impl MaxPool {
     }
 }
 
-/// The larger of two values, NaN winning so that it propagates (as in the backward pass).
-#[inline]
+/// Whether `v` takes over from `best`: larger, or NaN (so that it propagates). Written
+/// with `|` and `&`, not `||` and `&&`, so that it compiles to a select: on a ReLU's output
+/// the winner of a window is close to random, and a branch mispredicted every other time.
+#[inline(always)]
+fn beats(v: f32, best: f32) -> bool {
+    (v > best) | (v.is_nan() & !best.is_nan())
+}
+
+/// The larger of two values, the first on a tie, NaN winning (as in the backward pass).
+/// A bit-mask select: as `if`, LLVM made it a branch in the pooling loop.
+#[inline(always)]
 fn wins(best: f32, v: f32) -> f32 {
-    if v > best || (v.is_nan() && !best.is_nan()) { v } else { best }
+    let take = 0u32.wrapping_sub(u32::from(beats(v, best)));
+    f32::from_bits((v.to_bits() & take) | (best.to_bits() & !take))
 }
 
 fn dims(l: &Layout) -> Result<(usize, usize, usize, usize)> {
@@ -111,10 +121,11 @@ impl CustomOp1 for MaxPool {
         out.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(o, x)| {
             if self.k == 2 && self.stride == 2 && self.padding == 0 {
                 // The common case without the window bookkeeping.
-                for oy in 0..oh {
-                    let (r0, r1) = (&x[2 * oy * w..], &x[(2 * oy + 1) * w..]);
-                    for (ox, o) in o[oy * ow..(oy + 1) * ow].iter_mut().enumerate() {
-                        *o = [r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]].into_iter().fold(r0[2 * ox], wins);
+                for (oy, o) in o.chunks_exact_mut(ow).enumerate() {
+                    let (r0, r1) = (&x[2 * oy * w..(2 * oy + 1) * w], &x[(2 * oy + 1) * w..(2 * oy + 2) * w]);
+                    for ((o, a), b) in o.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+                        // A tree, not a chain (the same first maximum): independent selects.
+                        *o = wins(wins(a[0], a[1]), wins(b[0], b[1]));
                     }
                 }
             } else {
@@ -128,40 +139,69 @@ impl CustomOp1 for MaxPool {
         Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &MaxPoolGrad(*self))?))
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op3_no_bwd(res, &grad.contiguous()?, &MaxPoolGrad(*self))?))
     }
 }
 
-/// Each output's gradient, added to its window's first maximum.
+/// `g` where `hit`, else 0, by a bit mask rather than a branch (see [`beats`]).
+#[inline(always)]
+fn keep(g: f32, hit: bool) -> f32 {
+    f32::from_bits(g.to_bits() & 0u32.wrapping_sub(u32::from(hit)))
+}
+
+/// Whether tap `v` is the one the forward pass chose as the window's maximum `m`: the
+/// first tap with `m`'s bits. (An earlier tap of equal value but other bits, −0 against
+/// +0, would itself have been chosen; a NaN wins only as the window's first NaN.)
+#[inline(always)]
+fn same(v: f32, m: f32) -> bool {
+    v.to_bits() == m.to_bits()
+}
+
+/// Each output's gradient, added to its window's first maximum; from `x`, the pool's
+/// output `y` and `dy`.
 struct MaxPoolGrad(MaxPool);
 
-impl candle_core::CustomOp2 for MaxPoolGrad {
+impl candle_core::CustomOp3 for MaxPoolGrad {
     fn name(&self) -> &'static str {
         "kiln-max-pool2d-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = dims(l1)?;
         let (oh, ow) = self.0.out(h, w)?;
-        if l2.dims() != [n, c, oh, ow] {
-            candle_core::bail!("max pool backward: gradient shape {:?} does not fit", l2.dims());
+        if l2.dims() != [n, c, oh, ow] || l3.dims() != [n, c, oh, ow] {
+            candle_core::bail!("max pool backward: output {:?} or gradient {:?} does not fit", l2.dims(), l3.dims());
         }
-        let (x, dy) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (x, y, dy) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(h * w).zip(x.par_chunks(h * w)).zip(dy.par_chunks(oh * ow)).for_each(|((dx, x), dy)| {
+        let planes = dx.par_chunks_mut(h * w).zip(x.par_chunks(h * w)).zip(y.par_chunks(oh * ow).zip(dy.par_chunks(oh * ow)));
+        planes.for_each(|((dx, x), (y, dy))| {
             if self.0.k == 2 && self.0.stride == 2 && self.0.padding == 0 {
-                // Windows do not overlap: each gradient lands on its window's first maximum.
+                // Windows do not overlap. The first tap equal to the window's maximum takes
+                // the gradient and every tap is written (the gradient or 0): the winner of
+                // a window of ReLU outputs is close to random, and searching for it with
+                // compares mispredicted a branch on most windows.
                 for oy in 0..oh {
-                    for ox in 0..ow {
-                        let (a, b) = ((2 * oy) * w + 2 * ox, (2 * oy + 1) * w + 2 * ox);
-                        let mut best = a;
-                        for i in [a + 1, b, b + 1] {
-                            if x[i] > x[best] || (x[i].is_nan() && !x[best].is_nan()) {
-                                best = i;
-                            }
-                        }
-                        dx[best] = dy[oy * ow + ox];
+                    let (upper, lower) = dx.split_at_mut((2 * oy + 1) * w);
+                    let (d0, d1) = (&mut upper[2 * oy * w..], &mut lower[..w]);
+                    let (r0, r1) = (&x[2 * oy * w..(2 * oy + 1) * w], &x[(2 * oy + 1) * w..(2 * oy + 2) * w]);
+                    let outs = y[oy * ow..(oy + 1) * ow].iter().zip(&dy[oy * ow..(oy + 1) * ow]);
+                    let taps = r0.chunks_exact(2).zip(r1.chunks_exact(2)).zip(d0.chunks_exact_mut(2).zip(d1.chunks_exact_mut(2)));
+                    for ((&m, &g), ((a, b), (da, db))) in outs.zip(taps) {
+                        let t0 = same(a[0], m);
+                        let t1 = !t0 & same(a[1], m);
+                        let t2 = !(t0 | t1) & same(b[0], m);
+                        let t3 = !(t0 | t1 | t2);
+                        (da[0], da[1], db[0], db[1]) = (keep(g, t0), keep(g, t1), keep(g, t2), keep(g, t3));
                     }
                 }
                 return;
@@ -255,6 +295,51 @@ mod tests {
         for (k, s, p) in [(2, 2, 0), (3, 2, 1)] {
             let y = max_pool2d(&x, k, s, p).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert!(y[0].is_nan(), "k={k}: {y:?}");
+        }
+    }
+
+    /// The 2×2 kernels choose by selects and bit masks, not branches; on a ReLU's output
+    /// most windows hold ties (zeros, and −0 beside +0) and NaN must still win. Each
+    /// window's gradient must land on its first maximum under `>` with NaN winning, as a
+    /// plain search finds it, and nowhere else.
+    #[test]
+    fn two_by_two_windows_route_ties_signed_zeros_and_nan_to_the_first_maximum() {
+        let windows: [[f32; 4]; 8] = [
+            [0.0, 0.0, 0.0, 0.0],
+            [-0.0, 0.0, 0.0, -0.0],
+            [0.0, -0.0, 1.0, 1.0],
+            [2.0, 3.0, 3.0, 1.0],
+            [f32::NAN, 1.0, f32::NAN, 5.0],
+            [1.0, 5.0, f32::NAN, f32::NAN],
+            [-1.0, -2.0, -0.5, -0.5],
+            [7.0, 7.0, 7.0, 7.0],
+        ];
+        // Eight windows side by side: a 2×16 plane.
+        let (h, w) = (2, 16);
+        let mut v = vec![0f32; h * w];
+        for (j, win) in windows.iter().enumerate() {
+            (v[2 * j], v[2 * j + 1], v[w + 2 * j], v[w + 2 * j + 1]) = (win[0], win[1], win[2], win[3]);
+        }
+        let x = Var::from_tensor(&Tensor::from_vec(v, (1, 1, h, w), &candle_core::Device::Cpu).unwrap()).unwrap();
+        let y = max_pool2d(&x, 2, 2, 0).unwrap();
+        let probe: Vec<f32> = (1..=windows.len()).map(|i| i as f32).collect();
+        let probe = Tensor::from_vec(probe, (1, 1, 1, windows.len()), &candle_core::Device::Cpu).unwrap();
+        let dx = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = dx.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let out = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (j, win) in windows.iter().enumerate() {
+            let mut best = 0;
+            for t in 1..4 {
+                if win[t] > win[best] || (win[t].is_nan() && !win[best].is_nan()) {
+                    best = t;
+                }
+            }
+            assert_eq!(out[j].to_bits(), win[best].to_bits(), "window {j}: output");
+            let taps = [2 * j, 2 * j + 1, w + 2 * j, w + 2 * j + 1];
+            for (t, &i) in taps.iter().enumerate() {
+                let want = if t == best { (j + 1) as f32 } else { 0.0 };
+                assert_eq!(dx[i], want, "window {j} {win:?}: tap {t}");
+            }
         }
     }
 }
