@@ -1,4 +1,4 @@
-//! Dense 2-D convolution on the CPU: one matrix multiply per image, forward and backward.
+//! Dense 2-D convolution on the CPU: matrix multiplies, forward and backward.
 //!
 //! candle's CPU convolution backward computes the input gradient with a direct transposed
 //! convolution (a dot product per output element) and the kernel gradient with an im2col
@@ -11,9 +11,13 @@
 //! (`gemm` over caller-owned buffers, [`super::gemm`]); a 1×1, stride-1 convolution
 //! multiplies the image itself with no column copy. The backward pass is
 //! `dX_i = col2im(Wᵀ · dY_i)` and `dW = Σ_i dY_i · cols(X_i)ᵀ`, with the columns made
-//! again per image rather than kept. Images run in parallel where the batch allows,
-//! otherwise each multiply is split over the threads. The weight gradient sums its images
-//! in fixed groups of [`GROUP`] and then the groups in order, so its bits do not depend on
+//! again rather than kept. On small output maps (a 7×7 map is 49 columns) one image per
+//! multiply left gemm's kernels mostly idle at the edges and paid its packing per image,
+//! so there a *stack* of images is multiplied at once, their columns side by side
+//! ([`Shapes::stack`]), and the output is copied into each image's slot. Stacks run in
+//! parallel where the batch allows, otherwise each multiply is split over the threads.
+//! The weight gradient sums its images in fixed groups of [`GROUP`] and then the groups
+//! in order; stacks and groups depend only on the shapes, so the bits do not depend on
 //! the thread count. Other devices and dtypes keep candle's convolution.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
@@ -25,6 +29,9 @@ use super::gemm::{Mat, matmul};
 
 /// Images whose weight gradients are summed together before the groups are added.
 const GROUP: usize = 8;
+
+/// Columns per multiply that small output maps are stacked up to (see [`Shapes::stack`]).
+const NARROW: usize = 256;
 
 /// `x`: `[N, C, H, W]`, `w`: `[Cout, C, K, K]`, symmetric zero padding.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
@@ -43,6 +50,13 @@ struct Shapes {
     c_out: usize,
 }
 
+/// A task's reusable buffers: stacked columns, and a stacked output or gradient.
+#[derive(Default)]
+struct Scratch {
+    cols: Vec<f32>,
+    wide: Vec<f32>,
+}
+
 impl Shapes {
     fn new(x: &[usize], w: &[usize], stride: usize, padding: usize) -> Result<Self> {
         let &[c_out, c_in, k, k2] = w else { candle_core::bail!("conv2d: kernel must be [Cout, C, K, K], got {w:?}") };
@@ -54,6 +68,10 @@ impl Shapes {
 
     fn plane_in(&self) -> usize {
         self.g.c * self.g.h * self.g.w
+    }
+
+    fn plane_out(&self) -> usize {
+        self.c_out * self.cols()
     }
 
     fn cols(&self) -> usize {
@@ -69,58 +87,94 @@ impl Shapes {
         self.g.k == 1 && self.g.stride == 1 && self.g.padding == 0
     }
 
+    /// Images per multiply: 1 for a direct convolution (its image is its column matrix) or a
+    /// map of [`NARROW`] columns or more, else the fewest, a power of two up to [`GROUP`] (so
+    /// stacks tile the gradient groups), whose columns together reach [`NARROW`].
+    fn stack(&self) -> usize {
+        let mut s = 1;
+        while !self.direct() && s < GROUP && s * self.cols() < NARROW {
+            s *= 2;
+        }
+        s
+    }
+
     fn kernel<'a>(&self, w: &'a [f32]) -> Mat<'a> {
         Mat::rows(w, self.c_out, self.rows())
     }
 
-    /// The column matrix of image `x` (`[C, H, W]`): `buf` is filled unless the image
-    /// already is one.
+    /// The column matrix of the images in `x` (`[s, C, H, W]`), side by side: `[C·K·K, s·L]`.
+    /// `buf` is filled unless the image already is one.
     fn columns<'a>(&self, x: &'a [f32], buf: &'a mut Vec<f32>) -> Mat<'a> {
         if self.direct() {
             return Mat::rows(x, self.rows(), self.cols());
         }
-        buf.resize(self.rows() * self.cols(), 0.0);
-        im2col(x, &self.g, buf);
-        Mat::rows(buf, self.rows(), self.cols())
+        let (l, n) = (self.cols(), x.len() / self.plane_in().max(1));
+        buf.resize(self.rows() * n * l, 0.0);
+        if self.g.padding > 0 {
+            buf.fill(0.0);
+        }
+        for (i, xi) in x.chunks_exact(self.plane_in().max(1)).enumerate() {
+            im2col(xi, &self.g, &mut buf[i * l..], n * l);
+        }
+        Mat::rows(buf, self.rows(), n * l)
+    }
+
+    /// `[s, Cout, L]` (the images' own layout) into `[Cout, s·L]` (stacked columns).
+    fn stack_rows(&self, from: &[f32], to: &mut Vec<f32>) {
+        let (l, n) = (self.cols(), from.len() / self.plane_out().max(1));
+        to.resize(from.len(), 0.0);
+        for (i, img) in from.chunks_exact(self.plane_out().max(1)).enumerate() {
+            for (co, row) in img.chunks_exact(l.max(1)).enumerate() {
+                to[co * n * l + i * l..][..l].copy_from_slice(row);
+            }
+        }
+    }
+
+    /// The inverse of [`Shapes::stack_rows`].
+    fn unstack_rows(&self, from: &[f32], to: &mut [f32]) {
+        let (l, n) = (self.cols(), to.len() / self.plane_out().max(1));
+        for (i, img) in to.chunks_exact_mut(self.plane_out().max(1)).enumerate() {
+            for (co, row) in img.chunks_exact_mut(l.max(1)).enumerate() {
+                row.copy_from_slice(&from[co * n * l + i * l..][..l]);
+            }
+        }
     }
 }
 
-/// Whether to give each thread whole images (true) or split each multiply (false): whole
-/// images when they share out evenly or are many.
-fn by_image(n: usize) -> bool {
+/// Whether to give each thread whole stacks (true) or split each multiply (false): whole
+/// stacks when they share out evenly or are many.
+fn by_stack(n: usize) -> bool {
     let t = rayon::current_num_threads();
     t > 1 && (n >= 4 * t || (n >= t && n.is_multiple_of(t)))
 }
 
-/// Runs `f(image, out_chunk, scratch, split_multiply)` for every image's output chunk.
-fn per_image(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32], &mut Vec<f32>, bool) + Sync) {
+/// Runs `f(stack, out_chunk, scratch, split_multiply)` for every stack's output chunk
+/// (`chunk` values; the last may be shorter).
+fn per_stack(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32], &mut Scratch, bool) + Sync) {
     if chunk == 0 {
         return;
     }
-    let n = out.len() / chunk;
-    if by_image(n) {
-        out.par_chunks_mut(chunk).enumerate().for_each_init(Vec::new, |buf, (i, o)| f(i, o, buf, false));
+    if by_stack(out.len().div_ceil(chunk)) {
+        out.par_chunks_mut(chunk).enumerate().for_each_init(Scratch::default, |buf, (i, o)| f(i, o, buf, false));
     } else {
-        let mut buf = Vec::new();
+        let mut buf = Scratch::default();
         for (i, o) in out.chunks_mut(chunk).enumerate() {
             f(i, o, &mut buf, true);
         }
     }
 }
 
-/// One image's columns, `[C·K·K, OH·OW]`: row `c·K·K + tap` holds the input pixels that
-/// tap of channel `c` sees at each output position (zero where it falls in the padding).
-fn im2col(x: &[f32], g: &Geometry, cols: &mut [f32]) {
-    let (plane, l, taps) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
-    if g.padding > 0 {
-        cols.fill(0.0);
-    }
+/// One image's columns, `[C·K·K, OH·OW]`, into `cols` at row stride `ld`: row `c·K·K + tap`
+/// holds the input pixels that tap of channel `c` sees at each output position. Positions
+/// in the padding are not written: the caller zeroes the buffer first.
+fn im2col(x: &[f32], g: &Geometry, cols: &mut [f32], ld: usize) {
+    let (plane, taps) = (g.h * g.w, g.k * g.k);
     for ch in 0..g.c {
         let x = &x[ch * plane..(ch + 1) * plane];
-        let rows = &mut cols[ch * taps * l..(ch + 1) * taps * l];
         for oy in 0..g.oh {
             g.for_taps(oy, |iy, ix0, lo, hi, t| {
-                let dst = &mut rows[t * l + oy * g.ow..t * l + (oy + 1) * g.ow];
+                let start = (ch * taps + t) * ld + oy * g.ow;
+                let dst = &mut cols[start..start + g.ow];
                 let src = &x[iy * g.w..(iy + 1) * g.w];
                 if g.stride == 1 {
                     dst[lo..hi].copy_from_slice(&src[ix0..ix0 + hi - lo]);
@@ -134,16 +188,17 @@ fn im2col(x: &[f32], g: &Geometry, cols: &mut [f32]) {
     }
 }
 
-/// The adjoint of [`im2col`]: every column entry is added back to the pixel it copied.
-fn col2im(cols: &[f32], g: &Geometry, x: &mut [f32]) {
-    let (plane, l, taps) = (g.h * g.w, g.oh * g.ow, g.k * g.k);
+/// The adjoint of [`im2col`]: every column entry (row stride `ld`) is added back to the
+/// pixel it copied.
+fn col2im(cols: &[f32], ld: usize, g: &Geometry, x: &mut [f32]) {
+    let (plane, taps) = (g.h * g.w, g.k * g.k);
     x.fill(0.0);
     for ch in 0..g.c {
         let x = &mut x[ch * plane..(ch + 1) * plane];
-        let rows = &cols[ch * taps * l..(ch + 1) * taps * l];
         for oy in 0..g.oh {
             g.for_taps(oy, |iy, ix0, lo, hi, t| {
-                let src = &rows[t * l + oy * g.ow..t * l + (oy + 1) * g.ow];
+                let start = (ch * taps + t) * ld + oy * g.ow;
+                let src = &cols[start..start + g.ow];
                 let dst = &mut x[iy * g.w..(iy + 1) * g.w];
                 if g.stride == 1 {
                     for (d, v) in dst[ix0..ix0 + hi - lo].iter_mut().zip(&src[lo..hi]) {
@@ -172,11 +227,18 @@ impl CustomOp2 for Conv {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let s = Shapes::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
         let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
-        let g = s.g;
-        let mut out = vec![0f32; g.n * s.c_out * s.cols()];
-        per_image(&mut out, s.c_out * s.cols(), |i, y, buf, split| {
-            let cols = s.columns(&x[i * s.plane_in()..(i + 1) * s.plane_in()], buf);
-            matmul(y, s.kernel(w), cols, false, split);
+        let (g, st) = (s.g, s.stack());
+        let mut out = vec![0f32; g.n * s.plane_out()];
+        per_stack(&mut out, st * s.plane_out(), |j, y, buf, split| {
+            let imgs = y.len() / s.plane_out().max(1);
+            let cols = s.columns(&x[j * st * s.plane_in()..(j * st + imgs) * s.plane_in()], &mut buf.cols);
+            if imgs == 1 {
+                matmul(y, s.kernel(w), cols, false, split);
+            } else {
+                buf.wide.resize(y.len(), 0.0);
+                matmul(&mut buf.wide, s.kernel(w), cols, false, split);
+                s.unstack_rows(&buf.wide, y);
+            }
         });
         Ok((CpuStorage::F32(out), Shape::from((g.n, s.c_out, g.oh, g.ow))))
     }
@@ -215,20 +277,30 @@ impl CustomOp2 for InputGrad {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let s = Shapes::new(&self.x, l1.dims(), self.stride, self.padding)?;
         let (w, dy) = (slice(s1, l1)?, slice(s2, l2)?);
-        let g = s.g;
+        let (g, st) = (s.g, s.stack());
         if l2.dims() != [g.n, s.c_out, g.oh, g.ow] {
             candle_core::bail!("conv2d backward: gradient shape {:?} does not fit", l2.dims());
         }
-        let chunk_out = s.c_out * s.cols();
         let mut dx = vec![0f32; g.n * s.plane_in()];
-        per_image(&mut dx, s.plane_in(), |i, dxi, buf, split| {
-            let dyi = Mat::rows(&dy[i * chunk_out..(i + 1) * chunk_out], s.c_out, s.cols());
+        per_stack(&mut dx, st * s.plane_in(), |j, dxs, buf, split| {
+            let imgs = dxs.len() / s.plane_in().max(1);
+            let dys = &dy[j * st * s.plane_out()..(j * st + imgs) * s.plane_out()];
             if s.direct() {
-                matmul(dxi, s.kernel(w).t(), dyi, false, split);
+                // One image per stack: its gradient is already the column matrix.
+                matmul(dxs, s.kernel(w).t(), Mat::rows(dys, s.c_out, s.cols()), false, split);
+                return;
+            }
+            let ld = imgs * s.cols();
+            let dys = if imgs == 1 {
+                dys
             } else {
-                buf.resize(s.rows() * s.cols(), 0.0);
-                matmul(buf, s.kernel(w).t(), dyi, false, split);
-                col2im(buf, &g, dxi);
+                s.stack_rows(dys, &mut buf.wide);
+                &buf.wide
+            };
+            buf.cols.resize(s.rows() * ld, 0.0);
+            matmul(&mut buf.cols, s.kernel(w).t(), Mat::rows(dys, s.c_out, ld), false, split);
+            for (i, dxi) in dxs.chunks_exact_mut(s.plane_in().max(1)).enumerate() {
+                col2im(&buf.cols[i * s.cols()..], ld, &g, dxi);
             }
         });
         Ok((CpuStorage::F32(dx), Shape::from(self.x.to_vec())))
@@ -252,29 +324,37 @@ impl CustomOp2 for KernelGrad {
         let c = l1.dims().get(1).copied().unwrap_or(0);
         let s = Shapes::new(l1.dims(), &[self.c_out, c, self.k, self.k], self.stride, self.padding)?;
         let (x, dy) = (slice(s1, l1)?, slice(s2, l2)?);
-        let g = s.g;
+        let (g, st) = (s.g, s.stack());
         if l2.dims() != [g.n, s.c_out, g.oh, g.ow] {
             candle_core::bail!("conv2d backward: gradient shape {:?} does not fit", l2.dims());
         }
-        let (size, chunk_out) = (s.c_out * s.rows(), s.c_out * s.cols());
+        let size = s.c_out * s.rows();
         if size == 0 {
             return Ok((CpuStorage::F32(Vec::new()), Shape::from((s.c_out, g.c, g.k, g.k))));
         }
         let groups = g.n.div_ceil(GROUP);
-        // Each group's images accumulate in order into the group's own sum.
-        let group_sum = |j: usize, sum: &mut [f32], buf: &mut Vec<f32>, split: bool| {
-            for i in j * GROUP..((j + 1) * GROUP).min(g.n) {
-                let dyi = Mat::rows(&dy[i * chunk_out..(i + 1) * chunk_out], s.c_out, s.cols());
-                let cols = s.columns(&x[i * s.plane_in()..(i + 1) * s.plane_in()], buf);
-                matmul(sum, dyi, cols.t(), i > j * GROUP, split);
+        // Each group's stacks accumulate in order into the group's own sum.
+        let group_sum = |j: usize, sum: &mut [f32], buf: &mut Scratch, split: bool| {
+            let end = ((j + 1) * GROUP).min(g.n);
+            for (k, first) in (j * GROUP..end).step_by(st).enumerate() {
+                let imgs = st.min(end - first);
+                let dys = &dy[first * s.plane_out()..(first + imgs) * s.plane_out()];
+                let dys = if imgs == 1 {
+                    dys
+                } else {
+                    s.stack_rows(dys, &mut buf.wide);
+                    &buf.wide
+                };
+                let cols = s.columns(&x[first * s.plane_in()..(first + imgs) * s.plane_in()], &mut buf.cols);
+                matmul(sum, Mat::rows(dys, s.c_out, imgs * s.cols()), cols.t(), k > 0, split);
             }
         };
         let mut sums = vec![0f32; groups * size];
         let t = rayon::current_num_threads();
         if t > 1 && groups >= t {
-            sums.par_chunks_mut(size).enumerate().for_each_init(Vec::new, |buf, (j, sum)| group_sum(j, sum, buf, false));
+            sums.par_chunks_mut(size).enumerate().for_each_init(Scratch::default, |buf, (j, sum)| group_sum(j, sum, buf, false));
         } else {
-            let mut buf = Vec::new();
+            let mut buf = Scratch::default();
             for (j, sum) in sums.chunks_mut(size).enumerate() {
                 group_sum(j, sum, &mut buf, true);
             }

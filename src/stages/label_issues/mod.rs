@@ -117,7 +117,8 @@ impl StageKind for LabelIssuesKind {
 
     fn version(&self) -> u32 {
         // 2: the fold models train with kiln's own convolution, pooling and batch norm ops.
-        2
+        // 3: convolutions on small maps multiply several images at once (other blocking).
+        3
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {

@@ -55,7 +55,8 @@ impl StageKind for TrainKind {
         // 2: train_report.json holds no timings, so the artifact is reproducible.
         // 3: kiln's own convolution, max pool and fused batch norm + activation: other
         //    summation orders, and max pooling passes the whole gradient (candle's passed 1/k²).
-        3
+        // 4: convolutions on small maps multiply several images at once (other blocking).
+        4
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
