@@ -7,14 +7,16 @@
 //! and multiplied once, which then needed a permute copy of the output (and of its
 //! gradient) and kept every image's columns alive for the backward pass.
 //!
-//! Now each image is `Y_i = W · cols(X_i)` written straight into its `[Cout, OH, OW]` slot
-//! (`gemm` over caller-owned buffers, [`super::gemm`]); a 1×1, stride-1 convolution
-//! multiplies the image itself with no column copy. The backward pass is
+//! Now each image is `Y_i = W · cols(X_i)`, written straight into its `[Cout, OH, OW]`
+//! slot where it is multiplied alone (`gemm` over caller-owned buffers, [`super::gemm`]);
+//! a 1×1, stride-1 convolution multiplies the image itself with no column copy. The
+//! backward pass is
 //! `dX_i = col2im(Wᵀ · dY_i)` and `dW = Σ_i dY_i · cols(X_i)ᵀ`, with the columns made
 //! again rather than kept. On small output maps (a 7×7 map is 49 columns) one image per
 //! multiply left gemm's kernels mostly idle at the edges and paid its packing per image,
-//! so there a *stack* of images is multiplied at once, their columns side by side
-//! ([`Shapes::stack`]), and the output is copied into each image's slot. Stacks run in
+//! so in training there a *stack* of images is multiplied at once, their columns side by
+//! side ([`Shapes::stack`]), and the output is copied into each image's slot. Inference
+//! does not stack, so that an image's outputs do not depend on its batch. Stacks run in
 //! parallel where the batch allows, otherwise each multiply is split over the threads.
 //! The weight gradient sums its images in fixed groups of [`GROUP`] and then the groups
 //! in order; stacks and groups depend only on the shapes, so the bits do not depend on
@@ -40,7 +42,11 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     if !super::kernels_apply(super::Kernel::Conv, &[x, w]) || c_in != c || k != k2 {
         return x.conv2d(w, padding, stride, 1, 1);
     }
-    x.contiguous()?.apply_op2(&w.contiguous()?, Conv { stride, padding })
+    // Inference (nothing to differentiate) keeps one image per multiply: stacked, an image's
+    // rounding would depend on the batch it came in (gemm blocks its sums by the multiply's
+    // shape), and `serve` batches requests as they arrive.
+    let stack = x.track_op() || w.track_op();
+    x.contiguous()?.apply_op2(&w.contiguous()?, Conv { stride, padding, stack })
 }
 
 /// Shapes of one convolution, checked once.
@@ -102,13 +108,15 @@ impl Shapes {
         Mat::rows(w, self.c_out, self.rows())
     }
 
-    /// The column matrix of the images in `x` (`[s, C, H, W]`), side by side: `[C·K·K, s·L]`.
-    /// `buf` is filled unless the image already is one.
-    fn columns<'a>(&self, x: &'a [f32], buf: &'a mut Vec<f32>) -> Mat<'a> {
+    /// The column matrix of the `n` images in `x` (`[n, C, H, W]`), side by side:
+    /// `[C·K·K, n·L]`. `buf` is filled unless the image already is one (a direct
+    /// convolution, whose stacks are single images).
+    fn columns<'a>(&self, x: &'a [f32], n: usize, buf: &'a mut Vec<f32>) -> Mat<'a> {
         if self.direct() {
+            debug_assert_eq!(n, 1, "direct convolutions are not stacked");
             return Mat::rows(x, self.rows(), self.cols());
         }
-        let (l, n) = (self.cols(), x.len() / self.plane_in().max(1));
+        let l = self.cols();
         buf.resize(self.rows() * n * l, 0.0);
         if self.g.padding > 0 {
             buf.fill(0.0);
@@ -217,6 +225,8 @@ fn col2im(cols: &[f32], ld: usize, g: &Geometry, x: &mut [f32]) {
 struct Conv {
     stride: usize,
     padding: usize,
+    /// Whether small maps multiply stacks of images (training) or one image at a time.
+    stack: bool,
 }
 
 impl CustomOp2 for Conv {
@@ -227,11 +237,11 @@ impl CustomOp2 for Conv {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let s = Shapes::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
         let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
-        let (g, st) = (s.g, s.stack());
+        let (g, st) = (s.g, if self.stack { s.stack() } else { 1 });
         let mut out = vec![0f32; g.n * s.plane_out()];
         per_stack(&mut out, st * s.plane_out(), |j, y, buf, split| {
             let imgs = y.len() / s.plane_out().max(1);
-            let cols = s.columns(&x[j * st * s.plane_in()..(j * st + imgs) * s.plane_in()], &mut buf.cols);
+            let cols = s.columns(&x[j * st * s.plane_in()..(j * st + imgs) * s.plane_in()], imgs, &mut buf.cols);
             if imgs == 1 {
                 matmul(y, s.kernel(w), cols, false, split);
             } else {
@@ -345,7 +355,7 @@ impl CustomOp2 for KernelGrad {
                     s.stack_rows(dys, &mut buf.wide);
                     &buf.wide
                 };
-                let cols = s.columns(&x[first * s.plane_in()..(first + imgs) * s.plane_in()], &mut buf.cols);
+                let cols = s.columns(&x[first * s.plane_in()..(first + imgs) * s.plane_in()], imgs, &mut buf.cols);
                 matmul(sum, Mat::rows(dys, s.c_out, imgs * s.cols()), cols.t(), k > 0, split);
             }
         };
@@ -395,7 +405,8 @@ mod tests {
 
     /// Forward and both gradients against candle's own convolution (the path other devices
     /// take), on the shapes where candle's backward is right (even sizes for stride 2):
-    /// batches that run image by image, split multiplies, and more than one gradient group.
+    /// batches that run stack by stack (a partial last stack too), split multiplies, and
+    /// more than one gradient group.
     #[test]
     fn matches_candle_convolution_forward_and_backward() {
         for (n, c, c_out, k, stride, pad, h, w) in [
@@ -445,5 +456,31 @@ mod tests {
         let g = conv2d(&x, &w, 1, 1).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(g.get(&x).is_none());
         assert!(g.get(&w).is_some());
+    }
+
+    /// An image's outputs at inference do not depend on the batch it came in (`serve`
+    /// batches requests as they arrive): alone or ninth in a batch, the same bits, on a 7×7
+    /// map with more than 512 terms per sum, where a stacked multiply would block the sums
+    /// by the stack's width.
+    #[test]
+    fn inference_gives_an_image_the_same_bits_in_any_batch() {
+        let x = data(&[9, 64, 7, 7], 6);
+        let w = (data(&[16, 64, 3, 3], 7) * 0.05).unwrap();
+        let batch = conv2d(&x, &w, 1, 1).unwrap();
+        for i in [0, 4, 8] {
+            let alone = conv2d(&x.narrow(0, i, 1).unwrap(), &w, 1, 1).unwrap();
+            assert_eq!(bits(&alone), bits(&batch.narrow(0, i, 1).unwrap()), "image {i}");
+        }
+    }
+
+    /// No input channels: every output is zero, stacked or not, and nothing panics.
+    #[test]
+    fn zero_input_channels_give_zeros() {
+        let x = Tensor::zeros((2, 0, 5, 5), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let w = Var::zeros((4, 0, 3, 3), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        for y in [conv2d(&x, &w, 1, 1).unwrap(), conv2d(&x, &w.as_detached_tensor(), 1, 1).unwrap()] {
+            assert_eq!(y.dims(), [2, 4, 5, 5]);
+            assert!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| *v == 0.0));
+        }
     }
 }

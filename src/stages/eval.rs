@@ -61,8 +61,7 @@ impl StageKind for EvalKind {
 
     fn version(&self) -> u32 {
         // 3: batch norm at inference is one scale and shift per channel (other rounding).
-        // 4: convolutions on small maps multiply several images at once (other blocking).
-        4
+        3
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
