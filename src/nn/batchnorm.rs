@@ -284,15 +284,15 @@ impl CustomOp3 for FusedGrad {
                 let r = p * plane..(p + 1) * plane;
                 gated!(self.act, gate_and_sum(o, &x[r.clone()], &y[r.clone()], &dy[r], self.stats[p % c].0 as f32))
             });
-            // dx = k·(g − mean(g) − x̂·mean(g·x̂)), written as a·g + b·x + c per channel.
+            // dx = k·(g − mean(g) − x̂·mean(g·x̂)), written as on_g·g + on_x·x + offset per channel.
             dx.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().for_each(|(i, o)| {
                 let ch = i % c;
                 let k = f64::from(self.gamma[ch]) * inv[ch];
                 let (mean_dy, mean_dxhat) = (sums[ch].1 / m, sums[ch].0 * inv[ch] / m);
                 let slope = -k * inv[ch] * mean_dxhat;
-                let (a, b, c) = (k as f32, slope as f32, (-k * mean_dy - slope * self.stats[ch].0) as f32);
+                let (on_g, on_x, offset) = (k as f32, slope as f32, (-k * mean_dy - slope * self.stats[ch].0) as f32);
                 for (o, v) in o.iter_mut().zip(&x[i * plane..(i + 1) * plane]) {
-                    *o = a * *o + b * v + c;
+                    *o = on_g * *o + on_x * v + offset;
                 }
             });
             sums.iter().zip(&inv).map(|(s, inv)| ((s.0 * inv) as f32, s.1 as f32)).collect()
