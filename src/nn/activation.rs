@@ -109,6 +109,24 @@ pub(crate) use gated;
 /// Elements per parallel task in element-wise ops.
 const CHUNK: usize = 1 << 16;
 
+/// `f(out, a, b)` over matching chunks of two same-sized operands, in parallel: the
+/// element-wise ops' one loop.
+fn zip_chunks(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+) -> Result<Vec<f32>> {
+    let (a, b) = (slice(s1, l1)?, slice(s2, l2)?);
+    if a.len() != b.len() {
+        candle_core::bail!("element-wise op: {:?} and {:?} differ", l1.dims(), l2.dims());
+    }
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| f(o, a, b));
+    Ok(out)
+}
+
 /// `act(a + b)` for two tensors of one shape, with the gradient passing to both: a residual
 /// connection and the activation after it, in one pass each way.
 pub fn add_act(a: &Tensor, b: &Tensor, act: Act) -> Result<Tensor> {
@@ -128,19 +146,12 @@ impl candle_core::CustomOp2 for AddAct {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (slice(s1, l1)?, slice(s2, l2)?);
-        if a.len() != b.len() {
-            candle_core::bail!("add: {:?} and {:?} differ", l1.dims(), l2.dims());
-        }
         fn kernel<G: Gate>(gate: G, o: &mut [f32], a: &[f32], b: &[f32]) {
             for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
                 *o = gate.apply(a + b);
             }
         }
-        let mut out = vec![0f32; a.len()];
-        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
-            gated!(self.act, kernel(o, a, b));
-        });
+        let out = zip_chunks(s1, l1, s2, l2, |o, a, b| gated!(self.act, kernel(o, a, b)))?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -162,16 +173,12 @@ impl candle_core::CustomOp2 for Mask {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (y, dy) = (slice(s1, l1)?, slice(s2, l2)?);
         fn kernel<G: Gate>(gate: G, o: &mut [f32], y: &[f32], dy: &[f32]) {
             for ((o, y), g) in o.iter_mut().zip(y).zip(dy) {
                 *o = gate.grad(*y, *g);
             }
         }
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(o, (y, dy))| {
-            gated!(self.act, kernel(o, y, dy));
-        });
+        let out = zip_chunks(s1, l1, s2, l2, |o, y, dy| gated!(self.act, kernel(o, y, dy)))?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

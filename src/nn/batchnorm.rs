@@ -67,8 +67,7 @@ fn lane_sums(g: &[f32], x: &[f32], shift: f32) -> (f32, f32) {
 /// Runs `f(plane, out_plane)` over every `[plane]` chunk of `out` in parallel and adds up
 /// its pairs per channel, image by image in order (so the bits do not depend on threads).
 fn channel_sums(out: &mut [f32], c: usize, plane: usize, f: impl Fn(usize, &mut [f32]) -> (f32, f32) + Sync) -> Vec<(f64, f64)> {
-    let pairs: Vec<(f32, f32)> =
-        out.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().map(|(p, o)| f(p, o)).collect();
+    let pairs: Vec<(f32, f32)> = planes(out, plane).map(|(p, o)| f(p, o)).collect();
     let mut sums = vec![(0f64, 0f64); c];
     for (p, (a, b)) in pairs.into_iter().enumerate() {
         let s = &mut sums[p % c.max(1)];
@@ -81,6 +80,22 @@ fn channel_sums(out: &mut [f32], c: usize, plane: usize, f: impl Fn(usize, &mut 
 /// Planes per parallel task, so that small planes do not become thousands of tasks.
 fn planes_per_task(plane: usize) -> usize {
     (16_384 / plane.max(1)).max(1)
+}
+
+/// Every `[plane]` chunk of `out` with its index (image · C + channel), in parallel.
+fn planes(out: &mut [f32], plane: usize) -> impl IndexedParallelIterator<Item = (usize, &mut [f32])> {
+    out.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate()
+}
+
+/// `act(x · scale + shift)` over `[N, C, H, W]`, one scale and shift per channel: batch
+/// norm's forward pass with the batch's statistics or with running ones.
+fn affine_planes(x: &[f32], plane: usize, scale: &[f32], shift: &[f32], act: Act) -> Vec<f32> {
+    let c = scale.len().max(1);
+    let mut out = vec![0f32; x.len()];
+    planes(&mut out, plane).for_each(|(p, o)| {
+        gated!(act, scale_shift(o, &x[p * plane..(p + 1) * plane], scale[p % c], shift[p % c]));
+    });
+    out
 }
 
 /// `act((x − μ_B) / sqrt(σ²_B + eps) · γ + β)` with the batch's own statistics, and those
@@ -220,14 +235,15 @@ impl CustomOp3 for Fused {
             candle_core::bail!("batch norm: {c} channels, but {} scales and {} shifts", gamma.len(), beta.len());
         }
         let st = channel_stats(x, n, c, plane);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().for_each(|(p, o)| {
-            let ch = p % c;
-            let inv = 1.0 / (st[ch].1 + self.eps).sqrt();
-            let scale = (f64::from(gamma[ch]) * inv) as f32;
-            let shift = (f64::from(beta[ch]) - st[ch].0 * inv * f64::from(gamma[ch])) as f32;
-            gated!(self.act, scale_shift(o, &x[p * plane..(p + 1) * plane], scale, shift));
-        });
+        let (scale, shift): (Vec<f32>, Vec<f32>) = st
+            .iter()
+            .zip(gamma.iter().zip(beta))
+            .map(|(&(mean, var), (&g, &b))| {
+                let inv = 1.0 / (var + self.eps).sqrt();
+                ((f64::from(g) * inv) as f32, (f64::from(b) - mean * inv * f64::from(g)) as f32)
+            })
+            .unzip();
+        let out = affine_planes(x, plane, &scale, &shift, self.act);
         *locked(&self.stats)? = st;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -285,7 +301,7 @@ impl CustomOp3 for FusedGrad {
                 gated!(self.act, gate_and_sum(o, &x[r.clone()], &y[r.clone()], &dy[r], self.stats[p % c].0 as f32))
             });
             // dx = k·(g − mean(g) − x̂·mean(g·x̂)), written as on_g·g + on_x·x + offset per channel.
-            dx.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().for_each(|(i, o)| {
+            planes(dx, plane).for_each(|(i, o)| {
                 let ch = i % c;
                 let k = f64::from(self.gamma[ch]) * inv[ch];
                 let (mean_dy, mean_dxhat) = (sums[ch].1 / m, sums[ch].0 * inv[ch] / m);
@@ -323,11 +339,7 @@ impl CustomOp3 for Affine {
         if scale.len() != c || shift.len() != c {
             candle_core::bail!("affine: scale and shift must have {c} values");
         }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().for_each(|(p, o)| {
-            gated!(self.act, scale_shift(o, &x[p * plane..(p + 1) * plane], scale[p % c], shift[p % c]));
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(affine_planes(x, plane, scale, shift, self.act)), l1.shape().clone()))
     }
 
     fn bwd(
@@ -383,7 +395,7 @@ impl CustomOp3 for AffineGrad {
                     *o = gate.grad(*out, k * g);
                 }
             }
-            dx.par_chunks_mut(plane.max(1)).with_min_len(planes_per_task(plane)).enumerate().for_each(|(i, o)| {
+            planes(dx, plane).for_each(|(i, o)| {
                 let r = i * plane..(i + 1) * plane;
                 gated!(self.act, plane_grad(o, &y[r.clone()], &dy[r], self.scale[i % c]));
             });
