@@ -4,8 +4,10 @@
 //!
 //! Prints each step of the decision with its default threshold: the perceptual-hash distance
 //! (candidates), the chroma difference, the difference once aligned and tone-matched (the
-//! verdict), and which of the two the stage would keep.
+//! verdict), for a JPEG whether it is a recompression of the other (the verdict where pixels
+//! alone fall short), and which of the two the stage would keep.
 use kiln::imaging::near::{self, View};
+use kiln::imaging::recompress;
 use kiln::imaging::{DecodeLimits, probe};
 
 fn main() {
@@ -43,6 +45,15 @@ fn main() {
         None => println!("too small to compare (under 8 pixels on a side)"),
     }
     let (ia, ib) = (image::load_from_memory(&ba).expect("A decodes"), image::load_from_memory(&bb).expect("B decodes"));
+    for (copy, bytes, original, from) in [("B", &bb, &ia, "A"), ("A", &ba, &ib, "B")] {
+        if let Some(m) = recompress::misses(original, bytes) {
+            println!(
+                "{copy} as a JPEG recompression of {from}: {:.1} % of its luma mispredicted (a copy at most {:.0} %)",
+                100.0 * m,
+                100.0 * recompress::MAX_MISSES
+            );
+        }
+    }
     let (large, small, which) = if u64::from(ia.width()) * u64::from(ia.height()) >= u64::from(ib.width()) * u64::from(ib.height()) {
         (&ia, &ib, "A")
     } else {

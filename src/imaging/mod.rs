@@ -7,6 +7,7 @@
 
 pub mod augment;
 pub mod near;
+pub mod recompress;
 pub mod synth;
 pub mod transform;
 
@@ -16,7 +17,7 @@ use image::{DynamicImage, GrayImage, ImageFormat, ImageReader};
 use serde::{Deserialize, Serialize};
 
 /// Bump when [`probe`] changes what it measures: it is part of the memo key.
-pub const PROBE_VERSION: u32 = 2;
+pub const PROBE_VERSION: u32 = 3;
 
 /// Images larger than this are shrunk before the sharpness and colour measures, which
 /// are then comparable across resolutions and cheap on large photos.
@@ -78,7 +79,15 @@ pub struct Probe {
     /// 8×8 RGB thumbnail (hex): near-duplicate candidates must also match in colour,
     /// which pHash (luma structure only) cannot see.
     pub thumb: String,
+    /// 8×8 RGB thumbnail (hex) of the window [`INNER_TRIM`] in from each side: what a copy
+    /// cropped by a few per cent looks like, so such a copy can be proposed as its
+    /// original's look-alike even where whole-image look-alikes crowd it out.
+    pub inner: String,
 }
+
+/// The share of each side left out of [`Probe::inner`]: the middle of the crops the
+/// near-duplicate search aligns (up to 10 % a side; copies are usually cut by less).
+pub const INNER_TRIM: f32 = 0.04;
 
 /// Format name from the leading bytes, if they are an image kiln can decode.
 pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
@@ -189,7 +198,20 @@ pub fn probe(bytes: &[u8], limits: &DecodeLimits) -> Result<Probe, Defect> {
         colourful: coloured as f32 / luma.len().max(1) as f32,
         phash: phash_of(&smooth_32(reduced_luma, rw, rh)),
         thumb: hex::encode(box_downscale(&reduced_rgb, rw, rh, 3, 8, 8)),
+        inner: hex::encode(inner_thumb(&reduced_rgb, rw, rh)),
     })
+}
+
+/// The 8×8 thumbnail of packed RGB without [`INNER_TRIM`] of each side (the whole image
+/// when that is less than a pixel).
+fn inner_thumb(rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
+    let (tx, ty) = ((w as f32 * INNER_TRIM).round() as usize, (h as f32 * INNER_TRIM).round() as usize);
+    let (iw, ih) = (w - 2 * tx, h - 2 * ty);
+    if (tx == 0 && ty == 0) || iw == 0 || ih == 0 {
+        return box_downscale(rgb, w, h, 3, 8, 8);
+    }
+    let window: Vec<u8> = (ty..ty + ih).flat_map(|y| &rgb[(y * w + tx) * 3..(y * w + tx + iw) * 3]).copied().collect();
+    box_downscale(&window, iw, ih, 3, 8, 8)
 }
 
 /// BT.601 luma of packed RGB, and how many pixels have channels more than 12 levels apart.
@@ -364,6 +386,20 @@ mod tests {
         let mut out = Vec::new();
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(img).unwrap();
         out
+    }
+
+    #[test]
+    fn the_inner_thumbnail_is_the_thumbnail_of_the_middle() {
+        let limits = DecodeLimits::default();
+        // 4 % of 50 is 2 pixels a side: the crop is exactly the window `inner` sees.
+        let whole = photo(50, 50);
+        let middle = whole.crop_imm(2, 2, 46, 46);
+        let (a, b) = (probe(&encode_png(&whole), &limits).unwrap(), probe(&encode_png(&middle), &limits).unwrap());
+        assert_eq!(a.inner, b.thumb);
+        assert_ne!(a.inner, a.thumb);
+        // Under 13 pixels a side nothing is trimmed.
+        let tiny = probe(&encode_png(&photo(8, 8)), &limits).unwrap();
+        assert_eq!(tiny.inner, tiny.thumb);
     }
 
     #[test]

@@ -675,3 +675,103 @@ label_column = 100
     assert_ne!(out.status.code(), Some(2), "{}", text(&out));
     assert!(!text(&out).contains("must be"), "{}", text(&out));
 }
+
+/// Real 8×8 digits as PNGs, with quality-30 JPEG copies of some of them. At that size a
+/// JPEG copy is as far from its original as two writers' digits are from each other, so
+/// pixels alone cannot confirm it: the copy's own quantisation table must, and the PNG it
+/// was made from stays. No distinct digit goes with them.
+#[test]
+fn low_quality_jpeg_copies_of_tiny_images_are_found_by_their_quantisation() {
+    use std::io::Read;
+    let Some(gz) = shared("datasets/digits.csv.gz") else { return };
+    let mut csv = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap()).read_to_string(&mut csv).unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let mut originals = Vec::new();
+    let mut copies = BTreeMap::new();
+    for (r, line) in csv.lines().take(400).enumerate() {
+        let v: Vec<u32> = line.split(',').map(|x| x.parse().unwrap()).collect();
+        let img =
+            DynamicImage::ImageLuma8(image::GrayImage::from_fn(8, 8, |x, y| image::Luma([(v[(y * 8 + x) as usize] * 16).min(255) as u8])));
+        let rel = format!("data/{}/{r:04}.png", v[64]);
+        write(&ws.path().join(&rel), &png(&img));
+        originals.push(rel.clone());
+        if r % 40 == 7 {
+            let mut bytes = Vec::new();
+            img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 30)).unwrap();
+            let copy = format!("data/{}/{r:04}_copy.jpg", v[64]);
+            write(&ws.path().join(&copy), &bytes);
+            copies.insert(copy, rel);
+        }
+    }
+    std::fs::write(
+        ws.path().join("kiln.toml"),
+        "[pipeline]\nname = \"digits\"\n[stages.collect]\nkind = \"collect\"\n[[stages.collect.sources]]\ntype = \"dir\"\npath = \"data\"\n\n\
+         [stages.clean]\nkind = \"clean\"\ninputs = [\"collect\"]\n",
+    )
+    .unwrap();
+    plain_ok(ws.path(), &["run"]);
+    let report = read_json(ws.path().join("outputs/digits/clean/clean_report.json"));
+    let findings: BTreeMap<String, String> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["check"] == "near_duplicates")
+        .map(|f| (f["id"].as_str().unwrap().to_string(), f["reason"].as_str().unwrap().to_string()))
+        .collect();
+    let mut by_quantisation = 0;
+    for (copy, original) in &copies {
+        let reason = findings.get(copy).unwrap_or_else(|| panic!("{copy} not found: {findings:#?}"));
+        assert!(reason.contains(&format!("`{original}`")), "{copy}: {reason}");
+        by_quantisation += usize::from(reason.contains("JPEG recompression"));
+    }
+    assert!(by_quantisation > 0, "some copies are too far for pixels alone: {findings:#?}");
+    let lost: Vec<&String> = originals.iter().filter(|o| findings.contains_key(*o)).collect();
+    assert!(lost.is_empty(), "no original digit is removed: {lost:?} {findings:#?}");
+}
+
+/// Every real digit against its JPEG copies and its five nearest distinct digits: the
+/// recompression test takes each copy for one and never a look-alike, at any quality.
+#[test]
+fn the_recompression_test_never_takes_a_lookalike_for_a_copy() {
+    use kiln::imaging::recompress::{MAX_MISSES, misses};
+    use std::io::Read;
+    let Some(gz) = shared("datasets/digits.csv.gz") else { return };
+    let mut csv = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap()).read_to_string(&mut csv).unwrap();
+    let digits: Vec<image::GrayImage> = csv
+        .lines()
+        .map(|line| {
+            let v: Vec<u32> = line.split(',').map(|x| x.parse().unwrap()).collect();
+            image::GrayImage::from_fn(8, 8, |x, y| image::Luma([(v[(y * 8 + x) as usize] * 16).min(255) as u8]))
+        })
+        .collect();
+    let nearest: Vec<Vec<usize>> = digits
+        .iter()
+        .enumerate()
+        .map(|(k, a)| {
+            let mut by: Vec<(u64, usize)> = digits
+                .iter()
+                .enumerate()
+                .map(|(j, b)| (a.as_raw().iter().zip(b.as_raw()).map(|(&x, &y)| u64::from(x.abs_diff(y)).pow(2)).sum(), j))
+                .filter(|&(d, j)| j != k && d > 0)
+                .collect();
+            by.sort_unstable();
+            by.iter().take(5).map(|&(_, j)| j).collect()
+        })
+        .collect();
+    for quality in [30, 60, 90, 95] {
+        let (mut worst_copy, mut closest_other) = (0f32, 1f32);
+        for (k, digit) in digits.iter().enumerate() {
+            let img = DynamicImage::ImageLuma8(digit.clone());
+            let mut bytes = Vec::new();
+            img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality)).unwrap();
+            worst_copy = worst_copy.max(misses(&img, &bytes).unwrap());
+            for &j in &nearest[k] {
+                closest_other = closest_other.min(misses(&DynamicImage::ImageLuma8(digits[j].clone()), &bytes).unwrap());
+            }
+        }
+        eprintln!("q{quality}: copies miss at most {worst_copy:.3}, look-alikes at least {closest_other:.3}");
+        assert!(worst_copy <= MAX_MISSES && closest_other > MAX_MISSES, "q{quality}: {worst_copy} {closest_other}");
+    }
+}

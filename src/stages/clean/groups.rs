@@ -2,7 +2,8 @@
 //!
 //! Three steps, from cheap to exact: a perceptual-hash scan proposes each image's closest
 //! few look-alikes; their 8×8 chroma must agree; then [`near::difference`] confirms or
-//! rejects each pair. Groups form by leader clustering over the confirmed pairs, so they
+//! rejects each pair, and a JPEG that pixels alone cannot place is asked whether it is a
+//! recompression of the other image ([`recompress::misses`]). Groups form by leader clustering over the confirmed pairs, so they
 //! cannot chain from one image to a different one through a series of small steps.
 
 use std::cmp::Ordering;
@@ -13,6 +14,7 @@ use rayon::prelude::*;
 use crate::digest::Digest;
 use crate::formats::dataset::Item;
 use crate::imaging::near::{self, Larger, Sketch, View};
+use crate::imaging::recompress;
 use crate::imaging::{self, DecodeLimits, Probe};
 use crate::stages::{StageContext, StageError};
 
@@ -25,6 +27,13 @@ const CLOSE_DISTANCE: u32 = 4;
 const MAX_CLOSE: usize = 64;
 /// How many nearest neighbours by thumbnail shape are confirmed.
 const SHAPE_NEIGHBOURS: usize = 6;
+/// How many images nearest in shape to each image's middle are confirmed as its cropped
+/// copies.
+const CROP_NEIGHBOURS: usize = 4;
+/// Pairs further apart than this many times the limit are not asked the recompression
+/// question: every JPEG copy the benchmark plants (quality 30 and up) lies within 2.5 times,
+/// and the question costs two full decodes.
+const RECOMPRESSION_REACH: f32 = 4.0;
 
 /// An 8×8 RGB thumbnail's luma, standardised (zero mean, unit spread as 32 levels): its
 /// shape, whatever its brightness and contrast.
@@ -42,20 +51,55 @@ fn shape(rgb: &[u8]) -> [i8; 64] {
     out
 }
 
+/// The `n` shapes nearest to `query` (sum of absolute differences), other than image `own`,
+/// kept sorted as the scan goes, so it allocates nothing per image pair.
+fn nearest_shapes(query: &[i8; 64], shapes: &[[i8; 64]], own: usize, n: usize) -> Vec<(u32, usize)> {
+    let mut nearest: Vec<(u32, usize)> = Vec::with_capacity(n + 1);
+    for (b, sb) in shapes.iter().enumerate().filter(|&(b, _)| b != own) {
+        let hit = (query.iter().zip(sb).map(|(&x, &y)| u32::from(x.abs_diff(y))).sum::<u32>(), b);
+        if nearest.len() < n || nearest.last().is_some_and(|&worst| hit < worst) {
+            let at = nearest.partition_point(|&kept| kept < hit);
+            nearest.insert(at, hit);
+            nearest.truncate(n);
+        }
+    }
+    nearest
+}
+
 pub(super) struct Thresholds {
     pub(super) max_distance: u32,
     pub(super) max_colour_difference: f64,
     pub(super) max_difference: f64,
 }
 
-/// One group: the copy kept, and the others with their hash distance and difference to the
-/// image that led the group.
+/// One group: the copy kept, and the others with how they were matched to the image that led
+/// the group.
 pub(super) struct NearGroup {
     pub(super) kept: usize,
-    pub(super) copies: Vec<(usize, u32, f32)>,
+    pub(super) copies: Vec<(usize, Match)>,
     /// Members carry different labels: a label conflict for a person to review, not copies
     /// to remove.
     pub(super) cross_class: bool,
+}
+
+/// How a copy was matched to its group's leader.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Match {
+    /// Hash distance.
+    pub(super) distance: u32,
+    /// What is left once copying is undone ([`near::difference`]).
+    pub(super) difference: f32,
+    /// One of the pair is a JPEG recompression of the other (only asked when `difference`
+    /// is over the limit).
+    pub(super) recompressed: bool,
+}
+
+/// Which of a pair is a JPEG recompression of the other, if either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Derived {
+    Neither = 0,
+    SecondFromFirst = 1,
+    FirstFromSecond = 2,
 }
 
 /// `candidates` are item indices (one per distinct digest, decodable).
@@ -72,10 +116,13 @@ pub(super) fn find(
     let thumbs: Vec<Vec<u8>> = (0..candidates.len()).map(|k| hex::decode(&probe(k).thumb).unwrap_or_default()).collect();
     let started = std::time::Instant::now();
     let shapes: Vec<[i8; 64]> = thumbs.iter().map(|t| shape(t)).collect();
-    // Two proposals per image: its nearest few by hash within the distance, and its nearest
-    // few by the shape of its 8×8 thumbnail. A crop of a few per cent moves a hash by up to
-    // 16 bits on small images, where look-alikes crowd the hash neighbourhood, but it barely
-    // changes the coarse shape. Both are plain scans the compiler keeps tight.
+    let inner_shapes: Vec<[i8; 64]> = (0..candidates.len()).map(|k| shape(&hex::decode(&probe(k).inner).unwrap_or_default())).collect();
+    // Three proposals per image: its nearest few by hash within the distance, its nearest
+    // few by the shape of its 8×8 thumbnail, and the nearest few to the shape of its middle.
+    // A crop of a few per cent moves a hash by up to 16 bits on small images, where
+    // look-alikes crowd the hash neighbourhood, but it barely changes the coarse shape, and
+    // less still that of the middle the crop kept. All are plain scans the compiler keeps
+    // tight.
     let nearest: Vec<Vec<(usize, u32)>> = (0..hashes.len())
         .into_par_iter()
         .map(|a| {
@@ -93,18 +140,10 @@ pub(super) fn find(
             // behind its look-alikes: every pair this close is confirmed, up to a bound.
             let close = by_hash.iter().take_while(|&&(d, _)| d <= CLOSE_DISTANCE).count();
             by_hash.truncate(NEIGHBOURS.max(close.min(MAX_CLOSE)));
-            // The nearest few kept as the scan goes (sorted, at most SHAPE_NEIGHBOURS), so
-            // the scan allocates nothing per image pair.
-            let sa = &shapes[a];
-            let mut by_shape: Vec<(u32, usize)> = Vec::with_capacity(SHAPE_NEIGHBOURS + 1);
-            for (b, sb) in shapes.iter().enumerate().filter(|&(b, _)| b != a) {
-                let hit = (sa.iter().zip(sb).map(|(&x, &y)| u32::from(x.abs_diff(y))).sum::<u32>(), b);
-                if by_shape.len() < SHAPE_NEIGHBOURS || by_shape.last().is_some_and(|&worst| hit < worst) {
-                    let at = by_shape.partition_point(|&kept| kept < hit);
-                    by_shape.insert(at, hit);
-                    by_shape.truncate(SHAPE_NEIGHBOURS);
-                }
-            }
+            // By shape: the images that look like this one, and those that look like its
+            // middle (a copy cropped by a few per cent).
+            let mut by_shape = nearest_shapes(&shapes[a], &shapes, a, SHAPE_NEIGHBOURS);
+            by_shape.extend(nearest_shapes(&inner_shapes[a], &shapes, a, CROP_NEIGHBOURS));
             by_shape.retain(|&(_, b)| near::chroma_difference(&thumbs[a], &thumbs[b]) <= t.max_colour_difference);
             let mut hits: Vec<(usize, u32)> = by_hash.into_iter().map(|(d, b)| (b, d)).collect();
             hits.extend(by_shape.into_iter().map(|(_, b)| (b, (ha ^ hashes[b]).count_ones())));
@@ -145,29 +184,53 @@ pub(super) fn find(
         })
         .collect();
     let op = Digest::of_bytes(
-        format!("clean-near-pair v{} sketch v{} limit {limit}", near::DIFFERENCE_VERSION, near::SKETCH_VERSION).as_bytes(),
+        format!(
+            "clean-near-pair v{} sketch v{} limit {limit} recompression v{}",
+            near::DIFFERENCE_VERSION,
+            near::SKETCH_VERSION,
+            recompress::VERSION
+        )
+        .as_bytes(),
     );
+    // A verdict is the difference (f32, little-endian) and which side, if any, is a
+    // recompression of the other (one byte); empty when the pair cannot be judged.
     let verdicts = cx
         .cache
         .state()
         .memo()
         .map(&pair_keys, &op, |k| {
             let (a, b, _) = pairs[k];
-            let diff = match (&views[a], &views[b]) {
+            let Some(diff) = (match (&views[a], &views[b]) {
                 (Some(va), Some(vb)) => near::difference(va, vb, limit),
                 _ => None,
+            }) else {
+                return Ok::<_, String>(Vec::new());
             };
-            Ok::<_, String>(diff.map_or_else(Vec::new, |d| d.to_le_bytes().to_vec()))
+            let derived = if diff > limit && diff <= limit * RECOMPRESSION_REACH {
+                let (ia, ib) = (&items[candidates[a]], &items[candidates[b]]);
+                recompression(cx, (ia, sketch_of[a].as_ref()), (ib, sketch_of[b].as_ref()), limits)
+            } else {
+                Derived::Neither
+            };
+            let mut verdict = diff.to_le_bytes().to_vec();
+            verdict.push(derived as u8);
+            Ok(verdict)
         })
         .map_err(|e| StageError::Failed(e.to_string()))?;
-    let mut confirmed: Vec<(usize, usize, u32, f32)> = Vec::new();
-    for (&(a, b, d), verdict) in pairs.iter().zip(verdicts) {
+    let mut confirmed: Vec<(usize, usize, Match)> = Vec::new();
+    // (copy, source) for every pair where one is a recompression of the other.
+    let mut derived_from: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for (&(a, b, distance), verdict) in pairs.iter().zip(verdicts) {
         let bytes = verdict.map_err(StageError::Failed)?;
-        if let Ok(raw) = <[u8; 4]>::try_from(bytes.as_slice()) {
-            let diff = f32::from_le_bytes(raw);
-            if diff <= limit {
-                confirmed.push((a, b, d, diff));
-            }
+        let Some((raw, derived)) = bytes.split_first_chunk::<4>() else { continue };
+        let difference = f32::from_le_bytes(*raw);
+        let recompressed = match derived.first() {
+            Some(1) => derived_from.insert((b, a)),
+            Some(2) => derived_from.insert((a, b)),
+            _ => false,
+        };
+        if difference <= limit || recompressed {
+            confirmed.push((a, b, Match { distance, difference, recompressed }));
         }
     }
 
@@ -179,10 +242,10 @@ pub(super) fn find(
         proposed.as_secs_f64(),
         (started.elapsed() - proposed).as_secs_f64()
     );
-    let mut neighbours: Vec<Vec<(usize, u32, f32)>> = vec![Vec::new(); candidates.len()];
-    for &(a, b, d, diff) in &confirmed {
-        neighbours[a].push((b, d, diff));
-        neighbours[b].push((a, d, diff));
+    let mut neighbours: Vec<Vec<(usize, Match)>> = vec![Vec::new(); candidates.len()];
+    for &(a, b, m) in &confirmed {
+        neighbours[a].push((b, m));
+        neighbours[b].push((a, m));
     }
     // Leaders in order of a cheap quality guess (lossless, pixels, bytes, first id); which
     // copy is kept is then decided within the group, where the upscale test can run.
@@ -192,7 +255,7 @@ pub(super) fn find(
         let p = probe(k);
         (lossless, u64::from(p.width) * u64::from(p.height), items[i].bytes, std::cmp::Reverse(items[i].id.clone()))
     };
-    let resolve = Resolve { cx, items, candidates, sketches: &sketch_of, limits, sizes: &sizes };
+    let resolve = Resolve { cx, items, candidates, sketches: &sketch_of, limits, sizes: &sizes, derived_from: &derived_from };
     let mut order: Vec<usize> = (0..candidates.len()).filter(|&k| !neighbours[k].is_empty()).collect();
     order.sort_by_cached_key(|&k| std::cmp::Reverse(rank(k)));
     let mut taken = vec![false; candidates.len()];
@@ -203,36 +266,30 @@ pub(super) fn find(
         }
         taken[leader] = true;
         let mut members = Vec::new();
-        for &(m, d, diff) in &neighbours[leader] {
+        for &(m, found) in &neighbours[leader] {
             if !taken[m] {
                 taken[m] = true;
-                members.push((m, d, diff));
+                members.push((m, found));
             }
         }
         if members.is_empty() {
             continue;
         }
-        members.sort_unstable_by_key(|&(m, _, _)| m);
-        let all: Vec<usize> = std::iter::once(leader).chain(members.iter().map(|&(m, _, _)| m)).collect();
+        members.sort_unstable_by_key(|&(m, _)| m);
+        let all: Vec<usize> = std::iter::once(leader).chain(members.iter().map(|&(m, _)| m)).collect();
         let labels: BTreeSet<&str> = all.iter().filter_map(|&k| items[candidates[k]].label.as_deref()).collect();
         let kept = all.iter().copied().reduce(|best, k| if better(&resolve, k, best) { k } else { best });
         let kept = kept.expect("a group has members");
-        let copies = std::iter::once((leader, 0, 0.0f32))
+        let copies = std::iter::once((leader, Match::default()))
             .chain(members)
-            .filter(|&(k, _, _)| k != kept)
-            .map(|(k, d, diff)| (candidates[k], d, diff))
+            .filter(|&(k, _)| k != kept)
+            .map(|(k, found)| (candidates[k], found))
             .collect();
         groups.push(NearGroup { kept: candidates[kept], copies, cross_class: labels.len() > 1 });
     }
     Ok(groups)
 }
 
-/// Whether copy `a` is a better one to keep than `b`: the original over what was made of it.
-/// Native resolution first: of two sizes, the larger unless it is only an upscale of the
-/// smaller (an upscaled PNG of a JPEG is no original). At one size, lossless over lossy, then
-/// more distinct levels and a darkest or brightest level at the end of the range (a tone
-/// shift clips levels away or moves off the end), then more bytes (a higher quality); then
-/// the first id.
 /// What deciding which copy to keep needs to see.
 struct Resolve<'a> {
     cx: &'a StageContext<'a>,
@@ -242,13 +299,25 @@ struct Resolve<'a> {
     limits: &'a DecodeLimits,
     /// How many images of the set have each size.
     sizes: &'a HashMap<(u32, u32), usize>,
+    /// (copy, source): the copy is a JPEG recompression of the source.
+    derived_from: &'a BTreeSet<(usize, usize)>,
 }
 
+/// Whether copy `a` is a better one to keep than `b`: the original over what was made of it.
+/// Native resolution first: of two sizes, the larger unless it is only an upscale of the
+/// smaller (an upscaled PNG of a JPEG is no original). At one size, the source of a JPEG recompression over
+/// the recompression, lossless over lossy, then
+/// more distinct levels and a darkest or brightest level at the end of the range (a tone
+/// shift clips levels away or moves off the end), then more bytes (a higher quality); then
+/// the first id.
 fn better(r: &Resolve<'_>, a: usize, b: usize) -> bool {
-    let Resolve { cx, items, candidates, sketches, limits, sizes } = *r;
+    let Resolve { cx, items, candidates, sketches, limits, sizes, derived_from } = *r;
     let (Some(sa), Some(sb)) = (&sketches[a], &sketches[b]) else {
         return sketches[a].is_some();
     };
+    if derived_from.contains(&(b, a)) || derived_from.contains(&(a, b)) {
+        return derived_from.contains(&(b, a));
+    }
     let (ia, ib) = (&items[candidates[a]], &items[candidates[b]]);
     let (pa, pb) = (u64::from(sa.width) * u64::from(sa.height), u64::from(sb.width) * u64::from(sb.height));
     // Sizes within 2 % are one size: a one-pixel crop is not a better original.
@@ -294,6 +363,35 @@ fn better(r: &Resolve<'_>, a: usize, b: usize) -> bool {
 fn decode(cx: &StageContext<'_>, digest: &Digest, limits: &DecodeLimits) -> Option<image::DynamicImage> {
     let bytes = cx.cache.read_blob(digest).ok()?;
     imaging::decode(&bytes, limits).ok().map(|(_, img)| img)
+}
+
+/// Whether one of two same-size images is a JPEG recompression of the other (see
+/// [`recompress`]). A lossy image is the only side that can be the copy.
+fn recompression(
+    cx: &StageContext<'_>,
+    first: (&Item, Option<&Sketch>),
+    second: (&Item, Option<&Sketch>),
+    limits: &DecodeLimits,
+) -> Derived {
+    let ((ia, Some(sa)), (ib, Some(sb))) = (first, second) else { return Derived::Neither };
+    if (sa.width, sa.height) != (sb.width, sb.height) || (sa.lossless && sb.lossless) {
+        return Derived::Neither;
+    }
+    let load = |item: &Item| cx.cache.read_blob(&item.digest).ok();
+    let (Some(bytes_a), Some(bytes_b)) = (load(ia), load(ib)) else { return Derived::Neither };
+    let made_from = |original: &[u8], copy: &[u8]| {
+        imaging::decode(original, limits)
+            .ok()
+            .and_then(|(_, img)| recompress::misses(&img, copy))
+            .is_some_and(|m| m <= recompress::MAX_MISSES)
+    };
+    if !sb.lossless && made_from(&bytes_a, &bytes_b) {
+        Derived::SecondFromFirst
+    } else if !sa.lossless && made_from(&bytes_b, &bytes_a) {
+        Derived::FirstFromSecond
+    } else {
+        Derived::Neither
+    }
 }
 
 /// Sketches of the given items, memoised like the probes.

@@ -134,7 +134,9 @@ impl StageKind for CleanKind {
         // 3: hash pairs confirmed by aligned, tone-matched comparison; chroma instead of
         //    colour; the original kept over upscaled and re-encoded copies; undecodable
         //    files never grouped as exact duplicates; groups across classes only reported.
-        3
+        // 4: a JPEG that is a recompression of another image is its copy, however far
+        //    apart their pixels.
+        4
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
@@ -341,37 +343,37 @@ impl Stage for CleanStage {
                 let kept = group.kept;
                 if group.cross_class {
                     let mut members: Vec<CrossClassMember> = std::iter::once(kept)
-                        .chain(group.copies.iter().map(|&(i, _, _)| i))
+                        .chain(group.copies.iter().map(|&(i, _)| i))
                         .map(|i| CrossClassMember { id: items[i].id.clone(), label: class_of(&items[i]) })
                         .collect();
                     members.sort_by(|a, b| a.id.cmp(&b.id));
-                    for &(i, _, diff) in &group.copies {
+                    for &(i, found) in &group.copies {
                         add(
                             i,
                             "cross_class_duplicates",
                             Policy::Keep,
                             format!(
-                                "looks like `{}` labelled `{}` (differs by {:.1} %): a label conflict to review",
+                                "looks like `{}` labelled `{}` ({}): a label conflict to review",
                                 items[kept].id,
                                 class_of(&items[kept]),
-                                100.0 * diff
+                                how_alike(found)
                             ),
-                            Some(f64::from(diff)),
+                            Some(f64::from(found.difference)),
                         );
                     }
                     cross_class.push(members);
                     continue;
                 }
                 let mut copies = Vec::new();
-                for &(i, d, diff) in &group.copies {
+                for &(i, found) in &group.copies {
                     add(
                         i,
                         "near_duplicates",
                         c.near_duplicates.policy,
-                        format!("a copy of `{}` (differs by {:.1} % once aligned; pHash distance {d})", items[kept].id, 100.0 * diff),
-                        Some(f64::from(diff)),
+                        format!("a copy of `{}` ({}; pHash distance {})", items[kept].id, how_alike(found), found.distance),
+                        Some(f64::from(found.difference)),
                     );
-                    copies.push(GroupCopy { id: items[i].id.clone(), kind: "near", distance: Some(d), removed: false });
+                    copies.push(GroupCopy { id: items[i].id.clone(), kind: "near", distance: Some(found.distance), removed: false });
                 }
                 // Merge with an exact-duplicate group the kept image already leads.
                 let g = match group_of.get(&kept) {
@@ -381,7 +383,7 @@ impl Stage for CleanStage {
                         groups.len() - 1
                     }
                 };
-                for i in group.copies.iter().map(|&(i, _, _)| i).chain([kept]) {
+                for i in group.copies.iter().map(|&(i, _)| i).chain([kept]) {
                     for &j in &by_digest[&items[i].digest] {
                         group_of.insert(j, g);
                     }
@@ -496,6 +498,18 @@ impl Stage for CleanStage {
         io::write(cx, &mut kept_items)?;
         io::write_meta(cx, &meta)?;
         io::write_json(cx, "clean_report.json", &report)
+    }
+}
+
+/// How a near copy matched, in a reason's words.
+fn how_alike(found: groups::Match) -> String {
+    if found.recompressed {
+        format!(
+            "a JPEG recompression: the one's quantisation table predicts the other's pixels, though they differ by {:.1} % once aligned",
+            100.0 * found.difference
+        )
+    } else {
+        format!("differs by {:.1} % once aligned", 100.0 * found.difference)
     }
 }
 
