@@ -53,6 +53,14 @@ pub struct Item {
     /// Copies removed by clean, kept here so the label stage can see their labels.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub duplicates: Vec<DuplicateRef>,
+    /// A person confirmed or set this label (a row of a label stage's corrections file), so
+    /// label_issues does not suggest it again.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub reviewed: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +88,7 @@ impl Item {
             group: None,
             origin: None,
             duplicates: Vec::new(),
+            reviewed: false,
         }
     }
 

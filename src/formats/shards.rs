@@ -49,6 +49,10 @@ pub struct ShardInfo {
     /// the shard has one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
+    /// Whether a person reviewed each row's label (see `Item::reviewed`); absent when no
+    /// row of the shard was.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reviewed: Vec<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -318,7 +318,9 @@ impl Stage for ConvertStage {
                 } else {
                     Vec::new()
                 };
-                shards.push(ShardInfo { file, rows: chunk.len(), ids, sources, groups });
+                let reviewed =
+                    if chunk.iter().any(|(i, _)| i.reviewed) { chunk.iter().map(|(i, _)| i.reviewed).collect() } else { Vec::new() };
+                shards.push(ShardInfo { file, rows: chunk.len(), ids, sources, groups, reviewed });
             }
             splits.insert(split.to_string(), SplitInfo { rows: rows.len(), items: members.len(), shards });
         }

@@ -249,7 +249,9 @@ fn a_reviewed_corrections_file_relabels_exactly_its_items_and_reruns_from_label_
     assert_eq!(classes.len(), 4, "{classes:?}");
     let other = |label: &str| classes.iter().find(|c| c.as_str() != label).unwrap().clone();
     let ids: Vec<&String> = before.keys().collect();
-    let (a, b, c) = (ids[0].clone(), ids[7].clone(), ids[11].clone());
+    let (a, b) = (ids[0].clone(), ids[7].clone());
+    // The rejected suggestion is a real one: the first suspect.
+    let c = suspects.iter().find(|s| **s != a && **s != b).expect("the small fold models doubt some labels").clone();
     let (to_a, to_b) = (other(&before[&a]), other(&before[&b]));
     ws.write(
         "labels/corrections.csv",
@@ -277,6 +279,27 @@ fn a_reviewed_corrections_file_relabels_exactly_its_items_and_reruns_from_label_
     assert_eq!(applied.len(), 2, "{label_report}");
     assert_eq!(applied[0]["from"].as_str(), Some(before[&a].as_str()));
     assert_eq!(label_report["corrections"]["kept"], 1);
+    // The three reviewed items are marked so, and the rejected suggestion is remembered:
+    // not suggested again, not dropped.
+    let reviewed: BTreeSet<String> = ws
+        .read("outputs/fixes/label/items.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|i| i["reviewed"] == true)
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(reviewed, [a.clone(), b.clone(), c.clone()].into_iter().collect::<BTreeSet<_>>());
+    let report = read_json(ws.path("outputs/fixes/label_issues/label_issues_report.json"));
+    let now: BTreeSet<String> = report["suspects"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    for id in [&a, &b, &c] {
+        assert!(!now.contains(id), "{id} was reviewed: {now:?}");
+    }
+    assert!(manifest_ids(&ws, "label_issues").contains(&c), "a reviewed label is not dropped");
+    assert_eq!(
+        manifest_ids(&ws, "convert").difference(&manifest_ids(&ws, "label_issues")).cloned().collect::<BTreeSet<_>>(),
+        now,
+        "policy = \"drop\" drops exactly the suspects"
+    );
     let printed = String::from_utf8_lossy(&ws.kiln(&["report", "kiln.toml", "label"]).stdout).into_owned();
     assert!(printed.contains(&format!("corrected {a}: {} → {to_a}", before[&a])), "{printed}");
     let printed = String::from_utf8_lossy(&ws.kiln(&["report", "kiln.toml", "label_issues"]).stdout).into_owned();

@@ -8,7 +8,8 @@
 //! `suggested_corrections.csv` a label_issues stage writes can be committed as it is once
 //! reviewed. A `label` is a class name (`a|b` for several), [`KEEP`] or empty (keep the
 //! label the other rules gave: how a reviewer rejects a suggestion), or [`DROP`] (remove
-//! the item).
+//! the item). Every item a row keeps or relabels is marked `reviewed`, through convert's
+//! shards, so a label_issues stage never suggests it again: a rejection is remembered.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

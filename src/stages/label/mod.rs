@@ -147,7 +147,8 @@ impl StageKind for LabelKind {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: items a corrections row kept or relabelled are marked reviewed.
+        2
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
@@ -423,6 +424,7 @@ impl Stage for LabelStage {
         let mut conflicts = Vec::new();
         let mut unknown: Vec<(String, String)> = Vec::new();
         for item in items {
+            let mut reviewed = false;
             let own = canonical(self.raw_label(
                 &item.id,
                 &item.source,
@@ -472,6 +474,7 @@ impl Stage for LabelStage {
                 && let Some(fix) = file.by_id.get(&item.id)
             {
                 corrected.insert(item.id.clone());
+                reviewed = !matches!(fix.fix, Fix::Drop);
                 let from = match &outcome {
                     Outcome::Label(l) => Some(l.clone()),
                     _ => None,
@@ -516,6 +519,7 @@ impl Stage for LabelStage {
             }
             let mut item = item;
             item.label = Some(label);
+            item.reviewed |= reviewed;
             labelled.push(item);
         }
         if let Some(file) = &corrections {

@@ -24,6 +24,8 @@ pub(super) struct Rows {
     /// Rows that share a group are copies of one image (clean's duplicates, the offline
     /// augmented copies of an item): they go into one fold.
     pub(super) groups: Vec<String>,
+    /// Rows whose label a person reviewed (a corrections row): never suggested again.
+    pub(super) reviewed: Vec<bool>,
     /// The rows judged: every row that is an item, not an augmented copy, in order.
     pub(super) judged: Vec<usize>,
 }
@@ -45,6 +47,7 @@ impl Pool {
         let mut split = empty(manifest);
         let mut split_of = Vec::new();
         let mut groups = Vec::new();
+        let mut reviewed = Vec::new();
         for name in SPLITS {
             if !splits.iter().any(|x| x.as_str() == name) {
                 continue;
@@ -58,15 +61,31 @@ impl Pool {
                     info.shards.iter().flat_map(|s| (0..s.rows).map(move |r| s.groups.get(r).cloned().unwrap_or_default())).collect()
                 })
                 .unwrap_or_default();
+            let marked: Vec<bool> = manifest
+                .splits
+                .get(name)
+                .map(|info| {
+                    info.shards.iter().flat_map(|s| (0..s.rows).map(move |r| s.reviewed.get(r).copied().unwrap_or(false))).collect()
+                })
+                .unwrap_or_default();
             for (r, id) in part.ids.iter().enumerate() {
                 let group = recorded.get(r).filter(|g| !g.is_empty()).cloned().unwrap_or_else(|| item_id(id).to_string());
                 groups.push(group);
+                reviewed.push(marked.get(r).copied().unwrap_or(false));
                 split_of.push(name);
             }
             append(&mut split, part).map_err(|why| StageError::data(input, why))?;
         }
         let judged = (0..split.len()).filter(|&r| !is_copy(&split.ids[r])).collect();
-        let rows = Rows { ids: split.ids.clone(), sources: split.sources.clone(), labels: split.labels.clone(), split_of, groups, judged };
+        let rows = Rows {
+            ids: split.ids.clone(),
+            sources: split.sources.clone(),
+            labels: split.labels.clone(),
+            split_of,
+            groups,
+            reviewed,
+            judged,
+        };
         Ok(Pool { split, rows })
     }
 }

@@ -20,7 +20,9 @@
 //! the train stage's own steps and in memory, and predicts the fold; with `finetune =
 //! "head"` the backbone's features are computed once, for every fold. From those
 //! out-of-fold probabilities, [`confident`] estimates per-class thresholds and the
-//! confident joint and ranks the suspects by self-confidence.
+//! confident joint and ranks the suspects by self-confidence. Rows whose label a person
+//! already reviewed (a row of the label stage's corrections file) still count in those
+//! estimates but are never suspects: the report counts them as `reviewed_not_suggested`.
 //!
 //! The artifact ([`output`]): `label_issues_report.json` (the suspects ranked, with given
 //! and suggested label and score, counts per class, the estimate), `suggested_corrections.csv`
@@ -253,6 +255,9 @@ impl Stage for LabelIssuesStage {
         let given: Vec<usize> = rows.judged.iter().map(|&r| rows.labels[r] as usize).collect();
         let (suspects, estimate) = confident::find_label_issues(&given, &oof.probs, classes)
             .map_err(|e| StageError::Failed(format!("out-of-fold probabilities: {e}")))?;
+        // A label a person already reviewed stays as they decided: the models' doubt about it
+        // is counted, not suggested again (nor dropped).
+        let (reviewed, suspects): (Vec<_>, Vec<_>) = suspects.into_iter().partition(|s| rows.reviewed[rows.judged[s.index]]);
         let accuracy = out_of_fold_accuracy(&given, &oof.probs, classes);
 
         let dropped = match self.policy {
@@ -281,6 +286,7 @@ impl Stage for LabelIssuesStage {
                 folds: self.folds,
                 splits: &self.splits,
                 policy: self.policy,
+                reviewed: reviewed.len(),
                 dropped: &dropped,
                 pixels: &pixels,
             },
@@ -294,6 +300,10 @@ impl Stage for LabelIssuesStage {
             self.folds
         ));
         summary.push(format!("{} suspected wrong labels ({:.1} %; see {})", suspects.len(), 100.0 * share, output::REPORT));
+        if !reviewed.is_empty() {
+            summary
+                .push(format!("{} more doubted labels were reviewed by a person (corrections file): not suggested again", reviewed.len()));
+        }
         if !dropped.is_empty() {
             let per_split: Vec<String> = dropped.iter().map(|(s, n)| format!("{s} {n}")).collect();
             summary.push(format!("rows dropped: {}", per_split.join(", ")));

@@ -36,6 +36,8 @@ pub(super) struct Findings<'a> {
     pub(super) folds: usize,
     pub(super) splits: &'a [String],
     pub(super) policy: Policy,
+    /// Suspects left out because a person reviewed their label.
+    pub(super) reviewed: usize,
     /// Rows dropped per split (`policy = "drop"`).
     pub(super) dropped: &'a BTreeMap<String, usize>,
     /// The pool's pixels, for thumbnails.
@@ -78,6 +80,10 @@ struct Report<'a> {
     policy: Policy,
     out_of_fold_accuracy: f64,
     suspected: usize,
+    /// Doubted labels a person already reviewed (the label stage's corrections): not
+    /// among `suspects`.
+    #[serde(skip_serializing_if = "is_zero")]
+    reviewed_not_suggested: usize,
     classes: Vec<ClassRow>,
     estimate: &'a Estimate,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -122,6 +128,7 @@ pub(super) fn write(cx: &StageContext<'_>, f: &Findings<'_>) -> Result<(), Stage
         policy: f.policy,
         out_of_fold_accuracy: f.accuracy,
         suspected: f.suspects.len(),
+        reviewed_not_suggested: f.reviewed,
         classes: per_class,
         estimate: f.estimate,
         dropped: f.dropped.clone(),
@@ -218,6 +225,7 @@ pub(super) fn write_without(
                     ids: pick(&shard.ids, &keep),
                     sources: pick(&shard.sources, &keep),
                     groups: pick(&shard.groups, &keep),
+                    reviewed: pick(&shard.reviewed, &keep),
                 });
             }
         }
@@ -234,7 +242,11 @@ pub(super) fn write_without(
 }
 
 /// The entries of a per-row list at rows `keep` (an empty list stays empty).
-fn pick(values: &[String], keep: &[usize]) -> Vec<String> {
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn pick<T: Clone>(values: &[T], keep: &[usize]) -> Vec<T> {
     if values.is_empty() {
         return Vec::new();
     }
