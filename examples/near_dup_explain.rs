@@ -48,9 +48,12 @@ fn main() {
     for (copy, bytes, original, from) in [("B", &bb, &ia, "A"), ("A", &ba, &ib, "B")] {
         if let Some(m) = recompress::misses(original, bytes) {
             println!(
-                "{copy} as a JPEG recompression of {from}: {:.1} % of its luma mispredicted (a copy at most {:.0} %)",
-                100.0 * m,
-                100.0 * recompress::MAX_MISSES
+                "{copy} as a JPEG recompression of {from}: {:.1} % of its luma mispredicted, {:.0} % in the worst block (a copy at most {:.0} % and {:.0} %): {}",
+                100.0 * m.share,
+                100.0 * m.worst_block,
+                100.0 * recompress::MAX_MISSES,
+                100.0 * recompress::MAX_BLOCK_MISSES,
+                if m.is_recompression() { "a recompression" } else { "not one" }
             );
         }
     }

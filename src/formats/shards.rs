@@ -50,7 +50,7 @@ pub struct ShardInfo {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
     /// Whether a person reviewed each row's label (see `Item::reviewed`); absent when no
-    /// row of the shard was.
+    /// row of the shard was when convert wrote it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reviewed: Vec<bool>,
 }

@@ -17,8 +17,8 @@
 //! reported as leakage.
 //!
 //! Output: `shards/<split>-NNNNN.safetensors` with `images` (N×C×H×W) and `labels`,
-//! `manifest.json` (shapes, dtype, normalisation, classes, split sizes, item ids, sources
-//! and duplicate groups per row),
+//! `manifest.json` (shapes, dtype, normalisation, classes, split sizes, item ids, sources,
+//! duplicate groups and whether a person reviewed the label, per row),
 //! `class_to_index.json` and `convert_report.json`. Reading a shard from Python:
 //!
 //! ```python

@@ -704,6 +704,25 @@ fn low_quality_jpeg_copies_of_tiny_images_are_found_by_their_quantisation() {
             copies.insert(copy, rel);
         }
     }
+    // A JPEG original (q40) and a copy saved from it at q95: the copy is larger, so file
+    // size alone would keep it; the source of a recompression stays.
+    let line = csv.lines().nth(401).unwrap();
+    let v: Vec<u32> = line.split(',').map(|x| x.parse().unwrap()).collect();
+    let digit =
+        DynamicImage::ImageLuma8(image::GrayImage::from_fn(8, 8, |x, y| image::Luma([(v[(y * 8 + x) as usize] * 16).min(255) as u8])));
+    let encode = |img: &DynamicImage, quality: u8| {
+        let mut bytes = Vec::new();
+        img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality)).unwrap();
+        bytes
+    };
+    let low = encode(&digit, 40);
+    let high = encode(&image::load_from_memory(&low).unwrap(), 95);
+    assert!(high.len() > low.len());
+    let (source, resaved) = (format!("data/{}/0401.jpg", v[64]), format!("data/{}/0401_resaved.jpg", v[64]));
+    write(&ws.path().join(&source), &low);
+    write(&ws.path().join(&resaved), &high);
+    originals.push(source.clone());
+    copies.insert(resaved, source);
     std::fs::write(
         ws.path().join("kiln.toml"),
         "[pipeline]\nname = \"digits\"\n[stages.collect]\nkind = \"collect\"\n[[stages.collect.sources]]\ntype = \"dir\"\npath = \"data\"\n\n\
@@ -766,9 +785,13 @@ fn the_recompression_test_never_takes_a_lookalike_for_a_copy() {
             let img = DynamicImage::ImageLuma8(digit.clone());
             let mut bytes = Vec::new();
             img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality)).unwrap();
-            worst_copy = worst_copy.max(misses(&img, &bytes).unwrap());
+            let own = misses(&img, &bytes).unwrap();
+            assert!(own.is_recompression(), "digit {k} at q{quality}: {own:?}");
+            worst_copy = worst_copy.max(own.share);
             for &j in &nearest[k] {
-                closest_other = closest_other.min(misses(&DynamicImage::ImageLuma8(digits[j].clone()), &bytes).unwrap());
+                let other = misses(&DynamicImage::ImageLuma8(digits[j].clone()), &bytes).unwrap();
+                assert!(!other.is_recompression(), "digit {j} taken for a copy of {k} at q{quality}: {other:?}");
+                closest_other = closest_other.min(other.share);
             }
         }
         eprintln!("q{quality}: copies miss at most {worst_copy:.3}, look-alikes at least {closest_other:.3}");

@@ -32,7 +32,7 @@ const SHAPE_NEIGHBOURS: usize = 6;
 const CROP_NEIGHBOURS: usize = 4;
 /// Pairs further apart than this many times the limit are not asked the recompression
 /// question: every JPEG copy the benchmark plants (quality 30 and up) lies within 2.5 times,
-/// and the question costs two full decodes.
+/// and the question costs up to four decodes.
 const RECOMPRESSION_REACH: f32 = 4.0;
 
 /// An 8×8 RGB thumbnail's luma, standardised (zero mean, unit spread as 32 levels): its
@@ -89,8 +89,8 @@ pub(super) struct Match {
     pub(super) distance: u32,
     /// What is left once copying is undone ([`near::difference`]).
     pub(super) difference: f32,
-    /// One of the pair is a JPEG recompression of the other (only asked when `difference`
-    /// is over the limit).
+    /// One of the pair is a JPEG recompression of the other (asked of same-size pairs with a
+    /// lossy side within [`RECOMPRESSION_REACH`] times the limit).
     pub(super) recompressed: bool,
 }
 
@@ -185,15 +185,20 @@ pub(super) fn find(
         .collect();
     let op = Digest::of_bytes(
         format!(
-            "clean-near-pair v{} sketch v{} limit {limit} recompression v{}",
+            "clean-near-pair v{} sketch v{} limit {limit} recompression v{} reach {RECOMPRESSION_REACH} misses {} {}",
             near::DIFFERENCE_VERSION,
             near::SKETCH_VERSION,
-            recompress::VERSION
+            recompress::VERSION,
+            recompress::MAX_MISSES,
+            recompress::MAX_BLOCK_MISSES,
         )
         .as_bytes(),
     );
     // A verdict is the difference (f32, little-endian) and which side, if any, is a
-    // recompression of the other (one byte); empty when the pair cannot be judged.
+    // recompression of the other (one byte, [`Derived`], in the order of the pair's
+    // candidate indices, which is the order of their digests, as in the memo key); empty
+    // when the pair cannot be judged. Confirmed pairs are asked too, so that the source of a
+    // recompression stays whatever the file sizes.
     let verdicts = cx
         .cache
         .state()
@@ -206,9 +211,10 @@ pub(super) fn find(
             }) else {
                 return Ok::<_, String>(Vec::new());
             };
-            let derived = if diff > limit && diff <= limit * RECOMPRESSION_REACH {
-                let (ia, ib) = (&items[candidates[a]], &items[candidates[b]]);
-                recompression(cx, (ia, sketch_of[a].as_ref()), (ib, sketch_of[b].as_ref()), limits)
+            let (ia, ib) = (&items[candidates[a]], &items[candidates[b]]);
+            debug_assert!(ia.digest.0 <= ib.digest.0, "candidates are in digest order");
+            let derived = if diff <= limit * RECOMPRESSION_REACH {
+                recompression(cx, (ia, sketch_of[a].as_ref()), (ib, sketch_of[b].as_ref()), limits)?
             } else {
                 Derived::Neither
             };
@@ -224,11 +230,12 @@ pub(super) fn find(
         let bytes = verdict.map_err(StageError::Failed)?;
         let Some((raw, derived)) = bytes.split_first_chunk::<4>() else { continue };
         let difference = f32::from_le_bytes(*raw);
-        let recompressed = match derived.first() {
-            Some(1) => derived_from.insert((b, a)),
-            Some(2) => derived_from.insert((a, b)),
-            _ => false,
+        let (copy_source, recompressed) = match derived.first() {
+            Some(1) => (Some((b, a)), true),
+            Some(2) => (Some((a, b)), true),
+            _ => (None, false),
         };
+        derived_from.extend(copy_source);
         if difference <= limit || recompressed {
             confirmed.push((a, b, Match { distance, difference, recompressed }));
         }
@@ -255,7 +262,7 @@ pub(super) fn find(
         let p = probe(k);
         (lossless, u64::from(p.width) * u64::from(p.height), items[i].bytes, std::cmp::Reverse(items[i].id.clone()))
     };
-    let resolve = Resolve { cx, items, candidates, sketches: &sketch_of, limits, sizes: &sizes, derived_from: &derived_from };
+    let resolve = Resolve { cx, items, candidates, sketches: &sketch_of, limits, sizes: &sizes };
     let mut order: Vec<usize> = (0..candidates.len()).filter(|&k| !neighbours[k].is_empty()).collect();
     order.sort_by_cached_key(|&k| std::cmp::Reverse(rank(k)));
     let mut taken = vec![false; candidates.len()];
@@ -278,9 +285,16 @@ pub(super) fn find(
         members.sort_unstable_by_key(|&(m, _)| m);
         let all: Vec<usize> = std::iter::once(leader).chain(members.iter().map(|&(m, _)| m)).collect();
         let labels: BTreeSet<&str> = all.iter().filter_map(|&k| items[candidates[k]].label.as_deref()).collect();
-        let kept = all.iter().copied().reduce(|best, k| if better(&resolve, k, best) { k } else { best });
+        // A recompression of another member is never the one kept; among the rest `better`
+        // decides (a total order, so the member order does not matter).
+        let sources: Vec<usize> = all.iter().copied().filter(|&k| !all.iter().any(|&m| derived_from.contains(&(k, m)))).collect();
+        let pool = if sources.is_empty() { &all } else { &sources };
+        let kept = pool.iter().copied().reduce(|best, k| if better(&resolve, k, best) { k } else { best });
         let kept = kept.expect("a group has members");
-        let copies = std::iter::once((leader, Match::default()))
+        // The leader was matched to every member; when another is kept, the leader's own
+        // match to that one is what its finding reports.
+        let leader_match = members.iter().find(|&&(m, _)| m == kept).map_or_else(Match::default, |&(_, found)| found);
+        let copies = std::iter::once((leader, leader_match))
             .chain(members)
             .filter(|&(k, _)| k != kept)
             .map(|(k, found)| (candidates[k], found))
@@ -299,25 +313,19 @@ struct Resolve<'a> {
     limits: &'a DecodeLimits,
     /// How many images of the set have each size.
     sizes: &'a HashMap<(u32, u32), usize>,
-    /// (copy, source): the copy is a JPEG recompression of the source.
-    derived_from: &'a BTreeSet<(usize, usize)>,
 }
 
 /// Whether copy `a` is a better one to keep than `b`: the original over what was made of it.
 /// Native resolution first: of two sizes, the larger unless it is only an upscale of the
-/// smaller (an upscaled PNG of a JPEG is no original). At one size, the source of a JPEG recompression over
-/// the recompression, lossless over lossy, then
+/// smaller (an upscaled PNG of a JPEG is no original). At one size, lossless over lossy, then
 /// more distinct levels and a darkest or brightest level at the end of the range (a tone
 /// shift clips levels away or moves off the end), then more bytes (a higher quality); then
 /// the first id.
 fn better(r: &Resolve<'_>, a: usize, b: usize) -> bool {
-    let Resolve { cx, items, candidates, sketches, limits, sizes, derived_from } = *r;
+    let Resolve { cx, items, candidates, sketches, limits, sizes } = *r;
     let (Some(sa), Some(sb)) = (&sketches[a], &sketches[b]) else {
         return sketches[a].is_some();
     };
-    if derived_from.contains(&(b, a)) || derived_from.contains(&(a, b)) {
-        return derived_from.contains(&(b, a));
-    }
     let (ia, ib) = (&items[candidates[a]], &items[candidates[b]]);
     let (pa, pb) = (u64::from(sa.width) * u64::from(sa.height), u64::from(sb.width) * u64::from(sb.height));
     // Sizes within 2 % are one size: a one-pixel crop is not a better original.
@@ -366,32 +374,34 @@ fn decode(cx: &StageContext<'_>, digest: &Digest, limits: &DecodeLimits) -> Opti
 }
 
 /// Whether one of two same-size images is a JPEG recompression of the other (see
-/// [`recompress`]). A lossy image is the only side that can be the copy.
+/// [`recompress`]). A lossy image is the only side that can be the copy. A blob that cannot
+/// be read is an error, not a verdict: verdicts are memoised.
 fn recompression(
     cx: &StageContext<'_>,
     first: (&Item, Option<&Sketch>),
     second: (&Item, Option<&Sketch>),
     limits: &DecodeLimits,
-) -> Derived {
-    let ((ia, Some(sa)), (ib, Some(sb))) = (first, second) else { return Derived::Neither };
+) -> Result<Derived, String> {
+    let ((ia, Some(sa)), (ib, Some(sb))) = (first, second) else { return Ok(Derived::Neither) };
     if (sa.width, sa.height) != (sb.width, sb.height) || (sa.lossless && sb.lossless) {
-        return Derived::Neither;
+        return Ok(Derived::Neither);
     }
-    let load = |item: &Item| cx.cache.read_blob(&item.digest).ok();
-    let (Some(bytes_a), Some(bytes_b)) = (load(ia), load(ib)) else { return Derived::Neither };
+    let load = |item: &Item| cx.cache.read_blob(&item.digest).map_err(|e| format!("reading `{}`: {e}", item.id));
+    let (bytes_a, bytes_b) = (load(ia)?, load(ib)?);
     let made_from = |original: &[u8], copy: &[u8]| {
-        imaging::decode(original, limits)
-            .ok()
-            .and_then(|(_, img)| recompress::misses(&img, copy))
-            .is_some_and(|m| m <= recompress::MAX_MISSES)
+        recompress::applies(copy)
+            && imaging::decode(original, limits)
+                .ok()
+                .and_then(|(_, img)| recompress::misses(&img, copy))
+                .is_some_and(|m| m.is_recompression())
     };
-    if !sb.lossless && made_from(&bytes_a, &bytes_b) {
+    Ok(if !sb.lossless && made_from(&bytes_a, &bytes_b) {
         Derived::SecondFromFirst
     } else if !sa.lossless && made_from(&bytes_b, &bytes_a) {
         Derived::FirstFromSecond
     } else {
         Derived::Neither
-    }
+    })
 }
 
 /// Sketches of the given items, memoised like the probes.

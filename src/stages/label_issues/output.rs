@@ -241,11 +241,11 @@ pub(super) fn write_without(
     Ok(dropped)
 }
 
-/// The entries of a per-row list at rows `keep` (an empty list stays empty).
 fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
+/// The entries of a per-row list at rows `keep` (an empty list stays empty).
 fn pick<T: Clone>(values: &[T], keep: &[usize]) -> Vec<T> {
     if values.is_empty() {
         return Vec::new();
