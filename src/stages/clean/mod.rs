@@ -505,7 +505,7 @@ impl Stage for CleanStage {
 fn how_alike(found: groups::Match) -> String {
     if found.recompressed {
         format!(
-            "a JPEG recompression: the one's quantisation table predicts the other's pixels, though they differ by {:.1} % once aligned",
+            "one is a JPEG recompression of the other, predicted by its own quantisation table; {:.1} % apart once aligned",
             100.0 * found.difference
         )
     } else {
