@@ -24,7 +24,7 @@
 use image::DynamicImage;
 
 /// Bump when [`misses`] changes its numbers: the clean stage memoises pair verdicts.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Levels a predicted pixel may miss by and still count as a match.
 const TOLERANCE: f32 = 3.0;
@@ -57,15 +57,15 @@ pub fn misses(original: &DynamicImage, jpeg_bytes: &[u8]) -> Option<Misses> {
     let (bw, bh) = (w / 8, h / 8);
     // One block in `stride` along each axis: a grid over the whole picture.
     let stride = ((bw * bh) as f64 / MAX_BLOCKS as f64).sqrt().ceil().max(1.0) as usize;
-    let basis = basis();
+    let transform = Dct::new();
     let (mut missed, mut judged, mut worst) = (0usize, 0usize, 0usize);
     let blocks = (0..bh).step_by(stride).flat_map(|by| (0..bw).step_by(stride).map(move |bx| (bx * 8, by * 8)));
     for (x0, y0) in blocks {
         let at = |i: usize| (y0 + i / 8) * w + x0 + i % 8;
-        let ours = dct(&std::array::from_fn(|i| a[at(i)] - 128.0), &basis);
+        let ours = transform.dct(&std::array::from_fn(|i| a[at(i)] - 128.0));
         let stored: [f32; 64] = std::array::from_fn(|i| f32::from(b[at(i)]) - 128.0);
         let mut steps: [f32; 64] = std::array::from_fn(|i| (ours[i] / table[i]).round());
-        let mut predicted = idct(&std::array::from_fn(|i| steps[i] * table[i]), &basis);
+        let mut predicted = transform.idct(&std::array::from_fn(|i| steps[i] * table[i]));
         // A coefficient within the encoder's arithmetic of a rounding boundary may have gone
         // either way: take the way that fits the stored block better. Every other
         // coefficient is fixed by the original, so a different image cannot borrow more
@@ -78,7 +78,8 @@ pub fn misses(original: &DynamicImage, jpeg_bytes: &[u8]) -> Option<Misses> {
                 let other = if steps[i] == q.floor() { q.ceil() } else { q.floor() };
                 let shift = (other - steps[i]) * table[i];
                 let (v, u) = (i / 8, i % 8);
-                let moved: [f32; 64] = std::array::from_fn(|j| predicted[j] + shift * basis[v][j / 8] * basis[u][j % 8]);
+                let moved: [f32; 64] =
+                    std::array::from_fn(|j| predicted[j] + shift * transform.forward[v][j / 8] * transform.forward[u][j % 8]);
                 if misfit(&moved) < misfit(&predicted) {
                     predicted = moved;
                     steps[i] = other;
@@ -144,38 +145,44 @@ fn luma(img: &DynamicImage) -> Vec<f32> {
     }
 }
 
-/// `basis[u][x]`: the orthonormal 8-point DCT-II, JPEG's forward transform per axis.
-fn basis() -> [[f32; 8]; 8] {
-    std::array::from_fn(|u| {
-        let c = if u == 0 { (0.125f32).sqrt() } else { 0.5 };
-        std::array::from_fn(|x| c * (((2 * x + 1) as f32 * u as f32 * std::f32::consts::PI) / 16.0).cos())
-    })
+/// JPEG's 8×8 transform, both ways.
+struct Dct {
+    /// `forward[u][x]`: the orthonormal 8-point DCT-II, JPEG's forward transform per axis.
+    forward: [[f32; 8]; 8],
+    /// Its transpose, which inverts it.
+    inverse: [[f32; 8]; 8],
 }
 
-/// Row-major 8×8 block to its coefficients (`[v * 8 + u]`, v vertical frequency).
-fn dct(block: &[f32; 64], basis: &[[f32; 8]; 8]) -> [f32; 64] {
+impl Dct {
+    fn new() -> Dct {
+        let forward: [[f32; 8]; 8] = std::array::from_fn(|u| {
+            let c = if u == 0 { (0.125f32).sqrt() } else { 0.5 };
+            std::array::from_fn(|x| c * (((2 * x + 1) as f32 * u as f32 * std::f32::consts::PI) / 16.0).cos())
+        });
+        Dct { forward, inverse: std::array::from_fn(|x| std::array::from_fn(|u| forward[u][x])) }
+    }
+
+    /// Row-major 8×8 block to its coefficients (`[v * 8 + u]`, v vertical frequency).
+    fn dct(&self, block: &[f32; 64]) -> [f32; 64] {
+        separable(block, &self.forward)
+    }
+
+    fn idct(&self, coefficients: &[f32; 64]) -> [f32; 64] {
+        separable(coefficients, &self.inverse)
+    }
+}
+
+/// `m · block · mᵀ` for a row-major 8×8 block: one pass along rows, one along columns.
+fn separable(block: &[f32; 64], m: &[[f32; 8]; 8]) -> [f32; 64] {
     let mut rows = [0f32; 64];
     for y in 0..8 {
         for u in 0..8 {
-            rows[y * 8 + u] = (0..8).map(|x| basis[u][x] * block[y * 8 + x]).sum();
+            rows[y * 8 + u] = (0..8).map(|x| m[u][x] * block[y * 8 + x]).sum();
         }
     }
     std::array::from_fn(|i| {
         let (v, u) = (i / 8, i % 8);
-        (0..8).map(|y| basis[v][y] * rows[y * 8 + u]).sum()
-    })
-}
-
-fn idct(coefficients: &[f32; 64], basis: &[[f32; 8]; 8]) -> [f32; 64] {
-    let mut cols = [0f32; 64];
-    for y in 0..8 {
-        for u in 0..8 {
-            cols[y * 8 + u] = (0..8).map(|v| basis[v][y] * coefficients[v * 8 + u]).sum();
-        }
-    }
-    std::array::from_fn(|i| {
-        let (y, x) = (i / 8, i % 8);
-        (0..8).map(|u| basis[u][x] * cols[y * 8 + u]).sum()
+        (0..8).map(|y| m[v][y] * rows[y * 8 + u]).sum()
     })
 }
 
@@ -270,12 +277,12 @@ mod tests {
 
     #[test]
     fn the_dct_pair_is_orthonormal_and_inverts() {
-        let b = basis();
+        let b = Dct::new();
         let block: [f32; 64] = std::array::from_fn(|i| (i as f32 * 7.3).sin() * 100.0);
-        let back = idct(&dct(&block, &b), &b);
+        let back = b.idct(&b.dct(&block));
         assert!(block.iter().zip(&back).all(|(x, y)| (x - y).abs() < 1e-3));
         // A flat block of 8 carries 8 * 8 = 64 in DC under JPEG's scaling.
-        let flat = dct(&[8.0; 64], &b);
+        let flat = b.dct(&[8.0; 64]);
         assert!((flat[0] - 64.0).abs() < 1e-3 && flat[1..].iter().all(|c| c.abs() < 1e-3));
     }
 

@@ -53,25 +53,24 @@ impl Pool {
                 continue;
             }
             let part = Split::load(cx, input, artifact, manifest, name)?;
-            // Each row's recorded group, in the order Split::load reads the rows.
-            let recorded: Vec<String> = manifest
+            // Each row's recorded group and review mark, in the order Split::load reads the rows.
+            let recorded: Vec<(String, bool)> = manifest
                 .splits
                 .get(name)
                 .map(|info| {
-                    info.shards.iter().flat_map(|s| (0..s.rows).map(move |r| s.groups.get(r).cloned().unwrap_or_default())).collect()
-                })
-                .unwrap_or_default();
-            let marked: Vec<bool> = manifest
-                .splits
-                .get(name)
-                .map(|info| {
-                    info.shards.iter().flat_map(|s| (0..s.rows).map(move |r| s.reviewed.get(r).copied().unwrap_or(false))).collect()
+                    info.shards
+                        .iter()
+                        .flat_map(|s| {
+                            (0..s.rows)
+                                .map(move |r| (s.groups.get(r).cloned().unwrap_or_default(), s.reviewed.get(r).copied().unwrap_or(false)))
+                        })
+                        .collect()
                 })
                 .unwrap_or_default();
             for (r, id) in part.ids.iter().enumerate() {
-                let group = recorded.get(r).filter(|g| !g.is_empty()).cloned().unwrap_or_else(|| item_id(id).to_string());
-                groups.push(group);
-                reviewed.push(marked.get(r).copied().unwrap_or(false));
+                let (group, marked) = recorded.get(r).cloned().unwrap_or_default();
+                groups.push(if group.is_empty() { item_id(id).to_string() } else { group });
+                reviewed.push(marked);
                 split_of.push(name);
             }
             append(&mut split, part).map_err(|why| StageError::data(input, why))?;
