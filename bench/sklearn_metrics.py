@@ -6,8 +6,9 @@
 Each argument is an eval stage's output directory (metrics.json + predictions.csv). The
 script recomputes, from predictions.csv alone, what scikit-learn's classification_report,
 confusion_matrix, accuracy_score, balanced_accuracy_score, log_loss, top_k_accuracy_score
-(and roc_auc_score / average_precision_score for two classes) give, and compares each number
-with kiln's metrics.json. It prints the largest difference per directory and exits 1 if any
+(and roc_auc_score / average_precision_score for two classes) give, and for a binary model
+precision_recall_fscore_support at its threshold, roc_curve and precision_recall_curve; and
+compares each number with kiln's metrics.json. It prints the largest difference per directory and exits 1 if any
 difference exceeds the tolerance (default 1e-6; --tol).
 """
 import argparse
@@ -25,7 +26,10 @@ from sklearn.metrics import (
     classification_report,
     confusion_matrix,
     log_loss,
+    precision_recall_curve,
+    precision_recall_fscore_support,
     roc_auc_score,
+    roc_curve,
     top_k_accuracy_score,
 )
 
@@ -60,9 +64,27 @@ def compare(directory: Path, tol: float) -> bool:
     for name, value in kiln["top_k_accuracy"].items():
         k = int(name.split("_")[-1])
         checks.append((f"top_k_accuracy.{name}", value, top_k_accuracy_score(y_true, probs, k=k, labels=labels)))
+    binary = kiln.get("binary")
     if len(classes) == 2:
-        checks.append(("roc_auc", kiln["roc_auc"], roc_auc_score(y_true, probs[:, 1])))
-        checks.append(("pr_auc", kiln["pr_auc"], average_precision_score(y_true, probs[:, 1])))
+        # A binary model's ROC-AUC and PR-AUC are its positive class's, else the second's.
+        pos = index[binary["positive"]] if binary else 1
+        score, is_pos = probs[:, pos], (y_true == pos).astype(int)
+        checks.append(("roc_auc", kiln["roc_auc"], roc_auc_score(is_pos, score)))
+        checks.append(("pr_auc", kiln["pr_auc"], average_precision_score(is_pos, score)))
+    if binary:
+        # The model's decisions: positive from its threshold on, as predictions.csv says.
+        called = (score >= binary["threshold"]).astype(int)
+        checks.append(("binary.predicted", (y_pred == pos).astype(int), called))
+        p, r, f, _ = precision_recall_fscore_support(is_pos, called, average="binary", pos_label=1, zero_division=0)
+        checks += [("binary.precision", binary["precision"], p), ("binary.recall", binary["recall"], r), ("binary.f1", binary["f1"], f)]
+        checks.append(("binary.roc_auc", binary["roc_auc"], roc_auc_score(is_pos, score)))
+        checks.append(("binary.pr_auc", binary["pr_auc"], average_precision_score(is_pos, score)))
+        fpr, tpr, _ = roc_curve(is_pos, score, drop_intermediate=True)
+        checks.append(("binary.roc_curve", np.array(binary["roc_curve"]), np.stack([fpr, tpr], axis=1)))
+        # scikit-learn lists the PR curve from the lowest threshold and ends at (0, 1); kiln's
+        # runs from the highest score down.
+        prec, rec, _ = precision_recall_curve(is_pos, score)
+        checks.append(("binary.pr_curve", np.array(binary["pr_curve"]), np.stack([rec[:-1], prec[:-1]], axis=1)[::-1]))
 
     worst = 0.0
     ok = True

@@ -354,6 +354,25 @@ fn eval_section(h: &mut String, stage: &str, artifact: &Digest, reader: &Artifac
         h.push_str("<h3>Confusion matrix</h3>\n<p class=\"muted\">Rows: true class; columns: predicted. Shade: share of the row.</p>\n");
         h.push_str(&confusion_svg(&classes, &matrix));
     }
+    let binary = &doc["binary"];
+    if binary.is_object() {
+        let points = |key: &str| -> Vec<[f64; 2]> {
+            binary[key].as_array().into_iter().flatten().filter_map(|p| Some([p.get(0)?.as_f64()?, p.get(1)?.as_f64()?])).collect()
+        };
+        let _ = writeln!(
+            h,
+            "<h3>Binary: <code>{}</code> from p ≥ {}</h3>\n<p>precision {}, recall {}, F1 {}; ROC-AUC {}, PR-AUC {}</p>",
+            escape(binary["positive"].as_str().unwrap_or_default()),
+            fmt4(&binary["threshold"]),
+            fmt4(&binary["precision"]),
+            fmt4(&binary["recall"]),
+            fmt4(&binary["f1"]),
+            fmt4(&binary["roc_auc"]),
+            fmt4(&binary["pr_auc"])
+        );
+        h.push_str(&curve_svg("ROC curve", &points("roc_curve"), "false positive rate", "true positive rate"));
+        h.push_str(&curve_svg("precision–recall curve", &points("pr_curve"), "recall", "precision"));
+    }
     let mistakes: Vec<serde_json::Value> =
         reader.file(artifact, "mistakes.json")?.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     if !mistakes.is_empty() {
@@ -446,6 +465,29 @@ fn label_issues_section(h: &mut String, stage: &str, artifact: &Digest, reader: 
 }
 
 /// The confusion matrix as a heat map with counts in the cells.
+/// A curve on the unit square (both axes 0 to 1), as an SVG polyline with its axes named.
+fn curve_svg(title: &str, points: &[[f64; 2]], x: &str, y: &str) -> String {
+    let (side, pad) = (240.0, 36.0);
+    let at = |p: &[f64; 2]| (pad + p[0].clamp(0.0, 1.0) * side, pad + (1.0 - p[1].clamp(0.0, 1.0)) * side);
+    let line: Vec<String> = points.iter().map(at).map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
+    let size = side + 2.0 * pad;
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{size}\" height=\"{size}\" role=\"img\" aria-label=\"{t}\">\n\
+         <text x=\"{pad}\" y=\"{ty}\" font-size=\"12\">{t}</text>\n\
+         <rect x=\"{pad}\" y=\"{pad}\" width=\"{side}\" height=\"{side}\" fill=\"none\" stroke=\"#999\"/>\n\
+         <polyline points=\"{pts}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>\n\
+         <text x=\"{cx}\" y=\"{bx}\" font-size=\"11\" text-anchor=\"middle\">{x}</text>\n\
+         <text x=\"12\" y=\"{cx}\" font-size=\"11\" text-anchor=\"middle\" transform=\"rotate(-90 12 {cx})\">{y}</text>\n</svg>\n",
+        t = escape(title),
+        ty = pad - 10.0,
+        pts = line.join(" "),
+        cx = pad + side / 2.0,
+        bx = pad + side + 24.0,
+        x = escape(x),
+        y = escape(y),
+    )
+}
+
 fn confusion_svg(classes: &[String], matrix: &[Vec<u64>]) -> String {
     let k = matrix.len();
     let cell = (480.0 / k as f64).clamp(14.0, 48.0);
@@ -497,6 +539,13 @@ mod tests {
     #[test]
     fn escaping_covers_markup() {
         assert_eq!(escape("<a href=\"x\">'&'</a>"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+    }
+
+    #[test]
+    fn a_curve_is_one_polyline_through_its_points() {
+        let svg = curve_svg("ROC <curve>", &[[0.0, 0.0], [0.0, 0.5], [1.0, 1.0]], "fpr", "tpr");
+        assert!(svg.contains("<polyline points=\"36.0,276.0 36.0,156.0 276.0,36.0\""), "{svg}");
+        assert!(svg.contains("ROC &lt;curve&gt;"));
     }
 
     #[test]

@@ -98,6 +98,7 @@ pub mod serve;
 pub mod slurm;
 pub mod stages;
 pub mod stats;
+pub mod task;
 pub mod workspace;
 
 #[cfg(test)]

@@ -43,6 +43,43 @@ pub struct Report {
     /// Rows are true classes, columns predicted, in class order.
     pub confusion_matrix: Vec<Vec<usize>>,
     pub classes: Vec<String>,
+    /// A binary model's figures: its decisions (the confusion matrix, the per-class figures
+    /// and accuracy above) are taken at this threshold, not at the most probable class.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub binary: Option<BinaryMetrics>,
+}
+
+/// A binary model at its threshold, and its curves over every threshold.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BinaryMetrics {
+    pub positive: String,
+    pub threshold: f64,
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roc_auc: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pr_auc: Option<f64>,
+    /// (false positive rate, true positive rate) at each distinct score from the highest,
+    /// without the points that lie on a straight run (scikit-learn's `roc_curve` with
+    /// `drop_intermediate`), from (0, 0).
+    pub roc_curve: Vec<[f64; 2]>,
+    /// (recall, precision) at each distinct score from the highest.
+    pub pr_curve: Vec<[f64; 2]>,
+}
+
+/// How a binary model decides: class `positive` from probability `threshold` on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    pub positive: usize,
+    pub threshold: f64,
+}
+
+impl Decision {
+    pub fn decide(&self, p: &[f32]) -> usize {
+        if f64::from(p[self.positive]) >= self.threshold { self.positive } else { 1 - self.positive }
+    }
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -53,12 +90,13 @@ pub fn argmax(p: &[f32]) -> usize {
     p.iter().enumerate().fold(0, |best, (i, v)| if *v > p[best] { i } else { best })
 }
 
-/// `probs[i]` is the probability row of sample `i`, `labels[i]` its true class.
-pub fn report(probs: &[Vec<f32>], labels: &[u32], classes: &[String]) -> Report {
+/// `probs[i]` is the probability row of sample `i`, `labels[i]` its true class; the
+/// predicted class is the most probable one, or a binary model's `decision`.
+pub fn report(probs: &[Vec<f32>], labels: &[u32], classes: &[String], decision: Option<Decision>) -> Report {
     let k = classes.len();
     let n = labels.len();
     let mut cm = vec![vec![0usize; k]; k];
-    let preds: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
+    let preds: Vec<usize> = probs.iter().map(|p| decision.filter(|_| k == 2).map_or_else(|| argmax(p), |d| d.decide(p))).collect();
     for (&l, &p) in labels.iter().zip(&preds) {
         cm[l as usize][p] += 1;
     }
@@ -103,12 +141,29 @@ pub fn report(probs: &[Vec<f32>], labels: &[u32], classes: &[String]) -> Report 
             top_k.insert(format!("top_{t}"), ratio(hits as f64, n as f64));
         }
     }
-    let (roc_auc, pr_auc) = if k == 2 {
-        let scores: Vec<(f64, bool)> = probs.iter().zip(labels).map(|(p, &l)| (f64::from(p[1]), l == 1)).collect();
-        (roc_auc(&scores), average_precision(&scores))
+    // Of the positive class: a binary model's, else the second.
+    let positive = decision.map_or(1, |d| d.positive);
+    let scores: Vec<(f64, bool)> = if k == 2 {
+        probs.iter().zip(labels).map(|(p, &l)| (f64::from(p[positive]), l as usize == positive)).collect()
     } else {
-        (None, None)
+        Vec::new()
     };
+    let (roc_auc, pr_auc) = if k == 2 { (roc_auc(&scores), average_precision(&scores)) } else { (None, None) };
+    let binary = decision.filter(|_| k == 2).map(|d| {
+        let m = &per_class[&classes[d.positive]];
+        let (roc_curve, pr_curve) = curves(&scores);
+        BinaryMetrics {
+            positive: classes[d.positive].clone(),
+            threshold: d.threshold,
+            precision: m.precision,
+            recall: m.recall,
+            f1: m.f1,
+            roc_auc,
+            pr_auc,
+            roc_curve,
+            pr_curve,
+        }
+    });
     Report {
         samples: n,
         accuracy: ratio(correct as f64, n as f64),
@@ -123,7 +178,45 @@ pub fn report(probs: &[Vec<f32>], labels: &[u32], classes: &[String]) -> Report 
         per_class,
         confusion_matrix: cm,
         classes: classes.to_vec(),
+        binary,
     }
+}
+
+/// The ROC curve and the precision–recall curve over (score, is positive) pairs, one point
+/// per distinct score from the highest. The ROC curve starts at (0, 0) and drops a point
+/// when the counts change by the same steps on both sides of it (scikit-learn's
+/// `drop_intermediate`: the point lies on a straight run).
+fn curves(scores: &[(f64, bool)]) -> (Vec<[f64; 2]>, Vec<[f64; 2]>) {
+    let mut s = scores.to_vec();
+    s.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let pos = s.iter().filter(|x| x.1).count();
+    let neg = s.len() - pos;
+    // (false positives, true positives) called from each distinct score on.
+    let mut counts: Vec<[i64; 2]> = Vec::new();
+    let (mut tp, mut fp) = (0i64, 0i64);
+    let mut i = 0;
+    while i < s.len() {
+        let mut j = i;
+        while j < s.len() && s[j].0 == s[i].0 {
+            if s[j].1 {
+                tp += 1
+            } else {
+                fp += 1
+            }
+            j += 1;
+        }
+        counts.push([fp, tp]);
+        i = j;
+    }
+    let pr = counts.iter().map(|&[fp, tp]| [ratio(tp as f64, pos as f64), ratio(tp as f64, (tp + fp) as f64)]).collect();
+    let mut roc = vec![[0.0, 0.0]];
+    for (i, c) in counts.iter().enumerate() {
+        let straight = i > 0 && i + 1 < counts.len() && (0..2).all(|a| counts[i + 1][a] - c[a] == c[a] - counts[i - 1][a]);
+        if !straight {
+            roc.push([ratio(c[0] as f64, neg as f64), ratio(c[1] as f64, pos as f64)]);
+        }
+    }
+    (roc, pr)
 }
 
 fn ece(probs: &[Vec<f32>], labels: &[u32], bins: usize) -> f64 {
@@ -142,8 +235,9 @@ fn ece(probs: &[Vec<f32>], labels: &[u32], bins: usize) -> f64 {
     (0..bins).filter(|&b| count[b] > 0).map(|b| (count[b] as f64 / n) * (acc[b] / count[b] as f64 - conf[b] / count[b] as f64).abs()).sum()
 }
 
-/// Area under the ROC curve, ties counted half (the Mann–Whitney statistic).
-fn roc_auc(scores: &[(f64, bool)]) -> Option<f64> {
+/// Area under the ROC curve, ties counted half (the Mann–Whitney statistic), over (score,
+/// is positive) pairs; `None` without both classes.
+pub fn roc_auc(scores: &[(f64, bool)]) -> Option<f64> {
     let mut s = scores.to_vec();
     s.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (pos, neg) = (s.iter().filter(|x| x.1).count(), s.iter().filter(|x| !x.1).count());
@@ -166,7 +260,7 @@ fn roc_auc(scores: &[(f64, bool)]) -> Option<f64> {
 }
 
 /// Average precision: Σ (R_n − R_{n−1}) · P_n over descending score thresholds.
-fn average_precision(scores: &[(f64, bool)]) -> Option<f64> {
+pub fn average_precision(scores: &[(f64, bool)]) -> Option<f64> {
     let mut s = scores.to_vec();
     s.sort_by(|a, b| b.0.total_cmp(&a.0));
     let pos = s.iter().filter(|x| x.1).count();
@@ -210,7 +304,7 @@ mod tests {
             p
         };
         let probs = vec![one(0), one(1), one(1), one(1), one(0)];
-        let r = report(&probs, &[0, 0, 1, 1, 2], &names(3));
+        let r = report(&probs, &[0, 0, 1, 1, 2], &names(3), None);
         assert_eq!(r.confusion_matrix, vec![vec![1, 1, 0], vec![0, 2, 0], vec![1, 0, 0]]);
         assert!((r.accuracy - 0.6).abs() < 1e-12);
         let c0 = &r.per_class["c0"];
@@ -231,8 +325,33 @@ mod tests {
     fn binary_auc_and_average_precision() {
         // scikit-learn: roc_auc_score([0,0,1,1],[0.1,0.4,0.35,0.8]) = 0.75, average_precision = 0.8333…
         let probs: Vec<Vec<f32>> = [0.1f32, 0.4, 0.35, 0.8].iter().map(|p| vec![1.0 - p, *p]).collect();
-        let r = report(&probs, &[0, 0, 1, 1], &names(2));
+        let r = report(&probs, &[0, 0, 1, 1], &names(2), None);
         assert!((r.roc_auc.unwrap() - 0.75).abs() < 1e-9);
         assert!((r.pr_auc.unwrap() - 5.0 / 6.0).abs() < 1e-6);
+        assert!(r.binary.is_none());
+    }
+
+    #[test]
+    fn a_binary_decision_sets_the_predictions_and_the_curves() {
+        // Scores of c1: [0.1, 0.4, 0.35, 0.8], truth [0, 0, 1, 1]; called c1 from 0.35 on
+        // (the f32 score itself: thresholds are chosen among the scores).
+        let probs: Vec<Vec<f32>> = [0.1f32, 0.4, 0.35, 0.8].iter().map(|p| vec![1.0 - p, *p]).collect();
+        let threshold = f64::from(0.35f32);
+        let r = report(&probs, &[0, 0, 1, 1], &names(2), Some(Decision { positive: 1, threshold }));
+        assert_eq!(r.confusion_matrix, vec![vec![1, 1], vec![0, 2]]);
+        let b = r.binary.as_ref().unwrap();
+        assert!((b.precision - 2.0 / 3.0).abs() < 1e-12 && b.recall == 1.0 && (b.f1 - 0.8).abs() < 1e-12);
+        // scikit-learn: roc_curve(...) = fpr [0, 0, .5, .5, 1], tpr [0, .5, .5, 1, 1]; all corners.
+        assert_eq!(b.roc_curve, vec![[0.0, 0.0], [0.0, 0.5], [0.5, 0.5], [0.5, 1.0], [1.0, 1.0]]);
+        assert_eq!(b.pr_curve, vec![[0.5, 1.0], [0.5, 0.5], [1.0, 2.0 / 3.0], [1.0, 0.5]]);
+        // The positive class may be the first: its scores are the first column.
+        let flipped: Vec<Vec<f32>> = probs.iter().map(|p| vec![p[1], p[0]]).collect();
+        let f = report(&flipped, &[1, 1, 0, 0], &names(2), Some(Decision { positive: 0, threshold }));
+        assert_eq!(f.roc_auc, r.roc_auc);
+        assert_eq!(f.binary.as_ref().unwrap().f1, b.f1);
+        // Straight runs lose their inner points, the first point after (0, 0) stays
+        // (scikit-learn: roc_curve([1,1,1,0], [.9,.8,.7,.1]) → fpr [0,0,0,1], tpr [0,1/3,1,1]).
+        let (roc, _) = curves(&[(0.9, true), (0.8, true), (0.7, true), (0.1, false)]);
+        assert_eq!(roc, vec![[0.0, 0.0], [0.0, 1.0 / 3.0], [0.0, 1.0], [1.0, 1.0]]);
     }
 }

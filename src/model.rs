@@ -8,9 +8,10 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::imaging::transform::Transform;
-use crate::nn::layers::{Ctx, softmax};
+use crate::nn::layers::Ctx;
 use crate::nn::models::{Arch, Network};
 use crate::nn::{ParamStore, read_weights};
+use crate::task::{Binary, Outputs, Task};
 
 /// What a network takes: the preprocess transform, then per-channel normalisation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +30,12 @@ pub struct ModelCard {
     pub model: String,
     pub architecture: Arch,
     pub classes: Vec<String>,
+    /// What the model predicts; absent (classification) in the cards of classifiers.
+    #[serde(default, skip_serializing_if = "Task::is_classification")]
+    pub task: Task,
+    /// A binary model's positive class and decision threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<Binary>,
     pub input: InputCard,
     pub weights_digest: String,
     pub best_epoch: Option<usize>,
@@ -54,6 +61,37 @@ pub struct TrainedModel {
     pub card: ModelCard,
     pub net: Box<dyn Network>,
     pub device: Device,
+    pub outputs: Outputs,
+}
+
+impl ModelCard {
+    /// How the network's outputs read, from the task, checked against the classes.
+    pub fn outputs(&self) -> Result<Outputs, String> {
+        match (self.task, &self.binary) {
+            (Task::Classification, _) => Ok(Outputs::Softmax),
+            (Task::Binary, Some(b)) if self.classes.len() == 2 => match self.classes.iter().position(|c| *c == b.positive) {
+                Some(positive) if b.threshold.is_finite() && (0.0..=1.0).contains(&b.threshold) => Ok(Outputs::Sigmoid { positive }),
+                Some(_) => Err(format!("binary threshold {} is not a probability", b.threshold)),
+                None => Err(format!("binary positive class `{}` is not one of {:?}", b.positive, self.classes)),
+            },
+            (Task::Binary, Some(_)) => Err(format!("a binary model has 2 classes, this card lists {}", self.classes.len())),
+            (Task::Binary, None) => Err("a binary model's card needs `binary` (positive class and threshold)".into()),
+        }
+    }
+
+    /// How a binary model calls a row of probabilities (in class order); `None` for a
+    /// classifier, which calls the most probable class.
+    pub fn decision(&self) -> Option<crate::metrics::Decision> {
+        match (self.outputs(), &self.binary) {
+            (Ok(Outputs::Sigmoid { positive }), Some(b)) => Some(crate::metrics::Decision { positive, threshold: b.threshold }),
+            _ => None,
+        }
+    }
+
+    /// The class a row of probabilities is called.
+    pub fn decide(&self, probs: &[f32]) -> usize {
+        self.decision().map_or_else(|| crate::metrics::argmax(probs), |d| d.decide(probs))
+    }
 }
 
 impl TrainedModel {
@@ -61,6 +99,7 @@ impl TrainedModel {
         let card_err = |why: String| ModelError::Card { path: card_path.display().to_string(), why };
         let text = std::fs::read_to_string(card_path).map_err(|e| card_err(e.to_string()))?;
         let card: ModelCard = serde_json::from_str(&text).map_err(|e| card_err(e.to_string()))?;
+        let outputs = card.outputs().map_err(card_err)?;
         let w_err = |why: String| ModelError::Weights { path: weights_path.display().to_string(), why };
         // Nothing trains here: every weight is a plain tensor, so the forward pass records no
         // graph and each activation is freed as soon as the next layer has consumed it
@@ -68,7 +107,7 @@ impl TrainedModel {
         let mut ps = ParamStore::new(device.clone(), card.seed).with_trainable(|_| false);
         let net = card
             .architecture
-            .build(&mut ps, card.input.channels, [card.input.width as u32, card.input.height as u32], card.classes.len())
+            .build(&mut ps, card.input.channels, [card.input.width as u32, card.input.height as u32], outputs.width(card.classes.len()))
             .map_err(|e| w_err(e.to_string()))?;
         let tensors = read_weights(weights_path).map_err(|e| w_err(e.to_string()))?;
         // The card names the weights it was written with: damaged or swapped weights must
@@ -86,12 +125,13 @@ impl TrainedModel {
             let missing: Vec<&str> = ps.names().filter(|n| !loaded.iter().any(|l| l == n)).take(5).collect();
             return Err(w_err(format!("{} of {} tensors are missing (first: {})", ps.len() - loaded.len(), ps.len(), missing.join(", "))));
         }
-        Ok(TrainedModel { card, net, device })
+        Ok(TrainedModel { card, net, device, outputs })
     }
 
-    /// Class probabilities `[N, classes]` for a normalised batch `[N, C, H, W]`.
+    /// Class probabilities `[N, classes]` (in class order, whatever the task) for a
+    /// normalised batch `[N, C, H, W]`.
     pub fn probabilities(&self, x: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
         let logits = self.net.forward(&x.to_device(&self.device)?, &mut Ctx::eval())?;
-        Ok(softmax(&logits)?.to_device(&Device::Cpu)?.to_vec2()?)
+        Ok(self.outputs.probabilities(&logits)?.to_device(&Device::Cpu)?.to_vec2()?)
     }
 }

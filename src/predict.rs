@@ -146,6 +146,13 @@ impl Predictor {
         Ok(self.model.probabilities(&x)?)
     }
 
+    /// The class the model calls, with its probability: the most probable, or for a binary
+    /// model the positive class from its threshold on (as eval calls it).
+    pub fn predicted(&self, probs: &[f32]) -> Scored {
+        let c = self.model.card.decide(probs);
+        Scored { class: self.model.card.classes[c].clone(), probability: probs[c] }
+    }
+
     /// The `k` most probable classes, most probable first (ties by class order).
     pub fn top_k(&self, probs: &[f32], k: usize) -> Vec<Scored> {
         let mut order: Vec<usize> = (0..probs.len()).collect();

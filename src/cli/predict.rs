@@ -139,13 +139,17 @@ pub fn predict(args: PredictArgs, out: &CliReporter) -> Result<(), Error> {
                 .map(|(path, r)| match r {
                     Ok(p) => serde_json::json!({
                         "path": path.display().to_string(),
+                        "predicted": predictor.predicted(p),
                         "top_k": predictor.top_k(p, args.top_k),
                         "probabilities": p,
                     }),
                     Err(e) => serde_json::json!({ "path": path.display().to_string(), "error": e }),
                 })
                 .collect();
-            let doc = serde_json::json!({ "model": predictor.digest, "classes": classes, "results": items });
+            let mut doc = serde_json::json!({ "model": predictor.digest, "classes": classes, "results": items });
+            if let Some(b) = &predictor.model.card.binary {
+                doc["binary"] = serde_json::json!(b);
+            }
             writeln!(w, "{}", serde_json::to_string_pretty(&doc).expect("json")).map_err(io)?;
         }
         Format::Csv => {
@@ -156,7 +160,7 @@ pub fn predict(args: PredictArgs, out: &CliReporter) -> Result<(), Error> {
             writeln!(w, "{header}").map_err(io)?;
             for (path, r) in &rows {
                 if let Ok(p) = r {
-                    let best = &predictor.top_k(p, 1)[0];
+                    let best = predictor.predicted(p);
                     let probs: Vec<String> = p.iter().map(|v| v.to_string()).collect();
                     writeln!(
                         w,

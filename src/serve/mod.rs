@@ -2,7 +2,7 @@
 //!
 //! | route | |
 //! |---|---|
-//! | `POST /v1/predict[?top_k=K]` | raw image bytes, or `multipart/form-data` with one or more images → JSON top-k and every class's probability |
+//! | `POST /v1/predict[?top_k=K]` | raw image bytes, or `multipart/form-data` with one or more images → JSON: the class called (`predicted`; a binary model's at its threshold), top-k and every class's probability |
 //! | `GET /v1/model` | classes, preprocessing, metrics, weights digest |
 //! | `GET /healthz` | liveness |
 //! | `GET /metrics` | Prometheus text: requests, latency, batch sizes, errors, queue depth |
@@ -91,6 +91,8 @@ pub struct ImageResult {
     /// The multipart field's file name (or field name); absent for a raw body.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The class the model calls: the most probable, or a binary model's at its threshold.
+    pub predicted: Scored,
     pub top_k: Vec<Scored>,
     /// Every class's probability, in the model's class order.
     pub probabilities: Vec<f32>,
@@ -254,6 +256,8 @@ async fn model_info(State(state): State<AppState>) -> Response {
         "model": card.model,
         "architecture": card.architecture,
         "classes": card.classes,
+        "task": card.task,
+        "binary": card.binary,
         "input": card.input,
         "preprocessing": predictor.transform,
         "metrics": card.metrics,
@@ -320,7 +324,7 @@ async fn predict(State(state): State<AppState>, req: Request) -> Result<Response
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference", e))?;
         state.stats.images.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let top = model.top_k(&probs, top_k);
-        results.push(ImageResult { name, top_k: top, probabilities: probs });
+        results.push(ImageResult { name, predicted: model.predicted(&probs), top_k: top, probabilities: probs });
     }
     Ok(axum::Json(serde_json::json!({ "model": model.digest, "results": results })).into_response())
 }

@@ -9,8 +9,10 @@
 //!
 //! Writes `metrics.json` (accuracy, balanced accuracy, per-class and macro/weighted
 //! precision, recall and F1, confusion matrix, top-k accuracy, log loss, calibration error,
-//! and ROC-AUC / PR-AUC for two classes), `predictions.csv` (one row per item: id, source,
-//! true and predicted class, the top probability, whether it was right, then the
+//! and ROC-AUC / PR-AUC for two classes; for a binary model, `binary`: precision, recall and
+//! F1 of the positive class at the model's threshold, with the ROC and PR curves),
+//! `predictions.csv` (one row per item: id, source,
+//! true and predicted class (a binary model's at its threshold), the top probability, whether it was right, then the
 //! probability of every class), and `mistakes.json` with `mistakes/*.png`: the most
 //! confident wrong predictions and the images the model saw.
 
@@ -181,19 +183,32 @@ impl Stage for EvalStage {
             progress.inc(chunk.len() as u64);
         }
         progress.finish();
-        let report = metrics::report(&probs, &split.labels, &manifest.classes);
+        let decision = model.card.decision();
+        let decide = |p: &[f32]| model.card.decide(p);
+        let report = metrics::report(&probs, &split.labels, &manifest.classes, decision);
         io::write_json(cx, "metrics.json", &report)?;
-        write_predictions(cx, &split, &probs, &manifest.classes)?;
-        let mistakes = confident_mistakes(&split, &probs, &manifest.classes, MISTAKES);
+        write_predictions(cx, &split, &probs, &manifest.classes, &decide)?;
+        let mistakes = confident_mistakes(&split, &probs, &manifest.classes, MISTAKES, &decide);
         write_thumbnails(cx, &split, &mistakes, manifest.normalization.as_ref().filter(|_| manifest.normalization_applied))?;
         io::write_json(cx, "mistakes.json", &mistakes)?;
-        cx.reporter.summary(
-            cx.stage,
-            &[format!(
-                "{} {} images: accuracy {:.4}, balanced {:.4}, macro F1 {:.4}, log loss {:.4}",
-                self.config.split, report.samples, report.accuracy, report.balanced_accuracy, report.macro_avg.f1, report.log_loss
-            )],
-        );
+        let mut lines = vec![format!(
+            "{} {} images: accuracy {:.4}, balanced {:.4}, macro F1 {:.4}, log loss {:.4}",
+            self.config.split, report.samples, report.accuracy, report.balanced_accuracy, report.macro_avg.f1, report.log_loss
+        )];
+        if let Some(b) = &report.binary {
+            let auc = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
+            lines.push(format!(
+                "`{}` from p ≥ {:.4}: precision {:.4}, recall {:.4}, F1 {:.4}; ROC-AUC {}, PR-AUC {}",
+                b.positive,
+                b.threshold,
+                b.precision,
+                b.recall,
+                b.f1,
+                auc(b.roc_auc),
+                auc(b.pr_auc)
+            ));
+        }
+        cx.reporter.summary(cx.stage, &lines);
         Ok(())
     }
 }
@@ -216,7 +231,17 @@ pub struct Mistake {
     row: usize,
 }
 
-fn write_predictions(cx: &StageContext<'_>, split: &Split, probs: &[Vec<f32>], classes: &[String]) -> Result<(), StageError> {
+/// The class a row of probabilities is called: the most probable, or at a binary model's
+/// threshold.
+type Decide<'a> = &'a dyn Fn(&[f32]) -> usize;
+
+fn write_predictions(
+    cx: &StageContext<'_>,
+    split: &Split,
+    probs: &[Vec<f32>],
+    classes: &[String],
+    decide: Decide<'_>,
+) -> Result<(), StageError> {
     let mut csv = String::from("id,source,label,predicted,p_max,correct");
     for c in classes {
         csv.push_str(&format!(",{}", csv_field(&format!("p_{c}"))));
@@ -224,7 +249,7 @@ fn write_predictions(cx: &StageContext<'_>, split: &Split, probs: &[Vec<f32>], c
     csv.push('\n');
     for (row, p) in probs.iter().enumerate() {
         let label = split.labels[row] as usize;
-        let pred = metrics::argmax(p);
+        let pred = decide(p);
         csv.push_str(&format!(
             "{},{},{},{},{:.6},{}",
             csv_field(&split.ids[row]),
@@ -246,12 +271,12 @@ fn write_predictions(cx: &StageContext<'_>, split: &Split, probs: &[Vec<f32>], c
 
 /// The `n` wrong predictions with the highest predicted probability; ties by id, so the
 /// list is deterministic.
-fn confident_mistakes(split: &Split, probs: &[Vec<f32>], classes: &[String], n: usize) -> Vec<Mistake> {
+fn confident_mistakes(split: &Split, probs: &[Vec<f32>], classes: &[String], n: usize, decide: Decide<'_>) -> Vec<Mistake> {
     let mut wrong: Vec<(usize, usize, f32)> = probs
         .iter()
         .enumerate()
         .filter_map(|(row, p)| {
-            let pred = metrics::argmax(p);
+            let pred = decide(p);
             (pred != split.labels[row] as usize).then_some((row, pred, p[pred]))
         })
         .collect();

@@ -24,4 +24,5 @@ mod serve;
 mod slurm;
 mod snapshots;
 mod support;
+mod tasks;
 mod train;

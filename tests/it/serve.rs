@@ -17,7 +17,7 @@ const MANIFEST: &str = "pipelines/tiny.toml";
 
 /// Two classes of photos-like images (dark and bright, with texture), of assorted sizes,
 /// as PNG and JPEG files in an ImageFolder tree.
-fn make_images(root: &Path) {
+pub(crate) fn make_images(root: &Path) {
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {
         state ^= state << 13;
@@ -42,7 +42,7 @@ fn make_images(root: &Path) {
 }
 
 /// A small pipeline over the images in `data/` (two classes): a tiny CNN, two epochs, eval.
-const TINY: &str = r#"
+pub(crate) const TINY: &str = r#"
 [pipeline]
 name = "tiny"
 seed = 5

@@ -205,7 +205,8 @@ pub(super) fn out_of_fold(
     let shape = split.shape;
     let n = split.len();
     let device = cfg.device.open().map_err(candle("open device"))?;
-    let build = |k: usize| model.build(cx, &device, fold_seed(cx.seed, k), shape, classes);
+    let width = model.outputs(&manifest.classes).map_err(StageError::Config)?.width(classes);
+    let build = |k: usize| model.build(cx, &device, fold_seed(cx.seed, k), shape, width);
     // The first fold's network also computes the backbone features (head fine-tuning): the
     // backbone is the pretrained one in every fold, so one pass serves them all.
     let (ps, net, mut summary) = build(0)?;
@@ -228,9 +229,9 @@ pub(super) fn out_of_fold(
         let train_rows: Vec<usize> = (0..n).filter(|&r| fold_of[r] != k).collect();
         let held: Vec<usize> = rows.judged.iter().copied().filter(|&r| fold_of[r] == k).collect();
         let labels: Vec<u32> = train_rows.iter().map(|&r| rows.labels[r]).collect();
-        let class_weights = model.loss_weights(&labels, classes)?;
+        let objective = model.objective(&labels, &manifest.classes)?;
         let opt = model.optimizer(&ps);
-        let mut trainer = Trainer { device: device.clone(), ps, net, opt, schedule: model.schedule(), class_weights };
+        let mut trainer = Trainer { device: device.clone(), ps, net, opt, schedule: model.schedule(), objective };
         let batches = Batches::new(train_rows.len(), cfg.batch_size);
         let in_fold = |e: StageError| StageError::Failed(format!("fold {} of {folds}: {e}", k + 1));
         let mut step = 0u64;

@@ -25,6 +25,13 @@ pub struct EpochRecord {
     pub train_accuracy: f64,
     pub val_loss: Option<f64>,
     pub val_accuracy: Option<f64>,
+    /// Binary models: validation ROC-AUC, and the best F1 with the threshold that gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_auc: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_f1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
 }
 
 pub fn run(stage: &TrainStage, cx: &StageContext<'_>) -> Result<(), StageError> {

@@ -4,6 +4,9 @@
 //! [stages.train]
 //! kind = "train"
 //! inputs = ["convert"]
+//! # task = "binary"             # classification (default) | binary: one sigmoid logit
+//! # positive = "dog"            # binary: the class the logit scores (default: the second)
+//! # pos_weight = "balanced"     # binary: a number, or negatives per positive
 //! model = "cnn"                 # cnn | resnet18 | resnet34 | resnet50 | efficientnet_lite0
 //! cnn = { widths = [32, 64], hidden = 128, dropout = 0.25 }
 //! # weights = "models/efficientnet_lite0.safetensors"   # pretrained backbone (local file)
@@ -18,7 +21,8 @@
 //! ```
 //!
 //! The artifact holds `model.safetensors` (best epoch by `monitor`), `last.safetensors`,
-//! `model.json` (classes, preprocessing, hyperparameters, metrics), `history.csv` and
+//! `model.json` (classes, preprocessing, hyperparameters, metrics; a binary model's task,
+//! positive class and decision threshold), `history.csv` and
 //! `history.json` (per-epoch figures), `curves.svg` and `train_report.json` (best epoch,
 //! early stop; no timings, so the artifact is byte-reproducible). An interrupted run
 //! resumes from its last checkpoint (see [`checkpoint`]) and, on the CPU, ends with the same

@@ -8,6 +8,7 @@ use crate::nn::device::DeviceChoice;
 use crate::nn::models::CnnConfig;
 use crate::nn::optim::OptimizerKind;
 use crate::nn::schedule::ScheduleKind;
+use crate::task::Task;
 
 /// Which weights learn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +34,10 @@ pub enum Monitor {
     #[default]
     ValAccuracy,
     ValLoss,
+    /// Binary models: ROC-AUC on validation.
+    ValAuc,
+    /// Binary models: F1 on validation at its best threshold.
+    ValF1,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,6 +61,14 @@ pub enum ClassWeights {
     List(Vec<f32>),
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PosWeight {
+    /// `"balanced"`: negatives per positive in the training split.
+    Named(String),
+    Value(f64),
+}
+
 /// The model input a pretrained network should get, overriding its preset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +81,17 @@ pub struct InputOverride {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// What the model predicts; written into the key only when it is not `classification`.
+    #[serde(default, skip_serializing_if = "Task::is_classification")]
+    pub task: Task,
+    /// Binary: the class whose probability the single logit gives (default: the second
+    /// class in class order, as Keras' `class_mode = "binary"` takes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positive: Option<String>,
+    /// Binary: the weight of the positive term of the loss (PyTorch's `pos_weight`), a
+    /// number or `"balanced"` (negatives / positives in the training split).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pos_weight: Option<PosWeight>,
     pub model: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cnn: Option<CnnConfig>,

@@ -28,10 +28,11 @@ use crate::nn::device::DeviceChoice;
 use crate::nn::models::{Arch, CnnConfig};
 use crate::nn::optim::OptimizerKind;
 use crate::paths::normalize_dep;
+use crate::task::{Outputs, Task};
 
-pub use config::{ClassWeights, Config, EarlyStopping, Finetune, FinetuneMode, InputOverride, Monitor};
+pub use config::{ClassWeights, Config, EarlyStopping, Finetune, FinetuneMode, InputOverride, Monitor, PosWeight};
 pub use setup::Prepared;
-pub use step::{At, Batches, Data, Inputs, Stepped, Trainer, candle, count_correct};
+pub use step::{At, Batches, Data, Inputs, Objective, Stepped, Trainer, candle};
 
 /// Bounds of a model's options (the README's validation notes list them).
 pub const MAX_EPOCHS: u64 = 100_000;
@@ -155,6 +156,7 @@ impl Model {
             }
             _ => {}
         }
+        check_task(ck, &config, prefix);
         ck.float(&p("backbone_lr_scale"), config.backbone_lr_scale, Bounds::closed(0.0, 10.0), "the backbone's rate as a multiple of `lr`");
         if let Some(es) = &config.early_stopping {
             ck.int(&p("early_stopping.patience"), es.patience as u64, 1, MAX_EPOCHS, "epochs without improvement before training stops");
@@ -199,6 +201,25 @@ impl Model {
         v
     }
 
+    /// How the network's outputs read for the dataset's `classes`: a binary model's
+    /// positive class must be one of exactly two.
+    pub fn outputs(&self, classes: &[String]) -> Result<Outputs, String> {
+        match self.config.task {
+            Task::Classification => Ok(Outputs::Softmax),
+            Task::Binary if classes.len() != 2 => {
+                Err(format!("a binary model needs exactly 2 classes, but the data has {}: {}", classes.len(), classes.join(", ")))
+            }
+            Task::Binary => match &self.config.positive {
+                None => Ok(Outputs::Sigmoid { positive: 1 }),
+                Some(p) => classes
+                    .iter()
+                    .position(|c| c == p)
+                    .map(|positive| Outputs::Sigmoid { positive })
+                    .ok_or_else(|| format!("`positive` = \"{p}\" is not a class; the classes are {}", classes.join(", "))),
+            },
+        }
+    }
+
     /// What the network must be fed: a pretrained model's preset, overridden by `input`.
     pub fn expected_input(&self) -> ExpectedInput {
         let preset = self.arch.preset().filter(|_| self.config.weights.is_some());
@@ -231,6 +252,29 @@ impl Model {
                     .help("list two or more classes, or draw more than one shape"),
             );
         }
+        if self.config.task == Task::Binary
+            && let Some((names, _)) = classes
+        {
+            if names.len() != 2 {
+                issues.push(
+                    Issue::new(
+                        plan.span(&p("task")),
+                        format!("a binary model needs exactly 2 classes, but the data has {}: {}", names.len(), names.join(", ")),
+                    )
+                    .help("map the classes onto two in the label stage (`classes` and `aliases`), or use task = \"classification\""),
+                );
+            } else if let Some(pos) = &self.config.positive
+                && !names.contains(pos)
+            {
+                issues.push(
+                    Issue::new(
+                        plan.span(&p("positive")),
+                        format!("`positive` = \"{pos}\" is not a class; the classes are {}", names.join(", ")),
+                    )
+                    .help(format!("e.g. positive = \"{}\"", names[1])),
+                );
+            }
+        }
         if let Some(ClassWeights::List(w)) = &self.config.class_weights
             && let Some((names, _)) = classes
             && names.len() >= 2
@@ -242,6 +286,21 @@ impl Model {
                     format!("`class_weights` has {} values for {} classes ({})", w.len(), names.len(), names.join(", ")),
                 )
                 .help("one weight per class, in class order, or class_weights = \"balanced\""),
+            );
+        }
+        if let Some(convert) = plan.ancestor_stage("convert")
+            && convert.stage.params()["encoding"] == "multi_hot"
+        {
+            issues.push(
+                Issue::new(
+                    convert.spans.get("encoding"),
+                    format!(
+                        "stage `{}` writes several labels per image (multi_hot), but this model's task is \"{}\", one class per image",
+                        convert.name,
+                        self.config.task.name()
+                    ),
+                )
+                .help("multi-label training is not built yet: give each item one label, and encoding = \"index\""),
             );
         }
         let Some(pre) = plan.ancestor_stage("preprocess") else { return issues };
@@ -368,6 +427,45 @@ fn check_cnn(ck: &mut Checker<'_>, cnn: &CnnConfig, prefix: &str) -> bool {
     true
 }
 
+/// The options that belong to one task only (`positive`, `pos_weight`, the binary monitors)
+/// are errors under another, and a binary model weighs its classes with `pos_weight`.
+fn check_task(ck: &mut Checker<'_>, config: &Config, prefix: &str) {
+    let p = |key: &str| format!("{prefix}{key}");
+    let binary = config.task == Task::Binary;
+    let not_binary = |ck: &mut Checker<'_>, key: &str, what: &str| {
+        ck.fail(
+            &p(key),
+            format!("{what} applies to task = \"binary\" only, and this model's task is \"{}\"", config.task.name()),
+            format!("set task = \"binary\", or remove `{key}`"),
+        )
+    };
+    if config.positive.is_some() && !binary {
+        not_binary(ck, "positive", "`positive`");
+    }
+    match &config.pos_weight {
+        Some(_) if !binary => not_binary(ck, "pos_weight", "`pos_weight`"),
+        Some(PosWeight::Named(n)) if n != "balanced" => ck.fail(
+            &p("pos_weight"),
+            format!("`pos_weight` = \"{n}\": expected \"balanced\" or a number"),
+            "e.g. pos_weight = 3.0 (a positive counts three times), or \"balanced\" (negatives per positive)",
+        ),
+        Some(PosWeight::Value(w)) => {
+            ck.float(&p("pos_weight"), *w, Bounds::above(0.0, 1e6), "how much more a positive counts in the loss");
+        }
+        _ => {}
+    }
+    if matches!(config.monitor, Monitor::ValAuc | Monitor::ValF1) && !binary {
+        not_binary(ck, "monitor", &format!("`monitor = \"{}\"`", if config.monitor == Monitor::ValAuc { "val_auc" } else { "val_f1" }));
+    }
+    if binary && config.class_weights.is_some() {
+        ck.fail(
+            &p("class_weights"),
+            "a binary model weighs its classes with `pos_weight`, not `class_weights`",
+            "e.g. pos_weight = \"balanced\", or pos_weight = 3.0",
+        );
+    }
+}
+
 /// `input = { size, mean, std }`: sizes in range, one value per channel, both or neither.
 fn check_input(ck: &mut Checker<'_>, input: &InputOverride, prefix: &str) {
     let p = |key: &str| format!("{prefix}{key}");
@@ -435,5 +533,73 @@ fn min_input_side(arch: &Arch) -> u64 {
     match arch {
         Arch::Cnn(cnn) => 1u64.checked_shl(cnn.widths.len() as u32).unwrap_or(u64::MAX),
         _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(toml_text: &str) -> Model {
+        let config: Config = toml::from_str(toml_text).unwrap();
+        let arch = Arch::from_name(&config.model, config.cnn.clone()).unwrap();
+        Model { config, arch, deps: Vec::new() }
+    }
+
+    /// A classifier's parameters (so its key and lock file) are what they were before tasks
+    /// existed; each binary option enters them, and changes them.
+    #[test]
+    fn the_task_enters_the_key_only_when_it_is_not_classification() {
+        let plain = model("model = \"cnn\"\ndevice = \"cpu\"").params();
+        assert_eq!(
+            serde_json::to_string(&plain).unwrap(),
+            r#"{"backbone_lr_scale":1.0,"batch_size":64,"device":"cpu","device_kind":"cpu","epochs":10,"finetune":"full","gamma":0.1,"label_smoothing":0.0,"lr":0.001,"min_lr":0.0,"model":"cnn","momentum":0.9,"monitor":"val_accuracy","nesterov":false,"optimizer":"adamw","schedule":"constant","step_epochs":10,"warmup_epochs":0.0,"weight_decay":0.0001}"#
+        );
+        assert_eq!(model("model = \"cnn\"\ndevice = \"cpu\"\ntask = \"classification\"").params(), plain);
+        let binary = model("model = \"cnn\"\ndevice = \"cpu\"\ntask = \"binary\"").params();
+        assert_eq!(binary["task"], "binary");
+        let variants = [
+            "task = \"binary\"\npositive = \"a\"",
+            "task = \"binary\"\npositive = \"b\"",
+            "task = \"binary\"\npos_weight = 2.0",
+            "task = \"binary\"\npos_weight = \"balanced\"",
+            "task = \"binary\"\nmonitor = \"val_auc\"",
+            "task = \"binary\"\nmonitor = \"val_f1\"",
+        ];
+        let mut seen = vec![plain, binary];
+        for v in variants {
+            let p = model(&format!("model = \"cnn\"\ndevice = \"cpu\"\n{v}")).params();
+            assert!(!seen.contains(&p), "{v} must change the key");
+            seen.push(p);
+        }
+    }
+
+    #[test]
+    fn a_binary_model_scores_its_positive_class() {
+        let classes = ["cat".to_string(), "dog".to_string()];
+        assert_eq!(model("model = \"cnn\"\ntask = \"binary\"").outputs(&classes), Ok(Outputs::Sigmoid { positive: 1 }));
+        assert_eq!(model("model = \"cnn\"\ntask = \"binary\"\npositive = \"cat\"").outputs(&classes), Ok(Outputs::Sigmoid { positive: 0 }));
+        assert!(
+            model("model = \"cnn\"\ntask = \"binary\"\npositive = \"cow\"")
+                .outputs(&classes)
+                .unwrap_err()
+                .contains("\"cow\" is not a class")
+        );
+        let three = ["a".to_string(), "b".to_string(), "c".to_string()];
+        assert!(model("model = \"cnn\"\ntask = \"binary\"").outputs(&three).unwrap_err().contains("exactly 2 classes"));
+        assert_eq!(model("model = \"cnn\"").outputs(&three), Ok(Outputs::Softmax));
+    }
+
+    /// `pos_weight = "balanced"` is negatives per positive in the rows trained on.
+    #[test]
+    fn balanced_pos_weight_is_negatives_per_positive() {
+        let classes = ["cat".to_string(), "dog".to_string()];
+        let o = model("model = \"cnn\"\ntask = \"binary\"\npos_weight = \"balanced\"").objective(&[0, 0, 0, 1], &classes).unwrap();
+        assert_eq!(o.pos_weight, 3.0);
+        let o = model("model = \"cnn\"\ntask = \"binary\"\npositive = \"cat\"\npos_weight = \"balanced\"")
+            .objective(&[0, 0, 0, 1], &classes)
+            .unwrap();
+        assert!((o.pos_weight - 1.0 / 3.0).abs() < 1e-12);
+        assert!(model("model = \"cnn\"\ntask = \"binary\"\npos_weight = \"balanced\"").objective(&[0, 0], &classes).is_err());
     }
 }

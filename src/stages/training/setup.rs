@@ -7,8 +7,8 @@ use std::collections::HashSet;
 
 use candle_core::{Device, Tensor};
 
-use super::step::{Data, Inputs, candle};
-use super::{ClassWeights, Finetune, FinetuneMode, Model};
+use super::step::{Data, Inputs, Objective, candle};
+use super::{ClassWeights, Finetune, FinetuneMode, Model, PosWeight};
 use crate::digest::Digest;
 use crate::formats::preprocess::Normalize;
 use crate::formats::shards::{Dtype, Pixels, ShardManifest, Split};
@@ -19,6 +19,7 @@ use crate::nn::optim::{OptimConfig, Optimizer};
 use crate::nn::schedule::Schedule;
 use crate::nn::{ParamStore, read_weights};
 use crate::stages::{StageContext, StageError};
+use crate::task::Outputs;
 
 /// A built network: its parameters, the network, and the summary's first lines.
 pub type Built = (ParamStore, Box<dyn Network>, Vec<String>);
@@ -91,14 +92,14 @@ impl Model {
 
     /// Builds the network for `shape` (`[channels, height, width]`), its initial weights
     /// drawn from `seed`, and loads the manifest's pretrained `weights` into it. Returns the
-    /// summary's first lines too.
-    pub fn build(&self, cx: &StageContext<'_>, device: &Device, seed: u64, shape: [usize; 3], classes: usize) -> Result<Built, StageError> {
+    /// summary's first lines too. `outputs` is the head's width.
+    pub fn build(&self, cx: &StageContext<'_>, device: &Device, seed: u64, shape: [usize; 3], outputs: usize) -> Result<Built, StageError> {
         let cfg = &self.config;
         let arch = &self.arch;
         let head_dot = format!("{}.", arch.head_prefix());
         let [c, hgt, wid] = shape;
         let mut ps = ParamStore::new(device.clone(), seed).with_trainable(self.trainable_rule());
-        let net = arch.build(&mut ps, c, [wid as u32, hgt as u32], classes).map_err(candle("build model"))?;
+        let net = arch.build(&mut ps, c, [wid as u32, hgt as u32], outputs).map_err(candle("build model"))?;
         let mut summary = vec![format!(
             "{} ({} parameters, {} trainable) on {}",
             arch.name(),
@@ -124,7 +125,7 @@ impl Model {
                     loaded.len()
                 ));
             }
-            summary.push(format!("loaded {} tensors from {w}; head `{}` is new ({classes} classes)", loaded.len(), arch.head_prefix()));
+            summary.push(format!("loaded {} tensors from {w}; head `{}` is new ({outputs} outputs)", loaded.len(), arch.head_prefix()));
         }
         Ok((ps, net, summary))
     }
@@ -166,17 +167,34 @@ impl Model {
         Ok(Prepared { data: Data { norm, inputs, augment }, features_line, features_seconds })
     }
 
-    /// The loss's per-class weights under the manifest's `class_weights`, for a run that
-    /// trains on rows with `labels`.
-    pub fn loss_weights(&self, labels: &[u32], classes: usize) -> Result<Option<Vec<f32>>, StageError> {
-        Ok(match &self.config.class_weights {
+    /// The loss for a run that trains on rows with `labels` of the dataset's `classes`:
+    /// the manifest's `class_weights` (softmax) or `pos_weight` (binary), and smoothing.
+    pub fn objective(&self, labels: &[u32], classes: &[String]) -> Result<Objective, StageError> {
+        let k = classes.len();
+        let outputs = self.outputs(classes).map_err(StageError::Config)?;
+        let class_weights = match &self.config.class_weights {
             None => None,
-            Some(ClassWeights::Named(_)) => Some(balanced_weights(labels, classes)),
-            Some(ClassWeights::List(w)) if w.len() == classes => Some(w.clone()),
+            Some(ClassWeights::Named(_)) => Some(balanced_weights(labels, k)),
+            Some(ClassWeights::List(w)) if w.len() == k => Some(w.clone()),
             Some(ClassWeights::List(w)) => {
-                return Err(StageError::Failed(format!("`class_weights` has {} values for {classes} classes", w.len())));
+                return Err(StageError::Failed(format!("`class_weights` has {} values for {k} classes", w.len())));
             }
-        })
+        };
+        let pos_weight = match (&self.config.pos_weight, outputs) {
+            (Some(PosWeight::Value(w)), _) => *w,
+            (Some(PosWeight::Named(_)), Outputs::Sigmoid { positive }) => {
+                let pos = labels.iter().filter(|&&l| l as usize == positive).count();
+                if pos == 0 {
+                    return Err(StageError::Failed(format!(
+                        "`pos_weight = \"balanced\"`: the training rows hold no `{}` (the positive class)",
+                        classes[positive]
+                    )));
+                }
+                (labels.len() - pos) as f64 / pos as f64
+            }
+            _ => 1.0,
+        };
+        Ok(Objective { outputs, class_weights, pos_weight, label_smoothing: self.config.label_smoothing })
     }
 
     /// The optimizer over the trainable weights of `ps`; the backbone's rate is scaled by

@@ -3,20 +3,21 @@
 //! train stage's runs are bitwise reproducible on the CPU and resume after a kill with the
 //! same weights, so what happens in a step (its seeded draws included) must not change.
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::Config;
 use crate::formats::preprocess::Normalize;
 use crate::formats::shards::Split;
 use crate::imaging::augment::Augment;
 use crate::nn::ParamStore;
-use crate::nn::layers::{Ctx, softmax};
-use crate::nn::loss::cross_entropy;
+use crate::nn::layers::Ctx;
+use crate::nn::loss::{binary_cross_entropy, cross_entropy};
 use crate::nn::models::Network;
 use crate::nn::optim::Optimizer;
 use crate::nn::schedule::Schedule;
 use crate::rng::Rng;
 use crate::stages::StageError;
+use crate::task::Outputs;
 
 /// For `map_err`: a candle error while doing `what`.
 pub fn candle(what: &str) -> impl Fn(candle_core::Error) -> StageError + '_ {
@@ -117,8 +118,41 @@ pub struct Trainer {
     pub net: Box<dyn Network>,
     pub opt: Optimizer,
     pub schedule: Schedule,
-    /// The loss's per-class weights.
+    pub objective: Objective,
+}
+
+/// What a model is trained to do: how its outputs read ([`Outputs`]), and the loss.
+#[derive(Debug, Clone)]
+pub struct Objective {
+    pub outputs: Outputs,
+    /// Softmax: the loss's per-class weights.
     pub class_weights: Option<Vec<f32>>,
+    /// Sigmoid: the weight of the positive term.
+    pub pos_weight: f64,
+    /// The target's share moved to even odds between classes (training only).
+    pub label_smoothing: f64,
+}
+
+impl Objective {
+    /// The batch's mean loss: while training with the manifest's weights and smoothing;
+    /// for validation plain, so that epochs and runs compare.
+    pub fn loss(&self, logits: &Tensor, labels: &[u32], training: bool) -> candle_core::Result<Tensor> {
+        let eps = if training { self.label_smoothing } else { 0.0 };
+        match self.outputs {
+            Outputs::Softmax => cross_entropy(logits, labels, eps, self.class_weights.as_deref().filter(|_| training)),
+            Outputs::Sigmoid { positive } => {
+                let y: Vec<f32> =
+                    labels.iter().map(|&l| f32::from(l as usize == positive) * (1.0 - eps as f32) + 0.5 * eps as f32).collect();
+                binary_cross_entropy(logits, &y, if training { self.pos_weight } else { 1.0 })
+            }
+        }
+    }
+
+    /// How many rows of a batch the logits classify as `labels` says (at even odds).
+    pub fn correct(&self, logits: &Tensor, labels: &[u32]) -> candle_core::Result<u64> {
+        let pred = self.outputs.predicted(logits)?;
+        Ok(pred.iter().zip(labels).filter(|(p, l)| p == l).count() as u64)
+    }
 }
 
 impl Trainer {
@@ -140,7 +174,7 @@ impl Trainer {
                 (self.net.classify(&x, &mut ctx).map_err(candle("forward"))?, rows.iter().map(|&r| train.1[r]).collect())
             }
         };
-        let loss = cross_entropy(&logits, &labels, cfg.label_smoothing, self.class_weights.as_deref()).map_err(candle("loss"))?;
+        let loss = self.objective.loss(&logits, &labels, true).map_err(candle("loss"))?;
         let loss_value = f64::from(loss.to_scalar::<f32>().map_err(candle("loss"))?);
         if !loss_value.is_finite() {
             return Err(StageError::Failed(format!(
@@ -155,7 +189,7 @@ impl Trainer {
             self.opt.clip_grad_norm(&mut grads, max).map_err(candle("clip"))?;
         }
         self.opt.step(&grads, lr).map_err(candle("optimizer step"))?;
-        let correct = count_correct(&logits, &labels).map_err(candle("accuracy"))?;
+        let correct = self.objective.correct(&logits, &labels).map_err(candle("accuracy"))?;
         Ok(Stepped { loss: loss_value, correct })
     }
 
@@ -177,16 +211,15 @@ impl Trainer {
                     self.net.classify(&x, &mut Ctx::eval()).map_err(candle("forward"))?
                 }
             };
-            let p: Vec<Vec<f32>> =
-                softmax(&logits).and_then(|p| p.to_device(&Device::Cpu)).and_then(|p| p.to_vec2()).map_err(candle("probabilities"))?;
+            let p: Vec<Vec<f32>> = self
+                .objective
+                .outputs
+                .probabilities(&logits)
+                .and_then(|p| p.to_device(&Device::Cpu))
+                .and_then(|p| p.to_vec2())
+                .map_err(candle("probabilities"))?;
             out.extend(p.into_iter().flatten());
         }
         Ok(out)
     }
-}
-
-/// How many rows of a batch the logits classify as `labels` says.
-pub fn count_correct(logits: &Tensor, labels: &[u32]) -> candle_core::Result<u64> {
-    let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
-    Ok(pred.iter().zip(labels).filter(|(p, l)| p == l).count() as u64)
 }

@@ -14,6 +14,7 @@ use crate::model::{InputCard, ModelCard};
 use crate::nn::weights_digest;
 use crate::stages::training::candle;
 use crate::stages::{Stage, StageContext, StageError, io};
+use crate::task::{Binary, Outputs};
 
 /// What the whole run did, beyond what its [`Session`] holds.
 pub(super) struct Totals {
@@ -56,6 +57,7 @@ impl Times {
 pub(super) fn write(stage: &TrainStage, cx: &StageContext<'_>, session: Session, totals: Totals) -> Result<(), StageError> {
     let writing_started = Instant::now();
     let Session { manifest, data, trainer, progress, mut summary, features_seconds, .. } = session;
+    let outputs = trainer.objective.outputs;
     let (norm, ps) = (data.norm, trainer.ps);
     let Totals { images_trained, times, stopped_early } = totals;
     let last = ps.tensors();
@@ -76,6 +78,16 @@ pub(super) fn write(stage: &TrainStage, cx: &StageContext<'_>, session: Session,
         model: stage.model.config.model.clone(),
         architecture: stage.model.arch.clone(),
         classes: manifest.classes.clone(),
+        task: stage.model.config.task,
+        binary: match outputs {
+            // Without validation (or without a positive in it) there is nothing to choose a
+            // threshold on: even odds.
+            Outputs::Sigmoid { positive } => Some(Binary {
+                positive: manifest.classes[positive].clone(),
+                threshold: best_record.and_then(|r| r.threshold).unwrap_or(0.5),
+            }),
+            Outputs::Softmax => None,
+        },
         input: InputCard {
             channels: manifest.channels,
             height: manifest.height as usize,
@@ -95,11 +107,13 @@ pub(super) fn write(stage: &TrainStage, cx: &StageContext<'_>, session: Session,
     };
     io::write_json(cx, "model.json", &card)?;
     io::write_json(cx, "history.json", &progress.history)?;
-    let mut csv = String::from("epoch,lr,train_loss,train_accuracy,val_loss,val_accuracy\n");
+    let binary = matches!(outputs, Outputs::Sigmoid { .. });
+    let mut csv = String::from("epoch,lr,train_loss,train_accuracy,val_loss,val_accuracy");
+    csv.push_str(if binary { ",val_auc,val_f1,threshold\n" } else { "\n" });
     let opt = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
     for r in &progress.history {
         csv.push_str(&format!(
-            "{},{:.8},{:.6},{:.6},{},{}\n",
+            "{},{:.8},{:.6},{:.6},{},{}",
             r.epoch,
             r.lr,
             r.train_loss,
@@ -107,6 +121,10 @@ pub(super) fn write(stage: &TrainStage, cx: &StageContext<'_>, session: Session,
             opt(r.val_loss),
             opt(r.val_accuracy)
         ));
+        if binary {
+            csv.push_str(&format!(",{},{},{}", opt(r.val_auc), opt(r.val_f1), opt(r.threshold)));
+        }
+        csv.push('\n');
     }
     std::fs::write(cx.out_dir.join("history.csv"), csv).map_err(|e| StageError::Failed(format!("cannot write history.csv: {e}")))?;
     match super::super::curves::svg(&progress.history, &format!("{} — {}", cx.pipeline, cx.stage)) {
@@ -132,6 +150,9 @@ pub(super) fn write(stage: &TrainStage, cx: &StageContext<'_>, session: Session,
             r.val_accuracy.map_or("-".into(), |v| format!("{v:.4}")),
             r.val_loss.map_or("-".into(), |v| format!("{v:.4}"))
         ));
+        if let (Some(auc), Some(f1), Some(t)) = (r.val_auc, r.val_f1, r.threshold) {
+            summary.push(format!("val ROC-AUC {auc:.4}; best val F1 {f1:.4} from p ≥ {t:.4}, the threshold in the model card"));
+        }
     }
     summary.push(format!("weights {}", &digest[..16]));
     summary.push(times.line(features_seconds, images_trained, writing_started.elapsed().as_secs_f64()));

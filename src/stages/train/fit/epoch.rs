@@ -10,14 +10,14 @@ use super::super::checkpoint::{self, Progress};
 use super::EpochRecord;
 use super::setup::Session;
 use crate::formats::preprocess::Normalize;
+use crate::metrics;
 use crate::nn::ParamStore;
 use crate::nn::layers::Ctx;
-use crate::nn::loss::cross_entropy;
-use crate::nn::models::Network;
 use crate::nn::optim::Optimizer;
 use crate::rng::Rng;
-use crate::stages::training::{At, Inputs, Monitor, candle, count_correct};
+use crate::stages::training::{At, Inputs, Monitor, Trainer, candle};
 use crate::stages::{StageContext, StageError};
+use crate::task::{Outputs, best_f1_threshold};
 
 /// The run's wall clocks: since training started (this process), and since the last
 /// checkpoint was written.
@@ -99,8 +99,7 @@ fn close(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut
     let cfg = &stage.model.config;
     let batches = s.batches;
     let epoch = s.progress.epoch;
-    let val = evaluate(s.trainer.net.as_ref(), &s.data.inputs, &s.data.norm, batches.size.max(64), &s.trainer.device)
-        .map_err(candle("validation"))?;
+    let val = evaluate(&s.trainer, &s.data.inputs, &s.data.norm, batches.size.max(64)).map_err(candle("validation"))?;
     let progress = &mut s.progress;
     let record = EpochRecord {
         epoch: epoch + 1,
@@ -109,12 +108,18 @@ fn close(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut
         train_accuracy: progress.correct as f64 / progress.seen.max(1) as f64,
         val_loss: val.as_ref().map(|v| v.loss),
         val_accuracy: val.as_ref().map(|v| v.accuracy),
+        val_auc: val.as_ref().and_then(|v| v.auc),
+        val_f1: val.as_ref().and_then(|v| v.best_f1.map(|b| b.1)),
+        threshold: val.as_ref().and_then(|v| v.best_f1.map(|b| b.0)),
     };
     tracing::info!(stage = cx.stage, epoch = epoch + 1, train_loss = record.train_loss, val_accuracy = ?record.val_accuracy, "epoch done");
-    // Higher is better for accuracy, lower for loss; without a validation split the
-    // training loss decides.
+    // Higher is better for accuracy, AUC and F1, lower for loss; without a validation split
+    // the training loss decides, and where validation holds one class only (AUC and F1
+    // undefined, in every epoch alike) its loss does.
     let score = match (cfg.monitor, &val) {
         (Monitor::ValAccuracy, Some(v)) => v.accuracy,
+        (Monitor::ValAuc, Some(v)) => v.auc.unwrap_or(-v.loss),
+        (Monitor::ValF1, Some(v)) => v.best_f1.map_or(-v.loss, |b| b.1),
         (Monitor::ValLoss, Some(v)) => -v.loss,
         (_, None) => -record.train_loss,
     };
@@ -147,14 +152,19 @@ fn close(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut
 struct Eval {
     loss: f64,
     accuracy: f64,
+    /// Binary models: ROC-AUC, and the threshold with the best F1 with that F1.
+    auc: Option<f64>,
+    best_f1: Option<(f64, f64)>,
 }
 
-fn evaluate(net: &dyn Network, inputs: &Inputs, norm: &Normalize, batch: usize, device: &Device) -> candle_core::Result<Option<Eval>> {
+fn evaluate(trainer: &Trainer, inputs: &Inputs, norm: &Normalize, batch: usize) -> candle_core::Result<Option<Eval>> {
+    let (net, objective, device) = (trainer.net.as_ref(), &trainer.objective, &trainer.device);
     let n = inputs.val_len();
     if n == 0 {
         return Ok(None);
     }
     let (mut loss, mut correct) = (0f64, 0u64);
+    let mut scores: Vec<(f64, bool)> = Vec::new();
     for start in (0..n).step_by(batch) {
         let rows: Vec<usize> = (start..(start + batch).min(n)).collect();
         let (logits, labels) = match inputs {
@@ -167,10 +177,15 @@ fn evaluate(net: &dyn Network, inputs: &Inputs, norm: &Normalize, batch: usize, 
                 (net.classify(&x, &mut Ctx::eval())?, val.1[start..start + rows.len()].to_vec())
             }
         };
-        loss += f64::from(cross_entropy(&logits, &labels, 0.0, None)?.to_scalar::<f32>()?) * rows.len() as f64;
-        correct += count_correct(&logits, &labels)?;
+        loss += f64::from(objective.loss(&logits, &labels, false)?.to_scalar::<f32>()?) * rows.len() as f64;
+        correct += objective.correct(&logits, &labels)?;
+        if let Outputs::Sigmoid { positive } = objective.outputs {
+            let p: Vec<Vec<f32>> = objective.outputs.probabilities(&logits)?.to_device(&Device::Cpu)?.to_vec2()?;
+            scores.extend(p.iter().zip(&labels).map(|(p, &l)| (f64::from(p[positive]), l as usize == positive)));
+        }
     }
-    Ok(Some(Eval { loss: loss / n as f64, accuracy: correct as f64 / n as f64 }))
+    let (auc, best_f1) = if scores.is_empty() { (None, None) } else { (metrics::roc_auc(&scores), best_f1_threshold(&scores)) };
+    Ok(Some(Eval { loss: loss / n as f64, accuracy: correct as f64 / n as f64, auc, best_f1 }))
 }
 
 /// Writes a checkpoint to resume from: `elapsed` (seconds trained by this process) is

@@ -46,15 +46,16 @@ impl Session {
             return Err(StageError::Failed(format!("input `{input}` has an empty train split")));
         }
         let device = cfg.device.open().map_err(candle("open device"))?;
-        let (mut ps, net, mut summary) = model.build(cx, &device, cx.seed, train.shape, classes)?;
+        let outputs = model.outputs(&manifest.classes).map_err(|why| StageError::data(input, why))?;
+        let (mut ps, net, mut summary) = model.build(cx, &device, cx.seed, train.shape, outputs.width(classes))?;
         let Prepared { data, features_line, features_seconds } = model.prepare(cx, net.as_ref(), &manifest, norm, &device, (train, val))?;
         summary.extend(features_line);
-        let class_weights = model.loss_weights(data.inputs.train_labels(), classes)?;
+        let objective = model.objective(data.inputs.train_labels(), &manifest.classes)?;
         let mut opt = model.optimizer(&ps);
         let schedule = model.schedule();
         let progress = resume(cx, &mut ps, &mut opt, &mut summary)?;
         let batches = Batches::new(data.inputs.train_len(), cfg.batch_size);
-        let trainer = Trainer { device, ps, net, opt, schedule, class_weights };
+        let trainer = Trainer { device, ps, net, opt, schedule, objective };
         Ok(Session { manifest, data, trainer, progress, summary, batches, features_seconds })
     }
 }
