@@ -7,8 +7,11 @@ Each argument is an eval stage's output directory (metrics.json + predictions.cs
 script recomputes, from predictions.csv alone, what scikit-learn's classification_report,
 confusion_matrix, accuracy_score, balanced_accuracy_score, log_loss, top_k_accuracy_score
 (and roc_auc_score / average_precision_score for two classes) give, and for a binary model
-precision_recall_fscore_support at its threshold, roc_curve and precision_recall_curve; and
-compares each number with kiln's metrics.json. It prints the largest difference per directory and exits 1 if any
+precision_recall_fscore_support at its threshold, roc_curve and precision_recall_curve; for a
+multi-label model classification_report on the indicator matrices (per class, micro, macro,
+weighted and samples averages), accuracy_score (subset accuracy), hamming_loss and
+average_precision_score / roc_auc_score per class; and compares each number with kiln's
+metrics.json. It prints the largest difference per directory and exits 1 if any
 difference exceeds the tolerance (default 1e-6; --tol).
 """
 import argparse
@@ -25,6 +28,7 @@ from sklearn.metrics import (
     balanced_accuracy_score,
     classification_report,
     confusion_matrix,
+    hamming_loss,
     log_loss,
     precision_recall_curve,
     precision_recall_fscore_support,
@@ -34,15 +38,57 @@ from sklearn.metrics import (
 )
 
 
+def compare_multi_label(directory: Path, kiln: dict, tol: float) -> list:
+    """A multi-label model: indicator matrices from predictions.csv's `labels` and
+    `predicted` (joined by `|`), and the probability of every class."""
+    classes = kiln["classes"]
+    with open(directory / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    def indicator(field):
+        return np.array([[int(c in r[field].split("|")) for c in classes] for r in rows])
+    y_true, y_pred = indicator("labels"), indicator("predicted")
+    probs = np.array([[np.float32(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float32).astype(np.float64)
+    thresholds = np.array([kiln["per_class"][c]["threshold"] for c in classes])
+    checks = [("predicted", y_pred, (probs >= thresholds).astype(int))]
+    report = classification_report(y_true, y_pred, target_names=classes, output_dict=True, zero_division=0)
+    for c in classes:
+        for field in ("precision", "recall", "f1"):
+            checks.append((f"{c}.{field}", kiln["per_class"][c][field], report[c][field + ("-score" if field == "f1" else "")]))
+        checks.append((f"{c}.support", kiln["per_class"][c]["support"], report[c]["support"]))
+    for avg, key in (("micro avg", "micro_avg"), ("macro avg", "macro_avg"), ("weighted avg", "weighted_avg"), ("samples avg", "samples_avg")):
+        for field in ("precision", "recall", "f1"):
+            checks.append((f"{key}.{field}", kiln[key][field], report[avg][field + ("-score" if field == "f1" else "")]))
+    checks.append(("subset_accuracy", kiln["subset_accuracy"], accuracy_score(y_true, y_pred)))
+    checks.append(("hamming_loss", kiln["hamming_loss"], hamming_loss(y_true, y_pred)))
+    aps, aucs = [], []
+    for i, c in enumerate(classes):
+        if 0 < y_true[:, i].sum():
+            ap = average_precision_score(y_true[:, i], probs[:, i])
+            aps.append(ap)
+            checks.append((f"{c}.average_precision", kiln["per_class"][c]["average_precision"], ap))
+        if 0 < y_true[:, i].sum() < len(rows):
+            auc = roc_auc_score(y_true[:, i], probs[:, i])
+            aucs.append(auc)
+            checks.append((f"{c}.roc_auc", kiln["per_class"][c]["roc_auc"], auc))
+    checks.append(("mean_average_precision", kiln["mean_average_precision"], np.mean(aps)))
+    checks.append(("macro_roc_auc", kiln["macro_roc_auc"], np.mean(aucs)))
+    return rows, checks
+
+
 def compare(directory: Path, tol: float) -> bool:
     kiln = json.loads((directory / "metrics.json").read_text())
+    if kiln.get("task") == "multi_label":
+        rows, checks = compare_multi_label(directory, kiln, tol)
+        return report_checks(directory, rows, checks, tol)
     classes = kiln["classes"]
     index = {c: i for i, c in enumerate(classes)}
     with open(directory / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     y_true = np.array([index[r["label"]] for r in rows])
     y_pred = np.array([index[r["predicted"]] for r in rows])
-    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64)
+    # Read as kiln wrote them (f32), then widened: a threshold is an f32 score widened the
+    # same way, so a score equal to it compares equal here too.
+    probs = np.array([[np.float32(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float32).astype(np.float64)
     labels = list(range(len(classes)))
 
     checks = []  # (name, kiln, sklearn)
@@ -86,6 +132,10 @@ def compare(directory: Path, tol: float) -> bool:
         prec, rec, _ = precision_recall_curve(is_pos, score)
         checks.append(("binary.pr_curve", np.array(binary["pr_curve"]), np.stack([rec[:-1], prec[:-1]], axis=1)[::-1]))
 
+    return report_checks(directory, rows, checks, tol)
+
+
+def report_checks(directory: Path, rows: list, checks: list, tol: float) -> bool:
     worst = 0.0
     ok = True
     for name, ours, theirs in checks:

@@ -464,7 +464,6 @@ fn label_issues_section(h: &mut String, stage: &str, artifact: &Digest, reader: 
     Ok(())
 }
 
-/// The confusion matrix as a heat map with counts in the cells.
 /// A curve on the unit square (both axes 0 to 1), as an SVG polyline with its axes named.
 fn curve_svg(title: &str, points: &[[f64; 2]], x: &str, y: &str) -> String {
     let (side, pad) = (240.0, 36.0);
@@ -488,6 +487,7 @@ fn curve_svg(title: &str, points: &[[f64; 2]], x: &str, y: &str) -> String {
     )
 }
 
+/// The confusion matrix as a heat map with counts in the cells.
 fn confusion_svg(classes: &[String], matrix: &[Vec<u64>]) -> String {
     let k = matrix.len();
     let cell = (480.0 / k as f64).clamp(14.0, 48.0);

@@ -11,7 +11,7 @@ use crate::imaging::transform::Transform;
 use crate::nn::layers::Ctx;
 use crate::nn::models::{Arch, Network};
 use crate::nn::{ParamStore, read_weights};
-use crate::task::{Binary, Outputs, Task};
+use crate::task::{Binary, MultiLabel, Outputs, Task};
 
 /// What a network takes: the preprocess transform, then per-channel normalisation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +36,9 @@ pub struct ModelCard {
     /// A binary model's positive class and decision threshold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binary: Option<Binary>,
+    /// A multi-label model's threshold per class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multi_label: Option<MultiLabel>,
     pub input: InputCard,
     pub weights_digest: String,
     pub best_epoch: Option<usize>,
@@ -76,6 +79,17 @@ impl ModelCard {
             },
             (Task::Binary, Some(_)) => Err(format!("a binary model has 2 classes, this card lists {}", self.classes.len())),
             (Task::Binary, None) => Err("a binary model's card needs `binary` (positive class and threshold)".into()),
+            (Task::MultiLabel, _) => match &self.multi_label {
+                Some(m) if m.thresholds.len() == self.classes.len() && m.thresholds.iter().all(|t| (0.0..=1.0).contains(t)) => {
+                    Ok(Outputs::Independent)
+                }
+                Some(m) => Err(format!(
+                    "a multi-label model needs one threshold in [0, 1] per class: {} classes, thresholds {:?}",
+                    self.classes.len(),
+                    m.thresholds
+                )),
+                None => Err("a multi-label model's card needs `multi_label` (a threshold per class)".into()),
+            },
         }
     }
 
@@ -88,9 +102,15 @@ impl ModelCard {
         }
     }
 
-    /// The class a row of probabilities is called.
+    /// The class a row of probabilities is called (a multi-label model's most probable).
     pub fn decide(&self, probs: &[f32]) -> usize {
         self.decision().map_or_else(|| crate::metrics::argmax(probs), |d| d.decide(probs))
+    }
+
+    /// The classes a multi-label model calls present in a row of probabilities; `None` for
+    /// the other tasks.
+    pub fn present(&self, probs: &[f32]) -> Option<Vec<usize>> {
+        self.multi_label.as_ref().filter(|_| self.task == Task::MultiLabel).map(|m| m.present(probs))
     }
 }
 
@@ -133,5 +153,69 @@ impl TrainedModel {
     pub fn probabilities(&self, x: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
         let logits = self.net.forward(&x.to_device(&self.device)?, &mut Ctx::eval())?;
         Ok(self.outputs.probabilities(&logits)?.to_device(&Device::Cpu)?.to_vec2()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::models::Arch;
+
+    fn card(task: Task, classes: &[&str]) -> ModelCard {
+        ModelCard {
+            format: "kiln-model/1".into(),
+            model: "cnn".into(),
+            architecture: Arch::from_name("cnn", None).unwrap(),
+            classes: classes.iter().map(|c| c.to_string()).collect(),
+            task,
+            binary: None,
+            multi_label: None,
+            input: InputCard { channels: 1, height: 8, width: 8, transform: None, mean: vec![0.5], std: vec![0.5] },
+            weights_digest: String::new(),
+            best_epoch: None,
+            epochs_run: 0,
+            metrics: None,
+            hyperparameters: serde_json::Value::Null,
+            parameters: 0,
+            seed: 0,
+            device_kind: "cpu".into(),
+        }
+    }
+
+    /// A binary model calls its positive class from the threshold on, not from even odds;
+    /// cards that cannot say how to decide are refused (a hand-edited model.json must not
+    /// reach an index out of range or a NaN comparison).
+    #[test]
+    fn a_card_says_how_its_model_decides_or_is_refused() {
+        let mut b = card(Task::Binary, &["cat", "dog"]);
+        assert!(b.outputs().unwrap_err().contains("needs `binary`"));
+        b.binary = Some(Binary { positive: "cat".into(), threshold: 0.8 });
+        assert_eq!(b.outputs(), Ok(Outputs::Sigmoid { positive: 0 }));
+        // 0.7 for `cat` is the more probable class but below its threshold.
+        assert_eq!(b.decide(&[0.7, 0.3]), 1);
+        assert_eq!(b.decide(&[0.8, 0.2]), 0);
+        for bad in [f64::NAN, 1.5, -0.1] {
+            b.binary = Some(Binary { positive: "cat".into(), threshold: bad });
+            assert!(b.outputs().is_err(), "{bad}");
+        }
+        b.binary = Some(Binary { positive: "cow".into(), threshold: 0.5 });
+        assert!(b.outputs().unwrap_err().contains("cow"));
+        let mut three = card(Task::Binary, &["a", "b", "c"]);
+        three.binary = Some(Binary { positive: "a".into(), threshold: 0.5 });
+        assert!(three.outputs().unwrap_err().contains("2 classes"));
+
+        let mut m = card(Task::MultiLabel, &["a", "b", "c"]);
+        assert!(m.outputs().is_err());
+        m.multi_label = Some(MultiLabel { thresholds: vec![0.5, 0.9] });
+        assert!(m.outputs().is_err(), "one threshold per class");
+        m.multi_label = Some(MultiLabel { thresholds: vec![0.5, 0.9, 0.2] });
+        assert_eq!(m.outputs(), Ok(Outputs::Independent));
+        assert_eq!(m.present(&[0.6, 0.8, 0.2]), Some(vec![0, 2]));
+        let plain = card(Task::Classification, &["a", "b", "c"]);
+        assert_eq!(plain.present(&[0.6, 0.8, 0.2]), None);
+        assert_eq!(plain.decide(&[0.2, 0.5, 0.3]), 1);
+        // A classifier's card reads as it did before tasks: no task, binary or multi_label key.
+        let text = serde_json::to_string(&plain).unwrap();
+        assert!(!text.contains("\"task\"") && !text.contains("binary") && !text.contains("multi_label"), "{text}");
     }
 }

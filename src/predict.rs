@@ -153,6 +153,13 @@ impl Predictor {
         Scored { class: self.model.card.classes[c].clone(), probability: probs[c] }
     }
 
+    /// The classes a multi-label model calls present, each from its own threshold on, in
+    /// class order; `None` for the other tasks.
+    pub fn present(&self, probs: &[f32]) -> Option<Vec<Scored>> {
+        let card = &self.model.card;
+        card.present(probs).map(|cs| cs.into_iter().map(|c| Scored { class: card.classes[c].clone(), probability: probs[c] }).collect())
+    }
+
     /// The `k` most probable classes, most probable first (ties by class order).
     pub fn top_k(&self, probs: &[f32], k: usize) -> Vec<Scored> {
         let mut order: Vec<usize> = (0..probs.len()).collect();

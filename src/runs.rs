@@ -268,7 +268,9 @@ pub fn resolve_metric<'a>(name: &str, keys: impl IntoIterator<Item = &'a String>
     }
     let suffix = format!(".{name}");
     let mut found: Vec<&String> = keys.into_iter().filter(|k| k.ends_with(&suffix)).collect();
-    found.sort();
+    // `f1` is the macro average's wherever there is one: a binary model's `binary.f1` (its
+    // positive class) sorts first but means something else.
+    found.sort_by_key(|k| (!k.contains("macro_avg."), k.as_str()));
     found.first().map(|k| (*k).clone())
 }
 
@@ -350,6 +352,12 @@ mod tests {
         assert_eq!(resolve_metric("weighted_avg.f1", &keys).as_deref(), Some("weighted_avg.f1"));
         assert_eq!(resolve_metric("accuracy", &keys).as_deref(), Some("accuracy"));
         assert_eq!(resolve_metric("auc", &keys), None);
+        // A binary model's figures sort before `macro_avg` but do not take its short names.
+        let binary: Vec<String> =
+            ["binary.f1", "binary.recall", "macro_avg.f1", "macro_avg.recall"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(resolve_metric("f1", &binary).as_deref(), Some("macro_avg.f1"));
+        assert_eq!(resolve_metric("recall", &binary).as_deref(), Some("macro_avg.recall"));
+        assert_eq!(resolve_metric("binary.f1", &binary).as_deref(), Some("binary.f1"));
         assert!(lower_is_better("log_loss") && lower_is_better("eval.ece") && !lower_is_better("macro_avg.f1"));
     }
 }

@@ -23,10 +23,12 @@ pub enum Task {
     #[default]
     Classification,
     Binary,
+    /// Any number of classes per image (tags): one logit and one sigmoid per class.
+    MultiLabel,
 }
 
 impl Task {
-    pub const NAMES: [&'static str; 2] = ["classification", "binary"];
+    pub const NAMES: [&'static str; 3] = ["classification", "binary", "multi_label"];
 
     pub fn is_classification(&self) -> bool {
         *self == Task::Classification
@@ -36,6 +38,7 @@ impl Task {
         match self {
             Task::Classification => "classification",
             Task::Binary => "binary",
+            Task::MultiLabel => "multi_label",
         }
     }
 }
@@ -47,21 +50,25 @@ pub enum Outputs {
     Softmax,
     /// One logit, the log-odds of class `positive` (0 or 1) against the other.
     Sigmoid { positive: usize },
+    /// One logit per class, each the log-odds of that class being present.
+    Independent,
 }
 
 impl Outputs {
     /// The network's output width for `classes` classes.
     pub fn width(self, classes: usize) -> usize {
         match self {
-            Outputs::Softmax => classes,
+            Outputs::Softmax | Outputs::Independent => classes,
             Outputs::Sigmoid { .. } => 1,
         }
     }
 
-    /// Probabilities `[N, classes]` in class order from logits `[N, width]`.
+    /// Probabilities `[N, classes]` in class order from logits `[N, width]` (for
+    /// independent classes each row's need not sum to 1).
     pub fn probabilities(self, logits: &Tensor) -> Result<Tensor> {
         match self {
             Outputs::Softmax => softmax(logits),
+            Outputs::Independent => candle_nn::ops::sigmoid(logits),
             Outputs::Sigmoid { positive } => {
                 let p = candle_nn::ops::sigmoid(logits)?;
                 let q = p.affine(-1.0, 1.0)?;
@@ -71,10 +78,11 @@ impl Outputs {
     }
 
     /// The class each row of logits predicts at even odds (a binary model's own threshold
-    /// is applied to its probabilities, not here).
+    /// is applied to its probabilities, not here); for independent classes, the most
+    /// probable one.
     pub fn predicted(self, logits: &Tensor) -> Result<Vec<u32>> {
         match self {
-            Outputs::Softmax => logits.argmax(candle_core::D::Minus1)?.to_vec1(),
+            Outputs::Softmax | Outputs::Independent => logits.argmax(candle_core::D::Minus1)?.to_vec1(),
             Outputs::Sigmoid { positive } => {
                 let z: Vec<f32> = logits.flatten_all()?.to_vec1()?;
                 Ok(z.iter().map(|&v| if v > 0.0 { positive as u32 } else { 1 - positive as u32 }).collect())
@@ -89,6 +97,21 @@ impl Outputs {
 pub struct Binary {
     pub positive: String,
     pub threshold: f64,
+}
+
+/// What a multi-label model decides with: a class is called present from its threshold on
+/// (each the one with the best F1 for that class on validation; 0.5 where validation has
+/// none of the class).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MultiLabel {
+    pub thresholds: Vec<f64>,
+}
+
+impl MultiLabel {
+    /// The classes called present in a row of probabilities, in class order.
+    pub fn present(&self, probs: &[f32]) -> Vec<usize> {
+        probs.iter().zip(&self.thresholds).enumerate().filter(|(_, (p, t))| f64::from(**p) >= **t).map(|(c, _)| c).collect()
+    }
 }
 
 /// The threshold with the best F1 when images scoring at least it are called positive, and

@@ -17,6 +17,7 @@ use crate::predict::{ModelFiles, Predictor};
 use crate::report::Reporter;
 use crate::serve::batcher::BatchConfig;
 use crate::serve::{DEFAULT_MAX_BODY, ServeConfig};
+use crate::task::Task;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Format {
@@ -137,18 +138,27 @@ pub fn predict(args: PredictArgs, out: &CliReporter) -> Result<(), Error> {
             let items: Vec<serde_json::Value> = rows
                 .iter()
                 .map(|(path, r)| match r {
-                    Ok(p) => serde_json::json!({
-                        "path": path.display().to_string(),
-                        "predicted": predictor.predicted(p),
-                        "top_k": predictor.top_k(p, args.top_k),
-                        "probabilities": p,
-                    }),
+                    Ok(p) => {
+                        let mut v = serde_json::json!({
+                            "path": path.display().to_string(),
+                            "predicted": predictor.predicted(p),
+                            "top_k": predictor.top_k(p, args.top_k),
+                            "probabilities": p,
+                        });
+                        if let Some(present) = predictor.present(p) {
+                            v["labels"] = serde_json::json!(present);
+                        }
+                        v
+                    }
                     Err(e) => serde_json::json!({ "path": path.display().to_string(), "error": e }),
                 })
                 .collect();
             let mut doc = serde_json::json!({ "model": predictor.digest, "classes": classes, "results": items });
-            if let Some(b) = &predictor.model.card.binary {
-                doc["binary"] = serde_json::json!(b);
+            let card = &predictor.model.card;
+            match card.task {
+                Task::Binary => doc["binary"] = serde_json::json!(card.binary),
+                Task::MultiLabel => doc["multi_label"] = serde_json::json!(card.multi_label),
+                Task::Classification => {}
             }
             writeln!(w, "{}", serde_json::to_string_pretty(&doc).expect("json")).map_err(io)?;
         }
@@ -160,7 +170,16 @@ pub fn predict(args: PredictArgs, out: &CliReporter) -> Result<(), Error> {
             writeln!(w, "{header}").map_err(io)?;
             for (path, r) in &rows {
                 if let Ok(p) = r {
-                    let best = predictor.predicted(p);
+                    // A multi-label model's `predicted` is every class it calls present,
+                    // joined by `|` as label listings write them, with the smallest of their
+                    // probabilities.
+                    let best = match predictor.present(p) {
+                        Some(present) => crate::predict::Scored {
+                            class: present.iter().map(|s| s.class.as_str()).collect::<Vec<_>>().join("|"),
+                            probability: present.iter().map(|s| s.probability).fold(f32::NAN, f32::min),
+                        },
+                        None => predictor.predicted(p),
+                    };
                     let probs: Vec<String> = p.iter().map(|v| v.to_string()).collect();
                     writeln!(
                         w,
@@ -179,7 +198,15 @@ pub fn predict(args: PredictArgs, out: &CliReporter) -> Result<(), Error> {
                 .iter()
                 .filter_map(|(path, r)| r.as_ref().ok().map(|p| (path, p)))
                 .map(|(path, p)| {
-                    let top = predictor.top_k(p, args.top_k).iter().map(|s| (s.class.clone(), format!("{:.4}", s.probability))).collect();
+                    // The class the model calls comes first (a binary model's at its
+                    // threshold, which need not be the more probable class), then the rest
+                    // of the top k.
+                    let called = predictor.predicted(p);
+                    let top = std::iter::once(called.clone())
+                        .chain(predictor.top_k(p, args.top_k).into_iter().filter(|s| s.class != called.class))
+                        .take(args.top_k.max(1))
+                        .map(|s| (s.class, format!("{:.4}", s.probability)))
+                        .collect();
                     (path.display().to_string(), top)
                 })
                 .collect();

@@ -107,7 +107,10 @@ pub enum Pixels {
 /// One split in memory: rows of pixels with their class index and item id.
 pub struct Split {
     pub pixels: Pixels,
+    /// Each row's class (with several, multi-hot shards: the first).
     pub labels: Vec<u32>,
+    /// Multi-hot shards: every row's 0/1 per class, row-major; empty otherwise.
+    pub multi: Vec<f32>,
     pub ids: Vec<String>,
     /// Each row's source (empty for shards written before sources were recorded).
     pub sources: Vec<String>,

@@ -33,23 +33,31 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32], eps: f64, class_weights: 
     (logp * soft)?.sum_all()?.affine(-1.0 / total.max(f64::MIN_POSITIVE), 0.0)
 }
 
-/// Binary cross-entropy on logits `[N, 1]` with targets in [0, 1] (smoothed targets are
-/// fractions), and `pos_weight` on the positive term, as PyTorch's
-/// `BCEWithLogitsLoss(pos_weight=…)`: `−[w·y·log σ(z) + (1−y)·log(1−σ(z))]`, averaged over
-/// rows. Written with `log σ(z) = −softplus(−z)` and `log(1−σ(z)) = −softplus(z)`, each
-/// softplus as `max(x, 0) + log(1 + e^−|x|)`, so no logit overflows.
-pub fn binary_cross_entropy(logits: &Tensor, targets: &[f32], pos_weight: f64) -> Result<Tensor> {
+/// Binary cross-entropy on logits `[N, K]` (K independent binary targets per row, 1 for a
+/// binary model) with targets in [0, 1] (smoothed targets are fractions), row-major, and a
+/// weight on each column's positive term, as PyTorch's `BCEWithLogitsLoss(pos_weight=…)`:
+/// `−[w·y·log σ(z) + (1−y)·log(1−σ(z))]`, averaged over every element. Written with
+/// `log σ(z) = −softplus(−z)` and `log(1−σ(z)) = −softplus(z)`, each softplus as
+/// `max(x, 0) + log(1 + e^−|x|)`, so no logit overflows.
+pub fn binary_cross_entropy(logits: &Tensor, targets: &[f32], pos_weight: &[f64]) -> Result<Tensor> {
     let (n, width) = logits.dims2()?;
-    if targets.len() != n || width != 1 {
-        candle_core::bail!("binary cross entropy: {} targets for logits of shape [{n}, {width}]", targets.len());
+    if targets.len() != n * width || pos_weight.len() != width {
+        candle_core::bail!(
+            "binary cross entropy: {} targets and {} positive weights for logits of shape [{n}, {width}]",
+            targets.len(),
+            pos_weight.len()
+        );
     }
-    let y = Tensor::from_vec(targets.to_vec(), (n, 1), logits.device())?;
+    let y = Tensor::from_vec(targets.to_vec(), (n, width), logits.device())?;
+    let w = Tensor::from_vec(pos_weight.iter().map(|&v| v as f32).collect::<Vec<_>>(), (1, width), logits.device())?;
     let tail = logits.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
     let softplus_pos = (logits.relu()? + &tail)?;
-    let softplus_neg = (logits.neg()?.relu()? + &tail)?;
-    let pos = (y.affine(pos_weight, 0.0)? * softplus_neg)?;
+    // softplus(−z) = softplus(z) − z: one kink, at which candle's derivatives of relu and
+    // |·| (both 1 at 0) then still add up to σ(0) − 1 = −½.
+    let softplus_neg = (&softplus_pos - logits)?;
+    let pos = (y.broadcast_mul(&w)? * softplus_neg)?;
     let neg = (y.affine(-1.0, 1.0)? * softplus_pos)?;
-    (pos + neg)?.sum_all()?.affine(1.0 / n.max(1) as f64, 0.0)
+    (pos + neg)?.sum_all()?.affine(1.0 / (n * width).max(1) as f64, 0.0)
 }
 
 /// Inverse-frequency weights (`n / (classes * count)`, scikit-learn's "balanced").
@@ -92,18 +100,28 @@ mod tests {
         let z = Tensor::from_vec(vec![2f32, -1.0, 40.0, -40.0], (4, 1), &Device::Cpu).unwrap();
         let sp = |x: f64| x.max(0.0) + (-x.abs()).exp().ln_1p();
         let expect = (3.0 * sp(-2.0) + sp(-1.0) + sp(40.0) + 3.0 * sp(40.0)) / 4.0;
-        let got = binary_cross_entropy(&z, &[1.0, 0.0, 0.0, 1.0], 3.0).unwrap().to_scalar::<f32>().unwrap();
+        let got = binary_cross_entropy(&z, &[1.0, 0.0, 0.0, 1.0], &[3.0]).unwrap().to_scalar::<f32>().unwrap();
         assert!((f64::from(got) - expect).abs() < 1e-4, "{got} vs {expect}");
         // Its gradient is w·(σ(z) − 1) for a positive row and σ(z) for a negative one, over N.
         let v = candle_core::Var::from_tensor(&z).unwrap();
-        let loss = binary_cross_entropy(v.as_tensor(), &[1.0, 0.0, 0.0, 1.0], 3.0).unwrap();
+        let loss = binary_cross_entropy(v.as_tensor(), &[1.0, 0.0, 0.0, 1.0], &[3.0]).unwrap();
         let g: Vec<f32> = loss.backward().unwrap().get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let s = |x: f32| 1.0 / (1.0 + (-x).exp());
         let want = [3.0 * (s(2.0) - 1.0), s(-1.0), s(40.0), 3.0 * (s(-40.0) - 1.0)].map(|v| v / 4.0);
         for (a, b) in g.iter().zip(want) {
             assert!((a - b).abs() < 1e-5, "{g:?} vs {want:?}");
         }
-        assert!(binary_cross_entropy(&z, &[1.0], 1.0).is_err());
+        assert!(binary_cross_entropy(&z, &[1.0], &[1.0]).is_err());
+        // At z = 0 exactly (the kink of relu and |·|): σ(0) − 1 = −½ for a positive, ½ for a negative.
+        let zero = candle_core::Var::from_tensor(&Tensor::zeros((2, 1), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let loss = binary_cross_entropy(zero.as_tensor(), &[1.0, 0.0], &[1.0]).unwrap();
+        let g: Vec<f32> = loss.backward().unwrap().get(zero.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(g, vec![-0.25, 0.25]);
+        // Two columns, each with its own weight: the mean over all four elements.
+        let z2 = Tensor::from_vec(vec![2f32, -1.0, 40.0, -40.0], (2, 2), &Device::Cpu).unwrap();
+        let two = binary_cross_entropy(&z2, &[1.0, 0.0, 0.0, 1.0], &[3.0, 5.0]).unwrap().to_scalar::<f32>().unwrap();
+        let expect = (3.0 * sp(-2.0) + sp(-1.0) + sp(40.0) + 5.0 * sp(40.0)) / 4.0;
+        assert!((f64::from(two) - expect).abs() < 1e-4, "{two} vs {expect}");
     }
 
     #[test]

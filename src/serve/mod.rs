@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::imaging::Defect;
 use crate::predict::{InputError, Predictor, Scored};
+use crate::task::Task;
 use batcher::{BatchConfig, Batcher, Refused};
 use conn::{ConnHandle, TimedListener};
 use stats::ServerStats;
@@ -93,6 +94,9 @@ pub struct ImageResult {
     pub name: Option<String>,
     /// The class the model calls: the most probable, or a binary model's at its threshold.
     pub predicted: Scored,
+    /// A multi-label model's classes called present, each from its threshold on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<Scored>>,
     pub top_k: Vec<Scored>,
     /// Every class's probability, in the model's class order.
     pub probabilities: Vec<f32>,
@@ -252,19 +256,26 @@ fn current(slot: &ModelSlot) -> Arc<Predictor> {
 async fn model_info(State(state): State<AppState>) -> Response {
     let predictor = current(&state.model);
     let card = &predictor.model.card;
-    axum::Json(serde_json::json!({
+    let mut info = serde_json::json!({
         "model": card.model,
         "architecture": card.architecture,
         "classes": card.classes,
-        "task": card.task,
-        "binary": card.binary,
         "input": card.input,
         "preprocessing": predictor.transform,
         "metrics": card.metrics,
         "weights_digest": card.weights_digest,
         "parameters": card.parameters,
-    }))
-    .into_response()
+    });
+    // A classifier's answer stays what it was; the other tasks say how they decide.
+    match card.task {
+        Task::Binary => info["binary"] = serde_json::json!(card.binary),
+        Task::MultiLabel => info["multi_label"] = serde_json::json!(card.multi_label),
+        Task::Classification => {}
+    }
+    if !card.task.is_classification() {
+        info["task"] = serde_json::json!(card.task);
+    }
+    axum::Json(info).into_response()
 }
 
 async fn predict(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
@@ -324,7 +335,13 @@ async fn predict(State(state): State<AppState>, req: Request) -> Result<Response
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference", e))?;
         state.stats.images.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let top = model.top_k(&probs, top_k);
-        results.push(ImageResult { name, predicted: model.predicted(&probs), top_k: top, probabilities: probs });
+        results.push(ImageResult {
+            name,
+            predicted: model.predicted(&probs),
+            labels: model.present(&probs),
+            top_k: top,
+            probabilities: probs,
+        });
     }
     Ok(axum::Json(serde_json::json!({ "model": model.digest, "results": results })).into_response())
 }

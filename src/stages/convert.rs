@@ -123,7 +123,8 @@ impl StageKind for ConvertKind {
 
     fn version(&self) -> u32 {
         // 4: the manifest records each row's duplicate group.
-        4
+        // 5: multi-hot items are stratified by their set of classes, not their first.
+        5
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
@@ -251,7 +252,19 @@ impl Stage for ConvertStage {
             }
         }
 
-        let (assign, leakage) = self.assign_splits(cx.seed, &items, &|i: &Item| index[labels_of(i)[0].as_str()]);
+        // Stratified by class; multi-hot items by their set of classes (the label powerset),
+        // so that each combination is split in the same shares rather than by its first class.
+        let combos: BTreeMap<String, usize> = {
+            let mut all: Vec<String> = items.iter().map(|i| labels_of(i).join(MULTI)).collect();
+            all.sort();
+            all.dedup();
+            all.into_iter().enumerate().map(|(k, c)| (c, k)).collect()
+        };
+        let stratum = |i: &Item| match self.config.encoding {
+            Encoding::MultiHot => combos[&labels_of(i).join(MULTI)],
+            _ => index[labels_of(i)[0].as_str()],
+        };
+        let (assign, leakage) = self.assign_splits(cx.seed, &items, &stratum);
         let spec = meta.preprocess.clone();
         let (color, width, height) = match &spec {
             Some(s) => (s.transform.color, s.transform.width, s.transform.height),

@@ -30,6 +30,7 @@ use crate::formats::shards::{MAX_BATCH, ShardManifest, Split};
 use crate::metrics;
 use crate::model::TrainedModel;
 use crate::nn::device::DeviceChoice;
+use crate::task::Outputs;
 
 pub struct EvalKind;
 
@@ -183,6 +184,9 @@ impl Stage for EvalStage {
             progress.inc(chunk.len() as u64);
         }
         progress.finish();
+        if let Some(m) = model.card.multi_label.as_ref().filter(|_| model.outputs == Outputs::Independent) {
+            return multi_label(cx, &self.config.split, &split, &probs, &manifest.classes, &m.thresholds, data_input);
+        }
         let decision = model.card.decision();
         let decide = |p: &[f32]| model.card.decide(p);
         let report = metrics::report(&probs, &split.labels, &manifest.classes, decision);
@@ -211,6 +215,65 @@ impl Stage for EvalStage {
         cx.reporter.summary(cx.stage, &lines);
         Ok(())
     }
+}
+
+/// A multi-label model's metrics, its predictions (the true and the called classes joined
+/// by `|`, whether all were right, then every class's probability) and no mistakes list:
+/// "most confident wrong class" has no meaning when several classes are called at once.
+fn multi_label(
+    cx: &StageContext<'_>,
+    name: &str,
+    split: &Split,
+    probs: &[Vec<f32>],
+    classes: &[String],
+    thresholds: &[f64],
+    input: &str,
+) -> Result<(), StageError> {
+    let k = classes.len();
+    if split.multi.len() != split.len() * k {
+        return Err(StageError::data(input, "the model is multi-label but its shards are not multi-hot (encoding = \"multi_hot\")"));
+    }
+    let flat: Vec<f32> = probs.iter().flatten().copied().collect();
+    let report = metrics::multi_label::report(&flat, &split.multi, classes, thresholds);
+    io::write_json(cx, "metrics.json", &report)?;
+    let mut csv = String::from("id,source,labels,predicted,correct");
+    for c in classes {
+        csv.push_str(&format!(",{}", csv_field(&format!("p_{c}"))));
+    }
+    csv.push('\n');
+    for (row, p) in probs.iter().enumerate() {
+        let truth: Vec<&str> = (0..k).filter(|&c| split.multi[row * k + c] > 0.5).map(|c| classes[c].as_str()).collect();
+        let called: Vec<&str> = (0..k).filter(|&c| f64::from(p[c]) >= thresholds[c]).map(|c| classes[c].as_str()).collect();
+        csv.push_str(&format!(
+            "{},{},{},{},{}",
+            csv_field(&split.ids[row]),
+            csv_field(split.sources.get(row).map_or("", String::as_str)),
+            csv_field(&truth.join("|")),
+            csv_field(&called.join("|")),
+            u8::from(truth == called)
+        ));
+        for v in p {
+            csv.push_str(&format!(",{v}"));
+        }
+        csv.push('\n');
+    }
+    let path = cx.out_dir.join("predictions.csv");
+    std::fs::write(&path, csv).map_err(StageError::io("write", &path))?;
+    io::write_json(cx, "mistakes.json", &Vec::<Mistake>::new())?;
+    let show = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
+    cx.reporter.summary(
+        cx.stage,
+        &[format!(
+            "{name} {} images, {k} labels: subset accuracy {:.4}, Hamming loss {:.4}, micro F1 {:.4}, macro F1 {:.4}, mAP {}",
+            report.samples,
+            report.subset_accuracy,
+            report.hamming_loss,
+            report.micro_avg.f1,
+            report.macro_avg.f1,
+            show(report.mean_average_precision)
+        )],
+    );
+    Ok(())
 }
 
 /// How many of the most confident mistakes `mistakes.json` lists (with thumbnails).

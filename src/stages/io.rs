@@ -87,11 +87,15 @@ impl Split {
                 Dtype::F32 => Pixels::F32(Vec::new()),
             },
             labels: Vec::new(),
+            multi: Vec::new(),
             ids: Vec::new(),
             sources: Vec::new(),
             shape,
         };
         let Some(info) = m.splits.get(split) else { return Ok(out) };
+        if m.classes.is_empty() && m.encoding != Encoding::Index {
+            return Err(fail(format!("{:?} labels with no classes in manifest.json", m.encoding)));
+        }
         for shard in &info.shards {
             let path = cx.input_file(artifact, &shard.file)?.ok_or_else(|| fail(format!("shard `{}` is missing", shard.file)))?;
             let bytes = std::fs::read(&path).map_err(|e| fail(format!("cannot read shard `{}`: {e}", shard.file)))?;
@@ -120,7 +124,21 @@ impl Split {
                         labels.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
                     out.labels.extend(vals.chunks_exact(k).map(|r| r.iter().position(|v| *v > 0.5).unwrap_or(0) as u32));
                 }
-                Encoding::MultiHot => return Err(fail("multi-label (multi_hot) shards cannot train a single-label classifier yet".into())),
+                Encoding::MultiHot => {
+                    let k = m.classes.len();
+                    let vals: Vec<f32> =
+                        labels.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+                    if vals.len() != shard.rows * k {
+                        return Err(fail(format!(
+                            "shard `{}` has {} label values for {} rows of {k} classes",
+                            shard.file,
+                            vals.len(),
+                            shard.rows
+                        )));
+                    }
+                    out.labels.extend(vals.chunks_exact(k).map(|r| r.iter().position(|v| *v > 0.5).unwrap_or(0) as u32));
+                    out.multi.extend(vals.iter().map(|&v| if v > 0.5 { 1.0 } else { 0.0 }));
+                }
             }
             out.ids.extend(shard.ids.iter().cloned());
             out.sources.extend((0..shard.rows).map(|r| shard.sources.get(r).cloned().unwrap_or_default()));

@@ -64,7 +64,6 @@ fn a_binary_model_decides_at_its_validation_threshold_in_eval_and_predict() {
     let metrics = read_json(ws.join("outputs/tiny/eval/metrics.json"));
     assert_eq!(metrics["binary"]["positive"], "dark");
     assert_eq!(metrics["binary"]["threshold"].as_f64(), Some(threshold));
-    assert_eq!(metrics["binary"]["f1"], metrics["per_class"]["dark"]["f1"]);
     assert!(metrics["binary"]["roc_auc"].as_f64().is_some() && metrics["binary"]["roc_curve"][0] == serde_json::json!([0.0, 0.0]));
     let predictions = rows(&std::fs::read_to_string(ws.join("outputs/tiny/eval/predictions.csv")).unwrap());
     assert!(!predictions.is_empty());
@@ -76,6 +75,13 @@ fn a_binary_model_decides_at_its_validation_threshold_in_eval_and_predict() {
         assert_eq!(r["predicted"], called, "{r:?} at threshold {threshold}");
         eval_probs.insert(r["source"].clone(), (dark, called.to_string()));
     }
+    // The binary figures are the positive class's at the threshold, recounted from the rows.
+    let count = |called: bool, truth: bool| {
+        predictions.iter().filter(|r| (r["predicted"] == "dark") == called && (r["label"] == "dark") == truth).count() as f64
+    };
+    let (tp, fp, fn_) = (count(true, true), count(true, false), count(false, true));
+    let f1 = metrics["binary"]["f1"].as_f64().unwrap();
+    assert!((f1 - if tp > 0.0 { 2.0 * tp / (2.0 * tp + fp + fn_) } else { 0.0 }).abs() < 1e-12, "{f1}: tp {tp} fp {fp} fn {fn_}");
 
     // predict on the original files: eval's probability, and the same call.
     let predicted: serde_json::Value =
@@ -149,8 +155,8 @@ fn a_task_that_does_not_fit_the_data_or_the_options_is_a_plan_error_at_its_value
         (
             shapes_manifest(two, "index", "pos_weight = 2.0\nmonitor = \"val_auc\""),
             vec![
-                ("kiln.toml:24:14", "`pos_weight` applies to task = \"binary\" only"),
-                ("kiln.toml:25:11", "`monitor = \"val_auc\"` applies to task = \"binary\" only"),
+                ("kiln.toml:24:14", "`pos_weight` applies to task = \"binary\" or \"multi_label\" only"),
+                ("kiln.toml:25:11", "`monitor = \"val_auc\"` applies to task = \"binary\" or \"multi_label\" only"),
             ],
         ),
         (
@@ -161,6 +167,10 @@ fn a_task_that_does_not_fit_the_data_or_the_options_is_a_plan_error_at_its_value
             shapes_manifest(two, "multi_hot", "task = \"binary\""),
             vec![("kiln.toml:17:12", "stage `convert` writes several labels per image (multi_hot), but this model's task is \"binary\"")],
         ),
+        (
+            shapes_manifest(two, "index", "task = \"multi_label\""),
+            vec![("kiln.toml:24:8", "a multi-label model reads multi-hot labels, but stage `convert` writes one class per image")],
+        ),
         (shapes_manifest(two, "index", "task = \"regression_to_the_mean\""), vec![("kiln.toml:24:8", "unknown variant")]),
     ] {
         let ws = Workspace::new(&manifest);
@@ -168,8 +178,10 @@ fn a_task_that_does_not_fit_the_data_or_the_options_is_a_plan_error_at_its_value
         let err = unwrap_diagnostic(&String::from_utf8_lossy(&out.stderr));
         assert_eq!(out.status.code(), Some(2), "{manifest}\n{}", text(&out));
         for (at, message) in expected {
+            // `FILE:LINE:COL: MESSAGE` as the value is read, `FILE:LINE:COL: stage `train`:
+            // MESSAGE` when checked against the stages upstream.
             assert!(
-                err.contains(&format!("{at}: {message}")) || (err.contains(at) && err.contains(message)),
+                err.contains(&format!("{at}: {message}")) || err.contains(&format!("{at}: stage `train`: {message}")),
                 "expected {at}: {message} in\n{err}"
             );
         }
@@ -179,4 +191,102 @@ fn a_task_that_does_not_fit_the_data_or_the_options_is_a_plan_error_at_its_value
     let ws = Workspace::new(&shapes_manifest(two, "index", "task = \"binary\"\npositive = \"circle\"\npos_weight = \"balanced\""));
     let out = ws.kiln(&["dag"]);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// The serve tests' files with tags from a mapping file: each image's tone (`dark` or
+/// `bright`), and `jpg` for those stored as JPEG, which an alias turns into two tags.
+fn multi_label_manifest() -> String {
+    let label = "from = \"folder\"\nclasses = [\"dark\", \"bright\"]\n";
+    let tags = "from = \"mapping\"\nmapping = { path = \"tags.csv\" }\nclasses = [\"bright\", \"dark\", \"jpeg\", \"lossy\"]\naliases = { jpg = \"lossy|jpeg\" }\n";
+    let text = TINY
+        .replacen(label, tags, 1)
+        .replacen(
+            "split = { train = 0.6, val = 0.1, test = 0.3 }\n",
+            "split = { train = 0.6, val = 0.1, test = 0.3 }\nencoding = \"multi_hot\"\n",
+            1,
+        )
+        .replacen("model = \"cnn\"\n", "task = \"multi_label\"\nmodel = \"cnn\"\n", 1);
+    assert_eq!(text.matches("multi").count(), 2, "{text}");
+    text
+}
+
+#[test]
+fn a_multi_label_model_calls_each_tag_at_its_threshold_in_eval_and_predict() {
+    let dir = workspace_with(MANIFEST, &multi_label_manifest());
+    let ws = dir.path();
+    make_images(&ws.join("data"));
+    let mut tags = String::from("path,label\n");
+    for tone in ["dark", "bright"] {
+        let mut files: Vec<String> =
+            std::fs::read_dir(ws.join("data").join(tone)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        files.sort();
+        for f in files {
+            let jpeg = if f.ends_with(".jpg") { "|jpg" } else { "" };
+            tags.push_str(&format!("data/{tone}/{f},{tone}{jpeg}\n"));
+        }
+    }
+    std::fs::write(ws.join("tags.csv"), tags).unwrap();
+    let out = kiln(ws, &["run", MANIFEST]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stage_map(&String::from_utf8_lossy(&out.stdout)).values().all(|s| s.starts_with("ran")), "{}", text(&out));
+
+    // One logit per tag; a threshold per tag in the card.
+    let card = read_json(ws.join("outputs/tiny/train/model.json"));
+    assert_eq!(card["task"], "multi_label");
+    let thresholds: Vec<f64> = card["multi_label"]["thresholds"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
+    assert_eq!(thresholds.len(), 4);
+    assert!(thresholds.iter().all(|t| (0.0..=1.0).contains(t)), "{thresholds:?}");
+    let weights = std::fs::read(ws.join("outputs/tiny/train/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    let head: Vec<usize> = st
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with("head") && n.ends_with("weight"))
+        .map(|n| st.tensor(n).unwrap().shape()[0])
+        .collect();
+    assert_eq!(head, vec![4], "one logit per tag");
+
+    // eval: the called tags are those at or above their thresholds; the truth is the mapping's.
+    let metrics = read_json(ws.join("outputs/tiny/eval/metrics.json"));
+    assert_eq!(metrics["task"], "multi_label");
+    let samples = metrics["samples"].as_u64().unwrap() as usize;
+    let predictions = rows(&std::fs::read_to_string(ws.join("outputs/tiny/eval/predictions.csv")).unwrap());
+    assert_eq!(predictions.len(), samples);
+    let classes = ["bright", "dark", "jpeg", "lossy"];
+    let mut eval_rows: BTreeMap<String, (Vec<f32>, String)> = BTreeMap::new();
+    let mut wrong_pairs = 0;
+    for r in &predictions {
+        let p: Vec<f32> = classes.iter().map(|c| r[&format!("p_{c}")].parse().unwrap()).collect();
+        let called: Vec<&str> = (0..4).filter(|&c| f64::from(p[c]) >= thresholds[c]).map(|c| classes[c]).collect();
+        assert_eq!(r["predicted"], called.join("|"), "{r:?}");
+        // The alias named two tags; the label stage sorts them.
+        let truth = format!(
+            "{}{}",
+            if r["source"].contains("/dark/") { "dark" } else { "bright" },
+            if r["source"].ends_with(".jpg") { "|jpeg|lossy" } else { "" }
+        );
+        let mut truth_sorted: Vec<&str> = truth.split('|').collect();
+        truth_sorted.sort();
+        assert_eq!(r["labels"], truth_sorted.join("|"), "{r:?}");
+        wrong_pairs += classes.iter().filter(|c| truth_sorted.contains(c) != called.contains(c)).count();
+        eval_rows.insert(r["source"].clone(), (p, called.join("|")));
+    }
+    let hamming = metrics["hamming_loss"].as_f64().unwrap();
+    assert!((hamming - wrong_pairs as f64 / (4 * samples) as f64).abs() < 1e-12, "{hamming} vs {wrong_pairs} wrong of {}", 4 * samples);
+    assert!(predictions.iter().any(|r| r["labels"].contains("jpeg|lossy")), "some test image is a JPEG");
+
+    // predict: eval's probabilities, and the same tags called.
+    let predicted: serde_json::Value =
+        serde_json::from_str(&ok(ws, &["predict", &format!("{MANIFEST}:train"), "data", "--format", "json"])).unwrap();
+    let mut matched = 0;
+    for r in predicted["results"].as_array().unwrap() {
+        let path = r["path"].as_str().unwrap();
+        let Some((source, (p, called))) = eval_rows.iter().find(|(s, _)| path.ends_with(s.as_str())) else { continue };
+        let q: Vec<f32> = r["probabilities"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert!(p.iter().zip(&q).all(|(a, b)| (a - b).abs() < 1e-5), "{source}: eval {p:?}, predict {q:?}");
+        let labels: Vec<&str> = r["labels"].as_array().unwrap().iter().map(|s| s["class"].as_str().unwrap()).collect();
+        assert_eq!(labels.join("|"), *called, "{source}");
+        matched += 1;
+    }
+    assert_eq!(matched, eval_rows.len(), "predict saw every file eval scored");
 }

@@ -148,7 +148,8 @@ impl StageKind for LabelKind {
 
     fn version(&self) -> u32 {
         // 2: items a corrections row kept or relabelled are marked reviewed.
-        2
+        // 3: an alias may name several classes (`a|b`): split, sorted and deduplicated.
+        3
     }
 
     fn parse(&self, table: Spanned<DeValue<'_>>, _cx: &ParseContext<'_>) -> Result<Arc<dyn Stage>, Vec<Issue>> {
@@ -388,19 +389,20 @@ impl Stage for LabelStage {
         let cfg = &self.config;
         let mut aliases_applied = 0;
         // A label may name several classes (`cat|dog`, for multi-hot encoding): aliases
-        // apply to each part, and the parts are kept sorted and unique.
+        // apply to each part, an alias may itself name several (`"0" = "even|round"`), and
+        // the parts are kept sorted and unique.
         let mut canonical = |raw: Option<String>| {
             let raw = raw?;
             let mut parts: Vec<String> = raw
                 .split(MULTI)
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
-                .map(|l| match cfg.aliases.get(l) {
+                .flat_map(|l| match cfg.aliases.get(l) {
                     Some(to) => {
                         aliases_applied += 1;
-                        to.clone()
+                        to.split(MULTI).map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect::<Vec<_>>()
                     }
-                    None => l.to_string(),
+                    None => vec![l.to_string()],
                 })
                 .collect();
             parts.sort();

@@ -97,6 +97,7 @@ fn empty(manifest: &ShardManifest) -> Split {
             Dtype::F32 => Pixels::F32(Vec::new()),
         },
         labels: Vec::new(),
+        multi: Vec::new(),
         ids: Vec::new(),
         sources: Vec::new(),
         shape: [manifest.channels, manifest.height as usize, manifest.width as usize],
@@ -111,6 +112,7 @@ fn append(into: &mut Split, part: Split) -> Result<(), String> {
         _ => return Err("its splits hold pixels of different types".to_string()),
     }
     into.labels.extend(part.labels);
+    into.multi.extend(part.multi);
     into.ids.extend(part.ids);
     into.sources.extend(part.sources);
     Ok(())
@@ -229,7 +231,7 @@ pub(super) fn out_of_fold(
         let train_rows: Vec<usize> = (0..n).filter(|&r| fold_of[r] != k).collect();
         let held: Vec<usize> = rows.judged.iter().copied().filter(|&r| fold_of[r] == k).collect();
         let labels: Vec<u32> = train_rows.iter().map(|&r| rows.labels[r]).collect();
-        let objective = model.objective(&labels, &manifest.classes)?;
+        let objective = model.objective(&labels, &[], &manifest.classes)?;
         let opt = model.optimizer(&ps);
         let mut trainer = Trainer { device: device.clone(), ps, net, opt, schedule: model.schedule(), objective };
         let batches = Batches::new(train_rows.len(), cfg.batch_size);

@@ -46,7 +46,7 @@ use toml::de::DeValue;
 use super::training::{self, Inputs, Model};
 use super::{ParseContext, PlanView, Stage, StageContext, StageError, StageKind, io, parse_config, upstream};
 use crate::diagnostic::{Checker, Issue, ValueSpans};
-use crate::formats::shards::ShardManifest;
+use crate::formats::shards::{Encoding, ShardManifest};
 use folds::Pool;
 
 pub struct LabelIssuesKind;
@@ -167,6 +167,13 @@ impl StageKind for LabelIssuesKind {
             if spans.has("train.checkpoint_secs") {
                 ck.fail("train.checkpoint_secs", "fold models are trained in memory and never checkpointed", "remove `checkpoint_secs`");
             }
+            if train.task == crate::task::Task::MultiLabel {
+                ck.fail(
+                    "train.task",
+                    "label_issues judges one given class per image; a multi-label model has none to doubt",
+                    "use task = \"classification\" or \"binary\" here",
+                );
+            }
         }
         let model = Model::check(train, &mut ck, "train.");
         let issues = ck.into_issues();
@@ -244,6 +251,12 @@ impl Stage for LabelIssuesStage {
         let classes = manifest.classes.len();
         if classes < 2 {
             return Err(StageError::Failed(format!("input `{input}` has {classes} class(es): a classifier needs at least 2")));
+        }
+        if manifest.encoding == Encoding::MultiHot {
+            return Err(StageError::data(
+                input,
+                "its shards give several labels per image (multi_hot): label_issues judges one class per image",
+            ));
         }
         let norm = self.model.resolve_input(&manifest)?;
         let Pool { split, rows } = Pool::load(cx, input, artifact, &manifest, &self.splits)?;

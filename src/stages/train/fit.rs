@@ -32,6 +32,10 @@ pub struct EpochRecord {
     pub val_f1: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold: Option<f64>,
+    /// Multi-label models: each class's threshold with its best validation F1 (`val_f1` is
+    /// the micro F1 at them, `val_auc` the macro ROC-AUC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds: Option<Vec<f64>>,
 }
 
 pub fn run(stage: &TrainStage, cx: &StageContext<'_>) -> Result<(), StageError> {

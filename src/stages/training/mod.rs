@@ -32,7 +32,7 @@ use crate::task::{Outputs, Task};
 
 pub use config::{ClassWeights, Config, EarlyStopping, Finetune, FinetuneMode, InputOverride, Monitor, PosWeight};
 pub use setup::Prepared;
-pub use step::{At, Batches, Data, Inputs, Objective, Stepped, Trainer, candle};
+pub use step::{At, Batches, Data, Inputs, Objective, Stepped, Trainer, candle, gather};
 
 /// Bounds of a model's options (the README's validation notes list them).
 pub const MAX_EPOCHS: u64 = 100_000;
@@ -206,6 +206,7 @@ impl Model {
     pub fn outputs(&self, classes: &[String]) -> Result<Outputs, String> {
         match self.config.task {
             Task::Classification => Ok(Outputs::Softmax),
+            Task::MultiLabel => Ok(Outputs::Independent),
             Task::Binary if classes.len() != 2 => {
                 Err(format!("a binary model needs exactly 2 classes, but the data has {}: {}", classes.len(), classes.join(", ")))
             }
@@ -288,20 +289,30 @@ impl Model {
                 .help("one weight per class, in class order, or class_weights = \"balanced\""),
             );
         }
-        if let Some(convert) = plan.ancestor_stage("convert")
-            && convert.stage.params()["encoding"] == "multi_hot"
-        {
-            issues.push(
-                Issue::new(
-                    convert.spans.get("encoding"),
-                    format!(
-                        "stage `{}` writes several labels per image (multi_hot), but this model's task is \"{}\", one class per image",
-                        convert.name,
-                        self.config.task.name()
-                    ),
-                )
-                .help("multi-label training is not built yet: give each item one label, and encoding = \"index\""),
-            );
+        if let Some(convert) = plan.ancestor_stage("convert") {
+            let multi_hot = convert.stage.params()["encoding"] == "multi_hot";
+            let multi_label = self.config.task == Task::MultiLabel;
+            if multi_hot && !multi_label {
+                issues.push(
+                    Issue::new(
+                        convert.spans.get("encoding"),
+                        format!(
+                            "stage `{}` writes several labels per image (multi_hot), but this model's task is \"{}\", one class per image",
+                            convert.name,
+                            self.config.task.name()
+                        ),
+                    )
+                    .help("set task = \"multi_label\" in the model, or give each item one label and encoding = \"index\""),
+                );
+            } else if multi_label && !multi_hot {
+                issues.push(
+                    Issue::new(
+                        plan.span(&p("task")),
+                        format!("a multi-label model reads multi-hot labels, but stage `{}` writes one class per image", convert.name),
+                    )
+                    .help(format!("set encoding = \"multi_hot\" in stage `{}`", convert.name)),
+                );
+            }
         }
         let Some(pre) = plan.ancestor_stage("preprocess") else { return issues };
         let name = pre.name;
@@ -427,23 +438,25 @@ fn check_cnn(ck: &mut Checker<'_>, cnn: &CnnConfig, prefix: &str) -> bool {
     true
 }
 
-/// The options that belong to one task only (`positive`, `pos_weight`, the binary monitors)
-/// are errors under another, and a binary model weighs its classes with `pos_weight`.
+/// The options that belong to some tasks only (`positive` to binary; `pos_weight` and the
+/// AUC and F1 monitors to the sigmoid tasks, binary and multi-label) are errors under
+/// another, and a sigmoid model weighs its classes with `pos_weight`, not `class_weights`.
 fn check_task(ck: &mut Checker<'_>, config: &Config, prefix: &str) {
     let p = |key: &str| format!("{prefix}{key}");
-    let binary = config.task == Task::Binary;
-    let not_binary = |ck: &mut Checker<'_>, key: &str, what: &str| {
+    let task = config.task;
+    let sigmoid = matches!(task, Task::Binary | Task::MultiLabel);
+    let only = |ck: &mut Checker<'_>, key: &str, what: &str, tasks: &str| {
         ck.fail(
             &p(key),
-            format!("{what} applies to task = \"binary\" only, and this model's task is \"{}\"", config.task.name()),
-            format!("set task = \"binary\", or remove `{key}`"),
+            format!("{what} applies to task = {tasks} only, and this model's task is \"{}\"", task.name()),
+            format!("set task = {tasks}, or remove `{key}`"),
         )
     };
-    if config.positive.is_some() && !binary {
-        not_binary(ck, "positive", "`positive`");
+    if config.positive.is_some() && task != Task::Binary {
+        only(ck, "positive", "`positive`", "\"binary\"");
     }
     match &config.pos_weight {
-        Some(_) if !binary => not_binary(ck, "pos_weight", "`pos_weight`"),
+        Some(_) if !sigmoid => only(ck, "pos_weight", "`pos_weight`", "\"binary\" or \"multi_label\""),
         Some(PosWeight::Named(n)) if n != "balanced" => ck.fail(
             &p("pos_weight"),
             format!("`pos_weight` = \"{n}\": expected \"balanced\" or a number"),
@@ -454,13 +467,14 @@ fn check_task(ck: &mut Checker<'_>, config: &Config, prefix: &str) {
         }
         _ => {}
     }
-    if matches!(config.monitor, Monitor::ValAuc | Monitor::ValF1) && !binary {
-        not_binary(ck, "monitor", &format!("`monitor = \"{}\"`", if config.monitor == Monitor::ValAuc { "val_auc" } else { "val_f1" }));
+    if matches!(config.monitor, Monitor::ValAuc | Monitor::ValF1) && !sigmoid {
+        let name = if config.monitor == Monitor::ValAuc { "val_auc" } else { "val_f1" };
+        only(ck, "monitor", &format!("`monitor = \"{name}\"`"), "\"binary\" or \"multi_label\"");
     }
-    if binary && config.class_weights.is_some() {
+    if sigmoid && config.class_weights.is_some() {
         ck.fail(
             &p("class_weights"),
-            "a binary model weighs its classes with `pos_weight`, not `class_weights`",
+            format!("a {} model weighs its classes with `pos_weight`, not `class_weights`", task.name()),
             "e.g. pos_weight = \"balanced\", or pos_weight = 3.0",
         );
     }
@@ -594,12 +608,20 @@ mod tests {
     #[test]
     fn balanced_pos_weight_is_negatives_per_positive() {
         let classes = ["cat".to_string(), "dog".to_string()];
-        let o = model("model = \"cnn\"\ntask = \"binary\"\npos_weight = \"balanced\"").objective(&[0, 0, 0, 1], &classes).unwrap();
-        assert_eq!(o.pos_weight, 3.0);
+        let o = model("model = \"cnn\"\ntask = \"binary\"\npos_weight = \"balanced\"").objective(&[0, 0, 0, 1], &[], &classes).unwrap();
+        assert_eq!(o.pos_weight, vec![3.0]);
         let o = model("model = \"cnn\"\ntask = \"binary\"\npositive = \"cat\"\npos_weight = \"balanced\"")
-            .objective(&[0, 0, 0, 1], &classes)
+            .objective(&[0, 0, 0, 1], &[], &classes)
             .unwrap();
-        assert!((o.pos_weight - 1.0 / 3.0).abs() < 1e-12);
-        assert!(model("model = \"cnn\"\ntask = \"binary\"\npos_weight = \"balanced\"").objective(&[0, 0], &classes).is_err());
+        assert!((o.pos_weight[0] - 1.0 / 3.0).abs() < 1e-12);
+        // Multi-label: one weight per class, from its column of the multi-hot targets.
+        let o = model("model = \"cnn\"\ntask = \"multi_label\"\npos_weight = \"balanced\"")
+            .objective(&[0, 0, 0], &[1.0, 1.0, 0.0, 1.0, 0.0, 0.0], &classes)
+            .unwrap();
+        assert_eq!(o.pos_weight, vec![2.0, 0.5]);
+        assert!(
+            model("model = \"cnn\"\ntask = \"multi_label\"\npos_weight = \"balanced\"").objective(&[0], &[1.0, 0.0], &classes).is_err()
+        );
+        assert!(model("model = \"cnn\"\ntask = \"binary\"\npos_weight = \"balanced\"").objective(&[0, 0], &[], &classes).is_err());
     }
 }

@@ -140,8 +140,9 @@ impl Model {
         manifest: &ShardManifest,
         norm: Normalize,
         device: &Device,
-        (train, val): (Split, Split),
+        (mut train, mut val): (Split, Split),
     ) -> Result<Prepared, StageError> {
+        let multi = [std::mem::take(&mut train.multi), std::mem::take(&mut val.multi)];
         let head_only = self.config.finetune == Finetune::Mode(FinetuneMode::Head);
         let augment = manifest.online_augment().filter(|_| manifest.dtype == Dtype::U8);
         if manifest.online_augment().is_some() && manifest.dtype == Dtype::F32 {
@@ -164,12 +165,13 @@ impl Model {
         } else {
             Inputs::Images { train, val }
         };
-        Ok(Prepared { data: Data { norm, inputs, augment }, features_line, features_seconds })
+        Ok(Prepared { data: Data { norm, inputs, augment, multi }, features_line, features_seconds })
     }
 
-    /// The loss for a run that trains on rows with `labels` of the dataset's `classes`:
-    /// the manifest's `class_weights` (softmax) or `pos_weight` (binary), and smoothing.
-    pub fn objective(&self, labels: &[u32], classes: &[String]) -> Result<Objective, StageError> {
+    /// The loss for a run that trains on rows with `labels` (and multi-hot targets `multi`,
+    /// for a multi-label model) of the dataset's `classes`: the manifest's `class_weights`
+    /// (softmax) or `pos_weight` (sigmoids), and smoothing.
+    pub fn objective(&self, labels: &[u32], multi: &[f32], classes: &[String]) -> Result<Objective, StageError> {
         let k = classes.len();
         let outputs = self.outputs(classes).map_err(StageError::Config)?;
         let class_weights = match &self.config.class_weights {
@@ -180,8 +182,23 @@ impl Model {
                 return Err(StageError::Failed(format!("`class_weights` has {} values for {k} classes", w.len())));
             }
         };
+        // Negatives per positive of each sigmoid output, in the rows trained on.
+        let balanced = |positives: Vec<usize>, rows: usize| -> Result<Vec<f64>, StageError> {
+            positives
+                .iter()
+                .enumerate()
+                .map(|(c, &pos)| match pos {
+                    0 => Err(StageError::Failed(format!(
+                        "`pos_weight = \"balanced\"`: the training rows hold no `{}`",
+                        classes.get(c).map_or("?", String::as_str)
+                    ))),
+                    pos => Ok((rows - pos) as f64 / pos as f64),
+                })
+                .collect()
+        };
+        let width = outputs.width(k);
         let pos_weight = match (&self.config.pos_weight, outputs) {
-            (Some(PosWeight::Value(w)), _) => *w,
+            (Some(PosWeight::Value(w)), _) => vec![*w; width],
             (Some(PosWeight::Named(_)), Outputs::Sigmoid { positive }) => {
                 let pos = labels.iter().filter(|&&l| l as usize == positive).count();
                 if pos == 0 {
@@ -190,11 +207,15 @@ impl Model {
                         classes[positive]
                     )));
                 }
-                (labels.len() - pos) as f64 / pos as f64
+                vec![(labels.len() - pos) as f64 / pos as f64]
             }
-            _ => 1.0,
+            (Some(PosWeight::Named(_)), Outputs::Independent) => {
+                let rows = multi.len() / k.max(1);
+                balanced((0..k).map(|c| (0..rows).filter(|&r| multi[r * k + c] > 0.5).count()).collect(), rows)?
+            }
+            _ => vec![1.0; width],
         };
-        Ok(Objective { outputs, class_weights, pos_weight, label_smoothing: self.config.label_smoothing })
+        Ok(Objective { outputs, classes: k, class_weights, pos_weight, label_smoothing: self.config.label_smoothing })
     }
 
     /// The optimizer over the trainable weights of `ps`; the backbone's rate is scaled by

@@ -25,6 +25,8 @@ pub fn candle(what: &str) -> impl Fn(candle_core::Error) -> StageError + '_ {
 }
 
 /// What a network is given: images, or (head fine-tuning) memoised backbone features.
+// One per training run: boxing the larger variant would save nothing worth an indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum Inputs {
     Images { train: Split, val: Split },
     Features { train: (Tensor, Vec<u32>), val: (Tensor, Vec<u32>) },
@@ -61,6 +63,17 @@ pub struct Data {
     pub inputs: Inputs,
     /// Online augmentation of training batches (u8 shards only).
     pub augment: Option<Augment>,
+    /// Multi-hot shards: the 0/1 targets of the train and the val rows, row-major (one
+    /// value per class); both empty otherwise.
+    pub multi: [Vec<f32>; 2],
+}
+
+/// The multi-hot rows `rows` of `multi` (`k` values each); empty when `multi` is.
+pub fn gather(multi: &[f32], k: usize, rows: impl IntoIterator<Item = usize>) -> Vec<f32> {
+    if multi.is_empty() {
+        return Vec::new();
+    }
+    rows.into_iter().flat_map(|r| multi[r * k..(r + 1) * k].iter().copied()).collect()
 }
 
 /// How an epoch is cut into batches.
@@ -125,31 +138,44 @@ pub struct Trainer {
 #[derive(Debug, Clone)]
 pub struct Objective {
     pub outputs: Outputs,
+    pub classes: usize,
     /// Softmax: the loss's per-class weights.
     pub class_weights: Option<Vec<f32>>,
-    /// Sigmoid: the weight of the positive term.
-    pub pos_weight: f64,
+    /// Sigmoids: the weight of each output's positive term.
+    pub pos_weight: Vec<f64>,
     /// The target's share moved to even odds between classes (training only).
     pub label_smoothing: f64,
 }
 
 impl Objective {
-    /// The batch's mean loss: while training with the manifest's weights and smoothing;
+    /// The batch's mean loss, on the rows' classes `labels` or (independent classes) their
+    /// multi-hot targets `multi`: while training with the manifest's weights and smoothing;
     /// for validation plain, so that epochs and runs compare.
-    pub fn loss(&self, logits: &Tensor, labels: &[u32], training: bool) -> candle_core::Result<Tensor> {
+    pub fn loss(&self, logits: &Tensor, labels: &[u32], multi: &[f32], training: bool) -> candle_core::Result<Tensor> {
         let eps = if training { self.label_smoothing } else { 0.0 };
+        let smooth = |y: f32| y * (1.0 - eps as f32) + 0.5 * eps as f32;
+        let ones = vec![1.0; self.pos_weight.len()];
+        let weights = if training { &self.pos_weight } else { &ones };
         match self.outputs {
             Outputs::Softmax => cross_entropy(logits, labels, eps, self.class_weights.as_deref().filter(|_| training)),
             Outputs::Sigmoid { positive } => {
-                let y: Vec<f32> =
-                    labels.iter().map(|&l| f32::from(l as usize == positive) * (1.0 - eps as f32) + 0.5 * eps as f32).collect();
-                binary_cross_entropy(logits, &y, if training { self.pos_weight } else { 1.0 })
+                let y: Vec<f32> = labels.iter().map(|&l| smooth(f32::from(l as usize == positive))).collect();
+                binary_cross_entropy(logits, &y, weights)
             }
+            Outputs::Independent => binary_cross_entropy(logits, &multi.iter().map(|&y| smooth(y)).collect::<Vec<_>>(), weights),
         }
     }
 
-    /// How many rows of a batch the logits classify as `labels` says (at even odds).
-    pub fn correct(&self, logits: &Tensor, labels: &[u32]) -> candle_core::Result<u64> {
+    /// How many rows of a batch the logits get right at even odds: the class `labels` says,
+    /// or (independent classes) every class of `multi` (the subset accuracy's count).
+    pub fn correct(&self, logits: &Tensor, labels: &[u32], multi: &[f32]) -> candle_core::Result<u64> {
+        if self.outputs == Outputs::Independent {
+            let z: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+            let k = self.classes.max(1);
+            return Ok(
+                z.chunks(k).zip(multi.chunks(k)).filter(|(z, y)| z.iter().zip(*y).all(|(z, y)| (*z > 0.0) == (*y > 0.5))).count() as u64
+            );
+        }
         let pred = self.outputs.predicted(logits)?;
         Ok(pred.iter().zip(labels).filter(|(p, l)| p == l).count() as u64)
     }
@@ -174,7 +200,8 @@ impl Trainer {
                 (self.net.classify(&x, &mut ctx).map_err(candle("forward"))?, rows.iter().map(|&r| train.1[r]).collect())
             }
         };
-        let loss = self.objective.loss(&logits, &labels, true).map_err(candle("loss"))?;
+        let multi = gather(&data.multi[0], self.objective.classes, rows.iter().copied());
+        let loss = self.objective.loss(&logits, &labels, &multi, true).map_err(candle("loss"))?;
         let loss_value = f64::from(loss.to_scalar::<f32>().map_err(candle("loss"))?);
         if !loss_value.is_finite() {
             return Err(StageError::Failed(format!(
@@ -189,7 +216,7 @@ impl Trainer {
             self.opt.clip_grad_norm(&mut grads, max).map_err(candle("clip"))?;
         }
         self.opt.step(&grads, lr).map_err(candle("optimizer step"))?;
-        let correct = self.objective.correct(&logits, &labels).map_err(candle("accuracy"))?;
+        let correct = self.objective.correct(&logits, &labels, &multi).map_err(candle("accuracy"))?;
         Ok(Stepped { loss: loss_value, correct })
     }
 

@@ -14,7 +14,7 @@ use crate::model::{InputCard, ModelCard};
 use crate::nn::weights_digest;
 use crate::stages::training::candle;
 use crate::stages::{Stage, StageContext, StageError, io};
-use crate::task::{Binary, Outputs};
+use crate::task::{Binary, MultiLabel, Outputs};
 
 /// What the whole run did, beyond what its [`Session`] holds.
 pub(super) struct Totals {
@@ -86,8 +86,11 @@ pub(super) fn write(stage: &TrainStage, cx: &StageContext<'_>, session: Session,
                 positive: manifest.classes[positive].clone(),
                 threshold: best_record.and_then(|r| r.threshold).unwrap_or(0.5),
             }),
-            Outputs::Softmax => None,
+            Outputs::Softmax | Outputs::Independent => None,
         },
+        multi_label: (outputs == Outputs::Independent).then(|| MultiLabel {
+            thresholds: best_record.and_then(|r| r.thresholds.clone()).unwrap_or_else(|| vec![0.5; manifest.classes.len()]),
+        }),
         input: InputCard {
             channels: manifest.channels,
             height: manifest.height as usize,
@@ -107,7 +110,7 @@ pub(super) fn write(stage: &TrainStage, cx: &StageContext<'_>, session: Session,
     };
     io::write_json(cx, "model.json", &card)?;
     io::write_json(cx, "history.json", &progress.history)?;
-    let binary = matches!(outputs, Outputs::Sigmoid { .. });
+    let binary = matches!(outputs, Outputs::Sigmoid { .. } | Outputs::Independent);
     let mut csv = String::from("epoch,lr,train_loss,train_accuracy,val_loss,val_accuracy");
     csv.push_str(if binary { ",val_auc,val_f1,threshold\n" } else { "\n" });
     let opt = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
@@ -152,6 +155,9 @@ pub(super) fn write(stage: &TrainStage, cx: &StageContext<'_>, session: Session,
         ));
         if let (Some(auc), Some(f1), Some(t)) = (r.val_auc, r.val_f1, r.threshold) {
             summary.push(format!("val ROC-AUC {auc:.4}; best val F1 {f1:.4} from p ≥ {t:.4}, the threshold in the model card"));
+        }
+        if let (Some(auc), Some(f1), Some(_)) = (r.val_auc, r.val_f1, &r.thresholds) {
+            summary.push(format!("val macro ROC-AUC {auc:.4}; val micro F1 {f1:.4} at each class's best threshold, in the model card"));
         }
     }
     summary.push(format!("weights {}", &digest[..16]));

@@ -9,13 +9,12 @@ use super::super::TrainStage;
 use super::super::checkpoint::{self, Progress};
 use super::EpochRecord;
 use super::setup::Session;
-use crate::formats::preprocess::Normalize;
 use crate::metrics;
 use crate::nn::ParamStore;
 use crate::nn::layers::Ctx;
 use crate::nn::optim::Optimizer;
 use crate::rng::Rng;
-use crate::stages::training::{At, Inputs, Monitor, Trainer, candle};
+use crate::stages::training::{At, Data, Inputs, Monitor, Trainer, candle, gather};
 use crate::stages::{StageContext, StageError};
 use crate::task::{Outputs, best_f1_threshold};
 
@@ -99,7 +98,7 @@ fn close(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut
     let cfg = &stage.model.config;
     let batches = s.batches;
     let epoch = s.progress.epoch;
-    let val = evaluate(&s.trainer, &s.data.inputs, &s.data.norm, batches.size.max(64)).map_err(candle("validation"))?;
+    let val = evaluate(&s.trainer, &s.data, batches.size.max(64)).map_err(candle("validation"))?;
     let progress = &mut s.progress;
     let record = EpochRecord {
         epoch: epoch + 1,
@@ -110,7 +109,8 @@ fn close(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut
         val_accuracy: val.as_ref().map(|v| v.accuracy),
         val_auc: val.as_ref().and_then(|v| v.auc),
         val_f1: val.as_ref().and_then(|v| v.best_f1.map(|b| b.1)),
-        threshold: val.as_ref().and_then(|v| v.best_f1.map(|b| b.0)),
+        threshold: val.as_ref().filter(|v| v.thresholds.is_empty()).and_then(|v| v.best_f1.map(|b| b.0)),
+        thresholds: val.as_ref().map(|v| v.thresholds.clone()).filter(|t| !t.is_empty()),
     };
     tracing::info!(stage = cx.stage, epoch = epoch + 1, train_loss = record.train_loss, val_accuracy = ?record.val_accuracy, "epoch done");
     // Higher is better for accuracy, AUC and F1, lower for loss; without a validation split
@@ -152,19 +152,24 @@ fn close(s: &mut Session, stage: &TrainStage, cx: &StageContext<'_>, clock: &mut
 struct Eval {
     loss: f64,
     accuracy: f64,
-    /// Binary models: ROC-AUC, and the threshold with the best F1 with that F1.
+    /// Binary models: ROC-AUC, and the threshold with the best F1 with that F1;
+    /// multi-label models: macro ROC-AUC, and the micro F1 at `thresholds`.
     auc: Option<f64>,
     best_f1: Option<(f64, f64)>,
+    /// Multi-label models: each class's threshold with its best F1.
+    thresholds: Vec<f64>,
 }
 
-fn evaluate(trainer: &Trainer, inputs: &Inputs, norm: &Normalize, batch: usize) -> candle_core::Result<Option<Eval>> {
+fn evaluate(trainer: &Trainer, data: &Data, batch: usize) -> candle_core::Result<Option<Eval>> {
     let (net, objective, device) = (trainer.net.as_ref(), &trainer.objective, &trainer.device);
+    let (inputs, norm, k) = (&data.inputs, &data.norm, objective.classes);
     let n = inputs.val_len();
     if n == 0 {
         return Ok(None);
     }
     let (mut loss, mut correct) = (0f64, 0u64);
-    let mut scores: Vec<(f64, bool)> = Vec::new();
+    // (score, is positive) of the positive class (binary), or of each class (multi-label).
+    let mut scores: Vec<Vec<(f64, bool)>> = vec![Vec::new(); if objective.outputs == Outputs::Independent { k } else { 1 }];
     for start in (0..n).step_by(batch) {
         let rows: Vec<usize> = (start..(start + batch).min(n)).collect();
         let (logits, labels) = match inputs {
@@ -177,15 +182,53 @@ fn evaluate(trainer: &Trainer, inputs: &Inputs, norm: &Normalize, batch: usize) 
                 (net.classify(&x, &mut Ctx::eval())?, val.1[start..start + rows.len()].to_vec())
             }
         };
-        loss += f64::from(objective.loss(&logits, &labels, false)?.to_scalar::<f32>()?) * rows.len() as f64;
-        correct += objective.correct(&logits, &labels)?;
-        if let Outputs::Sigmoid { positive } = objective.outputs {
-            let p: Vec<Vec<f32>> = objective.outputs.probabilities(&logits)?.to_device(&Device::Cpu)?.to_vec2()?;
-            scores.extend(p.iter().zip(&labels).map(|(p, &l)| (f64::from(p[positive]), l as usize == positive)));
+        let multi = gather(&data.multi[1], k, rows.iter().copied());
+        loss += f64::from(objective.loss(&logits, &labels, &multi, false)?.to_scalar::<f32>()?) * rows.len() as f64;
+        correct += objective.correct(&logits, &labels, &multi)?;
+        match objective.outputs {
+            Outputs::Sigmoid { positive } => {
+                let p: Vec<Vec<f32>> = objective.outputs.probabilities(&logits)?.to_device(&Device::Cpu)?.to_vec2()?;
+                scores[0].extend(p.iter().zip(&labels).map(|(p, &l)| (f64::from(p[positive]), l as usize == positive)));
+            }
+            Outputs::Independent => {
+                let p: Vec<Vec<f32>> = objective.outputs.probabilities(&logits)?.to_device(&Device::Cpu)?.to_vec2()?;
+                for (row, p) in p.iter().enumerate() {
+                    for c in 0..k {
+                        scores[c].push((f64::from(p[c]), multi[row * k + c] > 0.5));
+                    }
+                }
+            }
+            Outputs::Softmax => {}
         }
     }
-    let (auc, best_f1) = if scores.is_empty() { (None, None) } else { (metrics::roc_auc(&scores), best_f1_threshold(&scores)) };
-    Ok(Some(Eval { loss: loss / n as f64, accuracy: correct as f64 / n as f64, auc, best_f1 }))
+    let mut val = Eval { loss: loss / n as f64, accuracy: correct as f64 / n as f64, auc: None, best_f1: None, thresholds: Vec::new() };
+    match objective.outputs {
+        Outputs::Sigmoid { .. } => {
+            val.auc = metrics::roc_auc(&scores[0]);
+            val.best_f1 = best_f1_threshold(&scores[0]);
+        }
+        Outputs::Independent => {
+            // Macro ROC-AUC over the classes validation has both sides of; micro F1 with each
+            // class at its own best threshold (0.5 for a class validation never shows).
+            let aucs: Vec<f64> = scores.iter().filter_map(|s| metrics::roc_auc(s)).collect();
+            val.auc = (!aucs.is_empty()).then(|| aucs.iter().sum::<f64>() / aucs.len() as f64);
+            val.thresholds = scores.iter().map(|s| best_f1_threshold(s).map_or(0.5, |b| b.0)).collect();
+            let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
+            for (s, t) in scores.iter().zip(&val.thresholds) {
+                for &(p, y) in s {
+                    match (p >= *t, y) {
+                        (true, true) => tp += 1,
+                        (true, false) => fp += 1,
+                        (false, true) => fn_ += 1,
+                        _ => {}
+                    }
+                }
+            }
+            val.best_f1 = (tp + fn_ > 0).then(|| (0.5, 2.0 * tp as f64 / (2 * tp + fp + fn_) as f64));
+        }
+        Outputs::Softmax => {}
+    }
+    Ok(Some(val))
 }
 
 /// Writes a checkpoint to resume from: `elapsed` (seconds trained by this process) is

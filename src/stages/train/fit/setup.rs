@@ -50,7 +50,7 @@ impl Session {
         let (mut ps, net, mut summary) = model.build(cx, &device, cx.seed, train.shape, outputs.width(classes))?;
         let Prepared { data, features_line, features_seconds } = model.prepare(cx, net.as_ref(), &manifest, norm, &device, (train, val))?;
         summary.extend(features_line);
-        let objective = model.objective(data.inputs.train_labels(), &manifest.classes)?;
+        let objective = model.objective(data.inputs.train_labels(), &data.multi[0], &manifest.classes)?;
         let mut opt = model.optimizer(&ps);
         let schedule = model.schedule();
         let progress = resume(cx, &mut ps, &mut opt, &mut summary)?;

@@ -2,6 +2,8 @@
 //! (`classification_report`, `confusion_matrix`, `balanced_accuracy_score`, `log_loss`,
 //! `top_k_accuracy_score`, `roc_auc_score`, `average_precision_score`).
 
+pub mod multi_label;
+
 use std::collections::BTreeMap;
 
 use serde::Serialize;
@@ -82,7 +84,7 @@ impl Decision {
     }
 }
 
-fn ratio(a: f64, b: f64) -> f64 {
+pub(crate) fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { 0.0 }
 }
 
