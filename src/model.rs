@@ -70,6 +70,9 @@ pub struct TrainedModel {
 impl ModelCard {
     /// How the network's outputs read, from the task, checked against the classes.
     pub fn outputs(&self) -> Result<Outputs, String> {
+        if self.classes.is_empty() {
+            return Err("the card lists no classes".into());
+        }
         match (self.task, &self.binary) {
             (Task::Classification, _) => Ok(Outputs::Softmax),
             (Task::Binary, Some(b)) if self.classes.len() == 2 => match self.classes.iter().position(|c| *c == b.positive) {

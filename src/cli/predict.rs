@@ -173,23 +173,20 @@ pub fn predict(args: PredictArgs, out: &CliReporter) -> Result<(), Error> {
                     // A multi-label model's `predicted` is every class it calls present,
                     // joined by `|` as label listings write them, with the smallest of their
                     // probabilities.
-                    let best = match predictor.present(p) {
-                        Some(present) => crate::predict::Scored {
-                            class: present.iter().map(|s| s.class.as_str()).collect::<Vec<_>>().join("|"),
-                            probability: present.iter().map(|s| s.probability).fold(f32::NAN, f32::min),
-                        },
-                        None => predictor.predicted(p),
+                    let (called, p_called) = match predictor.present(p) {
+                        Some(present) => (
+                            present.iter().map(|s| s.class.as_str()).collect::<Vec<_>>().join("|"),
+                            // Empty when no class is called present.
+                            present.iter().map(|s| s.probability).reduce(f32::min).map_or(String::new(), |v| v.to_string()),
+                        ),
+                        None => {
+                            let best = predictor.predicted(p);
+                            (best.class, best.probability.to_string())
+                        }
                     };
                     let probs: Vec<String> = p.iter().map(|v| v.to_string()).collect();
-                    writeln!(
-                        w,
-                        "{},{},{},{}",
-                        csv_field(&path.display().to_string()),
-                        csv_field(&best.class),
-                        best.probability,
-                        probs.join(",")
-                    )
-                    .map_err(io)?;
+                    writeln!(w, "{},{},{},{}", csv_field(&path.display().to_string()), csv_field(&called), p_called, probs.join(","))
+                        .map_err(io)?;
                 }
             }
         }

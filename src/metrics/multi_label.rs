@@ -166,6 +166,14 @@ mod tests {
         assert_eq!(r.per_class["c"].roc_auc, Some(0.5));
         assert_eq!(r.per_class["a"].average_precision, Some(1.0));
         assert!((r.mean_average_precision.unwrap() - (1.0 + 1.0 + 0.5) / 3.0).abs() < 1e-12);
+        // A sample with no class true and none called scores 0 in the samples average
+        // (zero_division = 0); a class nobody has is left out of mAP and macro ROC-AUC.
+        let empty = report(&[0.1f32, 0.9, 0.2, 0.1], &[0.0, 1.0, 0.0, 0.0], &classes[..2], &[0.5, 0.5]);
+        assert_eq!(empty.samples_avg.f1, 0.5);
+        assert_eq!(empty.subset_accuracy, 1.0);
+        assert_eq!(empty.per_class["a"].average_precision, None);
+        assert_eq!(empty.mean_average_precision, Some(1.0));
+        assert_eq!(empty.per_class["a"].f1, 0.0);
         // Thresholds move the calls: c from 0.35 on is right for sample 0.
         let moved = report(&probs, &truth, &classes, &[0.5, 0.5, 0.35]);
         assert_eq!(moved.per_class["c"].recall, 1.0);

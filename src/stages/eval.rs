@@ -170,6 +170,7 @@ impl Stage for EvalStage {
                 input.channels, input.height, input.width, manifest.channels, manifest.height, manifest.width
             )));
         }
+        crate::stages::training::encoding_fits(&manifest, model.outputs).map_err(|why| StageError::data(data_input, why))?;
         let split = Split::load(cx, data_input, data_art, &manifest, &self.config.split)?;
         if split.is_empty() {
             return Err(StageError::Config(format!("split `{}` of `{data_input}` is empty", self.config.split)));

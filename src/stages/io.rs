@@ -140,6 +140,14 @@ impl Split {
                     out.multi.extend(vals.iter().map(|&v| if v > 0.5 { 1.0 } else { 0.0 }));
                 }
             }
+            if shard.ids.len() != shard.rows {
+                return Err(fail(format!(
+                    "shard `{}` has {} rows but manifest.json lists {} ids",
+                    shard.file,
+                    shard.rows,
+                    shard.ids.len()
+                )));
+            }
             out.ids.extend(shard.ids.iter().cloned());
             out.sources.extend((0..shard.rows).map(|r| shard.sources.get(r).cloned().unwrap_or_default()));
         }

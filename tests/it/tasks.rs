@@ -271,6 +271,12 @@ fn a_multi_label_model_calls_each_tag_at_its_threshold_in_eval_and_predict() {
         wrong_pairs += classes.iter().filter(|c| truth_sorted.contains(c) != called.contains(c)).count();
         eval_rows.insert(r["source"].clone(), (p, called.join("|")));
     }
+    // Tone is plain to see (dark images are ~60 levels, bright ~180): a model whose targets
+    // were not its images' would not learn it.
+    for tone in ["dark", "bright"] {
+        let auc = metrics["per_class"][tone]["roc_auc"].as_f64().unwrap();
+        assert!(auc >= 0.95, "{tone}: ROC-AUC {auc}: {metrics}");
+    }
     let hamming = metrics["hamming_loss"].as_f64().unwrap();
     assert!((hamming - wrong_pairs as f64 / (4 * samples) as f64).abs() < 1e-12, "{hamming} vs {wrong_pairs} wrong of {}", 4 * samples);
     assert!(predictions.iter().any(|r| r["labels"].contains("jpeg|lossy")), "some test image is a JPEG");

@@ -234,7 +234,7 @@ impl StageKind for LabelKind {
                     "name one trimmed label, e.g. `aliases = { Cats = \"cat\" }`",
                 );
             }
-            if to.trim().is_empty() {
+            if to.split(MULTI).all(|part| part.trim().is_empty()) {
                 ck.fail(&format!("aliases.{alias}"), format!("alias `{alias}` maps to an empty label"), "map it to a class name");
             }
         }

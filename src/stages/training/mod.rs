@@ -34,6 +34,21 @@ pub use config::{ClassWeights, Config, EarlyStopping, Finetune, FinetuneMode, In
 pub use setup::Prepared;
 pub use step::{At, Batches, Data, Inputs, Objective, Stepped, Trainer, candle, gather};
 
+/// Multi-hot shards go with independent classes (multi-label), and only with them: checked
+/// when a stage runs too, since shards may come from stages the plan cannot see into.
+pub fn encoding_fits(manifest: &crate::formats::shards::ShardManifest, outputs: Outputs) -> Result<(), String> {
+    use crate::formats::shards::Encoding;
+    match (manifest.encoding == Encoding::MultiHot, outputs == Outputs::Independent) {
+        (true, false) => {
+            Err("its shards give several classes per image (multi_hot), but the model takes one: use task = \"multi_label\"".into())
+        }
+        (false, true) => {
+            Err("the model is multi-label but its shards give one class per image: write them with encoding = \"multi_hot\"".into())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Bounds of a model's options (the README's validation notes list them).
 pub const MAX_EPOCHS: u64 = 100_000;
 /// The most weights a model may have: 100 M, about 1.6 GB with gradients and Adam's state.
@@ -302,7 +317,11 @@ impl Model {
                             self.config.task.name()
                         ),
                     )
-                    .help("set task = \"multi_label\" in the model, or give each item one label and encoding = \"index\""),
+                    .help(if prefix.is_empty() {
+                        "set task = \"multi_label\" in the model, or give each item one label and encoding = \"index\""
+                    } else {
+                        "label_issues judges one class per image: give each item one label, and encoding = \"index\""
+                    }),
                 );
             } else if multi_label && !multi_hot {
                 issues.push(
@@ -623,5 +642,27 @@ mod tests {
             model("model = \"cnn\"\ntask = \"multi_label\"\npos_weight = \"balanced\"").objective(&[0], &[1.0, 0.0], &classes).is_err()
         );
         assert!(model("model = \"cnn\"\ntask = \"binary\"\npos_weight = \"balanced\"").objective(&[0, 0], &[], &classes).is_err());
+        // A class on every row has no negatives: its weight would be 0.
+        let every =
+            model("model = \"cnn\"\ntask = \"multi_label\"\npos_weight = \"balanced\"").objective(&[0, 0], &[1.0, 1.0, 1.0, 0.0], &classes);
+        assert!(every.unwrap_err().to_string().contains("every training row has `cat`"));
+    }
+
+    /// Multi-hot shards and a multi-label model go together, at run time too.
+    #[test]
+    fn the_shards_encoding_must_fit_the_task() {
+        let manifest = |encoding: &str| -> crate::formats::shards::ShardManifest {
+            serde_json::from_value(serde_json::json!({
+                "format": "kiln-shards/1", "layout": "NCHW", "dtype": "u8", "channels": 1, "height": 8, "width": 8,
+                "encoding": encoding, "classes": ["a", "b"], "normalization": null, "normalization_applied": false,
+                "augmentation": null, "splits": {}
+            }))
+            .unwrap()
+        };
+        assert!(encoding_fits(&manifest("multi_hot"), Outputs::Independent).is_ok());
+        assert!(encoding_fits(&manifest("index"), Outputs::Softmax).is_ok());
+        assert!(encoding_fits(&manifest("multi_hot"), Outputs::Softmax).unwrap_err().contains("task = \"multi_label\""));
+        assert!(encoding_fits(&manifest("multi_hot"), Outputs::Sigmoid { positive: 1 }).is_err());
+        assert!(encoding_fits(&manifest("one_hot"), Outputs::Independent).unwrap_err().contains("encoding = \"multi_hot\""));
     }
 }

@@ -187,12 +187,16 @@ impl Model {
             positives
                 .iter()
                 .enumerate()
-                .map(|(c, &pos)| match pos {
-                    0 => Err(StageError::Failed(format!(
-                        "`pos_weight = \"balanced\"`: the training rows hold no `{}`",
-                        classes.get(c).map_or("?", String::as_str)
-                    ))),
-                    pos => Ok((rows - pos) as f64 / pos as f64),
+                .map(|(c, &pos)| {
+                    let name = classes.get(c).map_or("?", String::as_str);
+                    match pos {
+                        0 => Err(StageError::Failed(format!("`pos_weight = \"balanced\"`: the training rows hold no `{name}`"))),
+                        // Negatives per positive would be 0 and silence the class's positive term.
+                        p if p == rows => Err(StageError::Failed(format!(
+                            "`pos_weight = \"balanced\"`: every training row has `{name}`, so it has no negatives to weigh against"
+                        ))),
+                        p => Ok((rows - p) as f64 / p as f64),
+                    }
                 })
                 .collect()
         };

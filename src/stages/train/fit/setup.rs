@@ -47,6 +47,7 @@ impl Session {
         }
         let device = cfg.device.open().map_err(candle("open device"))?;
         let outputs = model.outputs(&manifest.classes).map_err(|why| StageError::data(input, why))?;
+        crate::stages::training::encoding_fits(&manifest, outputs).map_err(|why| StageError::data(input, why))?;
         let (mut ps, net, mut summary) = model.build(cx, &device, cx.seed, train.shape, outputs.width(classes))?;
         let Prepared { data, features_line, features_seconds } = model.prepare(cx, net.as_ref(), &manifest, norm, &device, (train, val))?;
         summary.extend(features_line);

@@ -10,7 +10,8 @@
 //! shard_mb = 256
 //! ```
 //!
-//! Splits are seeded, stratified by class and group-aware: all copies in one duplicate
+//! Splits are seeded, stratified by class (multi-hot items by iterative stratification over
+//! all their classes, see [`stratify`]) and group-aware: all copies in one duplicate
 //! group (from clean) land in the same split, so nothing leaks from train into test. With
 //! `from_items = true` the splits the sources gave (`train`/`test` folders, IDX files)
 //! are kept, validation is carved out of train, and any group found on both sides is
@@ -35,6 +36,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use toml::de::DeValue;
+
+mod stratify;
 
 use super::{ParseContext, Stage, StageContext, StageError, StageKind, io, parse_config, upstream};
 use crate::diagnostic::{Bounds, Checker, Issue, ValueSpans};
@@ -123,7 +126,8 @@ impl StageKind for ConvertKind {
 
     fn version(&self) -> u32 {
         // 4: the manifest records each row's duplicate group.
-        // 5: multi-hot items are stratified by their set of classes, not their first.
+        // 5: multi-hot items are split by iterative stratification over all their classes,
+        //    not by their first.
         5
     }
 
@@ -252,19 +256,9 @@ impl Stage for ConvertStage {
             }
         }
 
-        // Stratified by class; multi-hot items by their set of classes (the label powerset),
-        // so that each combination is split in the same shares rather than by its first class.
-        let combos: BTreeMap<String, usize> = {
-            let mut all: Vec<String> = items.iter().map(|i| labels_of(i).join(MULTI)).collect();
-            all.sort();
-            all.dedup();
-            all.into_iter().enumerate().map(|(k, c)| (c, k)).collect()
-        };
-        let stratum = |i: &Item| match self.config.encoding {
-            Encoding::MultiHot => combos[&labels_of(i).join(MULTI)],
-            _ => index[labels_of(i)[0].as_str()],
-        };
-        let (assign, leakage) = self.assign_splits(cx.seed, &items, &stratum);
+        // Stratified by class; multi-hot items by iterative stratification over their classes.
+        let classes_of = |i: &Item| -> Vec<usize> { labels_of(i).iter().map(|l| index[l.as_str()]).collect() };
+        let (assign, leakage) = self.assign_splits(cx.seed, &items, &classes_of, classes.len());
         let spec = meta.preprocess.clone();
         let (color, width, height) = match &spec {
             Some(s) => (s.transform.color, s.transform.width, s.transform.height),
@@ -371,7 +365,14 @@ impl Stage for ConvertStage {
 
 impl ConvertStage {
     /// Split per item, and the duplicate groups found on more than one side.
-    fn assign_splits(&self, seed: u64, items: &[Item], class_of: &dyn Fn(&Item) -> usize) -> (Vec<&'static str>, Vec<String>) {
+    fn assign_splits(
+        &self,
+        seed: u64,
+        items: &[Item],
+        classes_of: &dyn Fn(&Item) -> Vec<usize>,
+        classes: usize,
+    ) -> (Vec<&'static str>, Vec<String>) {
+        let class_of = |i: &Item| classes_of(i)[0];
         let s = &self.config.split;
         let group_of = |i: &Item| i.group.clone().unwrap_or_else(|| i.id.clone());
         let mut assign: Vec<&'static str> = vec!["train"; items.len()];
@@ -402,6 +403,32 @@ impl ConvertStage {
             for members in groups.values() {
                 free.entry(class_of(&items[members[0]])).or_default().push(members);
             }
+        }
+        if self.config.encoding == Encoding::MultiHot {
+            // Every free group at once, each labelled with all its items' classes.
+            let free: Vec<&Vec<usize>> = free.into_values().flatten().collect();
+            let units: Vec<stratify::Group> = free
+                .iter()
+                .map(|members| {
+                    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+                    for &k in members.iter() {
+                        for c in classes_of(&items[k]) {
+                            *counts.entry(c).or_default() += 1;
+                        }
+                    }
+                    stratify::Group { items: members.len(), labels: counts.into_iter().collect() }
+                })
+                .collect();
+            let shares = if s.from_items { [0.0, s.val, 1.0 - s.val] } else { [s.test, s.val, s.train] };
+            let sides = ["test", "val", "train"];
+            if shares.iter().any(|v| *v > 0.0) {
+                for (members, j) in free.iter().zip(stratify::iterative(&units, classes, &shares, seed)) {
+                    for &k in members.iter() {
+                        assign[k] = sides[j];
+                    }
+                }
+            }
+            return (assign, leakage);
         }
         for (class, mut class_groups) in free {
             let mut rng = Rng::for_item(seed, "convert-split", class as u64);
