@@ -198,7 +198,18 @@ pub fn predict(args: PredictArgs, out: &CliReporter) -> Result<(), Error> {
                     // The class the model calls comes first (a binary model's at its
                     // threshold, which need not be the more probable class), then the rest
                     // of the top k.
-                    let called = predictor.predicted(p);
+                    // A multi-label model's call is every class it finds present (`-` for none).
+                    let called = match predictor.present(p) {
+                        Some(present) => crate::predict::Scored {
+                            class: if present.is_empty() {
+                                "-".into()
+                            } else {
+                                present.iter().map(|s| s.class.as_str()).collect::<Vec<_>>().join("|")
+                            },
+                            probability: present.iter().map(|s| s.probability).reduce(f32::min).unwrap_or(0.0),
+                        },
+                        None => predictor.predicted(p),
+                    };
                     let top = std::iter::once(called.clone())
                         .chain(predictor.top_k(p, args.top_k).into_iter().filter(|s| s.class != called.class))
                         .take(args.top_k.max(1))

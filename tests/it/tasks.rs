@@ -295,4 +295,29 @@ fn a_multi_label_model_calls_each_tag_at_its_threshold_in_eval_and_predict() {
         matched += 1;
     }
     assert_eq!(matched, eval_rows.len(), "predict saw every file eval scored");
+    // The table leads with the tags called (`-` for none).
+    let (source, (_, called)) = eval_rows.iter().next().unwrap();
+    let table = ok(ws, &["predict", "outputs/tiny/train", source]);
+    let first = table.lines().nth(1).unwrap().split_whitespace().nth(1).unwrap().to_string();
+    assert_eq!(first, if called.is_empty() { "-" } else { called.as_str() }, "{table}");
+
+    // Head fine-tuning from these weights: the targets follow the memoised backbone
+    // features row for row (tone is learned again), with per-class balanced weights.
+    std::fs::copy(ws.join("outputs/tiny/train/model.safetensors"), ws.join("pre.safetensors")).unwrap();
+    let manifest = std::fs::read_to_string(ws.join(MANIFEST)).unwrap().replacen(
+        "task = \"multi_label\"\n",
+        "task = \"multi_label\"\nweights = \"pre.safetensors\"\nfinetune = \"head\"\npos_weight = \"balanced\"\nepochs = 6\n",
+        1,
+    );
+    std::fs::write(ws.join(MANIFEST), manifest.replacen("epochs = 2\n", "", 1)).unwrap();
+    let out = kiln(ws, &["run", MANIFEST]);
+    assert!(out.status.success(), "{}", text(&out));
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(summary.contains("backbone features:") && summary.contains("computed"), "{summary}");
+    let metrics = read_json(ws.join("outputs/tiny/eval/metrics.json"));
+    for tone in ["dark", "bright"] {
+        let auc = metrics["per_class"][tone]["roc_auc"].as_f64().unwrap();
+        assert!(auc >= 0.95, "head fine-tuning, {tone}: ROC-AUC {auc}: {metrics}");
+    }
+    assert_eq!(read_json(ws.join("outputs/tiny/train/model.json"))["hyperparameters"]["finetune"], "head");
 }
