@@ -160,6 +160,14 @@ impl Predictor {
         card.present(probs).map(|cs| cs.into_iter().map(|c| Scored { class: card.classes[c].clone(), probability: probs[c] }).collect())
     }
 
+    /// A multi-label model's call as one label: the classes present joined by `|` (empty
+    /// for none) and the smallest of their probabilities; `None` for the other tasks.
+    pub fn present_label(&self, probs: &[f32]) -> Option<(String, Option<f32>)> {
+        self.present(probs).map(|present| {
+            (present.iter().map(|s| s.class.as_str()).collect::<Vec<_>>().join("|"), present.iter().map(|s| s.probability).reduce(f32::min))
+        })
+    }
+
     /// The `k` most probable classes, most probable first (ties by class order).
     pub fn top_k(&self, probs: &[f32], k: usize) -> Vec<Scored> {
         let mut order: Vec<usize> = (0..probs.len()).collect();

@@ -114,39 +114,6 @@ impl MultiLabel {
     }
 }
 
-/// The threshold with the best F1 when images scoring at least it are called positive, and
-/// that F1, over (score, is positive) pairs; `None` without a positive. Each distinct score
-/// is a candidate (scikit-learn's `precision_recall_curve` thresholds); of equal F1s the
-/// highest threshold wins, so the choice does not depend on the order of the pairs.
-pub fn best_f1_threshold(scores: &[(f64, bool)]) -> Option<(f64, f64)> {
-    let mut s = scores.to_vec();
-    s.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let pos = s.iter().filter(|x| x.1).count();
-    if pos == 0 {
-        return None;
-    }
-    let (mut tp, mut fp, mut best): (usize, usize, Option<(f64, f64)>) = (0, 0, None);
-    let mut i = 0;
-    while i < s.len() {
-        let mut j = i;
-        while j < s.len() && s[j].0 == s[i].0 {
-            if s[j].1 {
-                tp += 1
-            } else {
-                fp += 1
-            }
-            j += 1;
-        }
-        // F1 = 2TP / (2TP + FP + FN), with FN = pos - TP.
-        let f1 = 2.0 * tp as f64 / (2 * tp + fp + (pos - tp)) as f64;
-        if best.is_none_or(|(_, b)| f1 > b) {
-            best = Some((s[i].0, f1));
-        }
-        i = j;
-    }
-    best
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,23 +136,5 @@ mod tests {
         }
         assert_eq!(Outputs::Sigmoid { positive: 1 }.width(2), 1);
         assert_eq!(Outputs::Softmax.width(7), 7);
-    }
-
-    #[test]
-    fn the_threshold_is_the_score_with_the_best_f1() {
-        // Called positive from 0.35 on: TP 2, FP 1, FN 0 → F1 0.8; from 0.8: F1 2/3;
-        // from 0.4: TP 1, FP 1 → 0.5; from 0.1: 2/3.
-        let s = [(0.1, false), (0.4, false), (0.35, true), (0.8, true)];
-        let (t, f1) = best_f1_threshold(&s).unwrap();
-        assert_eq!(t, 0.35);
-        assert!((f1 - 0.8).abs() < 1e-12);
-        // Ties keep the highest threshold, whatever the order.
-        // From 0.9: F1 2/3; from 0.4: TP 2, FP 2 → 2/3 as well.
-        let tied = [(0.9, true), (0.6, false), (0.5, false), (0.4, true)];
-        let mut rev = tied;
-        rev.reverse();
-        assert_eq!(best_f1_threshold(&tied).unwrap().0, 0.9);
-        assert_eq!(best_f1_threshold(&tied), best_f1_threshold(&rev));
-        assert_eq!(best_f1_threshold(&[(0.3, false)]), None);
     }
 }

@@ -173,12 +173,9 @@ pub fn predict(args: PredictArgs, out: &CliReporter) -> Result<(), Error> {
                     // A multi-label model's `predicted` is every class it calls present,
                     // joined by `|` as label listings write them, with the smallest of their
                     // probabilities.
-                    let (called, p_called) = match predictor.present(p) {
-                        Some(present) => (
-                            present.iter().map(|s| s.class.as_str()).collect::<Vec<_>>().join("|"),
-                            // Empty when no class is called present.
-                            present.iter().map(|s| s.probability).reduce(f32::min).map_or(String::new(), |v| v.to_string()),
-                        ),
+                    let (called, p_called) = match predictor.present_label(p) {
+                        // The probability is empty when no class is called present.
+                        Some((called, p_min)) => (called, p_min.map_or(String::new(), |v| v.to_string())),
                         None => {
                             let best = predictor.predicted(p);
                             (best.class, best.probability.to_string())
@@ -199,14 +196,10 @@ pub fn predict(args: PredictArgs, out: &CliReporter) -> Result<(), Error> {
                     // threshold, which need not be the more probable class), then the rest
                     // of the top k.
                     // A multi-label model's call is every class it finds present (`-` for none).
-                    let called = match predictor.present(p) {
-                        Some(present) => crate::predict::Scored {
-                            class: if present.is_empty() {
-                                "-".into()
-                            } else {
-                                present.iter().map(|s| s.class.as_str()).collect::<Vec<_>>().join("|")
-                            },
-                            probability: present.iter().map(|s| s.probability).reduce(f32::min).unwrap_or(0.0),
+                    let called = match predictor.present_label(p) {
+                        Some((called, p_min)) => crate::predict::Scored {
+                            class: if called.is_empty() { "-".into() } else { called },
+                            probability: p_min.unwrap_or(0.0),
                         },
                         None => predictor.predicted(p),
                     };

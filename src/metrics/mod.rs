@@ -189,27 +189,11 @@ pub fn report(probs: &[Vec<f32>], labels: &[u32], classes: &[String], decision: 
 /// when the counts change by the same steps on both sides of it (scikit-learn's
 /// `drop_intermediate`: the point lies on a straight run).
 fn curves(scores: &[(f64, bool)]) -> (Vec<[f64; 2]>, Vec<[f64; 2]>) {
-    let mut s = scores.to_vec();
-    s.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let pos = s.iter().filter(|x| x.1).count();
-    let neg = s.len() - pos;
+    let ranked = ranked_counts(scores);
+    let pos = ranked.last().map_or(0, |r| r.1);
+    let neg = scores.len() - pos;
     // (false positives, true positives) called from each distinct score on.
-    let mut counts: Vec<[i64; 2]> = Vec::new();
-    let (mut tp, mut fp) = (0i64, 0i64);
-    let mut i = 0;
-    while i < s.len() {
-        let mut j = i;
-        while j < s.len() && s[j].0 == s[i].0 {
-            if s[j].1 {
-                tp += 1
-            } else {
-                fp += 1
-            }
-            j += 1;
-        }
-        counts.push([fp, tp]);
-        i = j;
-    }
+    let counts: Vec<[i64; 2]> = ranked.iter().map(|&(_, tp, fp)| [fp as i64, tp as i64]).collect();
     let pr = counts.iter().map(|&[fp, tp]| [ratio(tp as f64, pos as f64), ratio(tp as f64, (tp + fp) as f64)]).collect();
     let mut roc = vec![[0.0, 0.0]];
     for (i, c) in counts.iter().enumerate() {
@@ -263,30 +247,71 @@ pub fn roc_auc(scores: &[(f64, bool)]) -> Option<f64> {
 
 /// Average precision: Σ (R_n − R_{n−1}) · P_n over descending score thresholds.
 pub fn average_precision(scores: &[(f64, bool)]) -> Option<f64> {
-    let mut s = scores.to_vec();
-    s.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let pos = s.iter().filter(|x| x.1).count();
+    let ranked = ranked_counts(scores);
+    let pos = ranked.last().map_or(0, |r| r.1);
     if pos == 0 {
         return None;
     }
-    let (mut tp, mut fp, mut ap, mut prev_recall) = (0usize, 0usize, 0f64, 0f64);
-    let mut i = 0;
-    while i < s.len() {
-        let mut j = i;
-        while j < s.len() && s[j].0 == s[i].0 {
-            if s[j].1 {
-                tp += 1
-            } else {
-                fp += 1
-            }
-            j += 1;
-        }
+    let (mut ap, mut prev_recall) = (0f64, 0f64);
+    for (_, tp, fp) in ranked {
         let recall = tp as f64 / pos as f64;
         ap += (recall - prev_recall) * tp as f64 / (tp + fp) as f64;
         prev_recall = recall;
-        i = j;
     }
     Some(ap)
+}
+
+/// The threshold with the best F1 when samples scoring at least it are called positive,
+/// and that F1, over (score, is positive) pairs; `None` without a positive. Each distinct
+/// score is a candidate (scikit-learn's `precision_recall_curve` thresholds); of equal F1s
+/// the highest threshold wins, so the choice does not depend on the order of the pairs.
+pub fn best_f1_threshold(scores: &[(f64, bool)]) -> Option<(f64, f64)> {
+    let ranked = ranked_counts(scores);
+    let pos = ranked.last().map_or(0, |r| r.1);
+    if pos == 0 {
+        return None;
+    }
+    let mut best: Option<(f64, f64)> = None;
+    for (score, tp, fp) in ranked {
+        // F1 = 2TP / (2TP + FP + FN), with FN = pos - TP.
+        let f1 = 2.0 * tp as f64 / (2 * tp + fp + (pos - tp)) as f64;
+        if best.is_none_or(|(_, b)| f1 > b) {
+            best = Some((score, f1));
+        }
+    }
+    best
+}
+
+/// For each distinct score, from the highest: the score, and the true and false positives
+/// of calling positive every sample that scores at least it. What the curves, average
+/// precision and the F1 threshold all walk.
+fn ranked_counts(scores: &[(f64, bool)]) -> Vec<(f64, usize, usize)> {
+    let mut s = scores.to_vec();
+    s.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut out: Vec<(f64, usize, usize)> = Vec::new();
+    let (mut tp, mut fp) = (0, 0);
+    for (i, &(score, positive)) in s.iter().enumerate() {
+        if positive {
+            tp += 1
+        } else {
+            fp += 1
+        }
+        // A tie is one threshold: count it once all its samples are in.
+        if s.get(i + 1).is_none_or(|next| next.0 != score) {
+            out.push((score, tp, fp));
+        }
+    }
+    out
+}
+
+/// (true positives, false positives, false negatives) of (called, is) pairs.
+pub fn tally(pairs: impl IntoIterator<Item = (bool, bool)>) -> (usize, usize, usize) {
+    pairs.into_iter().fold((0, 0, 0), |(tp, fp, fn_), pair| match pair {
+        (true, true) => (tp + 1, fp, fn_),
+        (true, false) => (tp, fp + 1, fn_),
+        (false, true) => (tp, fp, fn_ + 1),
+        (false, false) => (tp, fp, fn_),
+    })
 }
 
 #[cfg(test)]
@@ -355,5 +380,23 @@ mod tests {
         // (scikit-learn: roc_curve([1,1,1,0], [.9,.8,.7,.1]) → fpr [0,0,0,1], tpr [0,1/3,1,1]).
         let (roc, _) = curves(&[(0.9, true), (0.8, true), (0.7, true), (0.1, false)]);
         assert_eq!(roc, vec![[0.0, 0.0], [0.0, 1.0 / 3.0], [0.0, 1.0], [1.0, 1.0]]);
+    }
+
+    #[test]
+    fn the_threshold_is_the_score_with_the_best_f1() {
+        // Called positive from 0.35 on: TP 2, FP 1, FN 0 → F1 0.8; from 0.8: F1 2/3;
+        // from 0.4: TP 1, FP 1 → 0.5; from 0.1: 2/3.
+        let s = [(0.1, false), (0.4, false), (0.35, true), (0.8, true)];
+        let (t, f1) = best_f1_threshold(&s).unwrap();
+        assert_eq!(t, 0.35);
+        assert!((f1 - 0.8).abs() < 1e-12);
+        // Ties keep the highest threshold, whatever the order.
+        // From 0.9: F1 2/3; from 0.4: TP 2, FP 2 → 2/3 as well.
+        let tied = [(0.9, true), (0.6, false), (0.5, false), (0.4, true)];
+        let mut rev = tied;
+        rev.reverse();
+        assert_eq!(best_f1_threshold(&tied).unwrap().0, 0.9);
+        assert_eq!(best_f1_threshold(&tied), best_f1_threshold(&rev));
+        assert_eq!(best_f1_threshold(&[(0.3, false)]), None);
     }
 }

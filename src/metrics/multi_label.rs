@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{Averages, average_precision, ratio, roc_auc};
+use super::{Averages, average_precision, ratio, roc_auc, tally};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct LabelMetrics {
@@ -68,15 +68,7 @@ pub fn report(probs: &[f32], truth: &[f32], classes: &[String], thresholds: &[f6
     let (mut macro_sum, mut weighted_sum, mut total_support) = ([0.0; 3], [0.0; 3], 0usize);
     let (mut aps, mut aucs) = (Vec::new(), Vec::new());
     for (c, name) in classes.iter().enumerate() {
-        let (mut tp, mut fp, mut fn_) = (0, 0, 0);
-        for r in 0..n {
-            match (called(r, c), has(r, c)) {
-                (true, true) => tp += 1,
-                (true, false) => fp += 1,
-                (false, true) => fn_ += 1,
-                (false, false) => {}
-            }
-        }
+        let (tp, fp, fn_) = tally((0..n).map(|r| (called(r, c), has(r, c))));
         let (p, rc, f) = prf(tp, fp, fn_);
         let support = tp + fn_;
         for (acc, v) in macro_sum.iter_mut().zip([p, rc, f]) {
@@ -104,15 +96,7 @@ pub fn report(probs: &[f32], truth: &[f32], classes: &[String], thresholds: &[f6
     let mut samples_sum = [0.0; 3];
     let (mut exact, mut wrong) = (0usize, 0usize);
     for r in 0..n {
-        let (mut tp, mut fp, mut fn_) = (0, 0, 0);
-        for c in 0..k {
-            match (called(r, c), has(r, c)) {
-                (true, true) => tp += 1,
-                (true, false) => fp += 1,
-                (false, true) => fn_ += 1,
-                (false, false) => {}
-            }
-        }
+        let (tp, fp, fn_) = tally((0..k).map(|c| (called(r, c), has(r, c))));
         let (p, rc, f) = prf(tp, fp, fn_);
         for (acc, v) in samples_sum.iter_mut().zip([p, rc, f]) {
             *acc += v;

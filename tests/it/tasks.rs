@@ -19,6 +19,13 @@ fn binary_manifest() -> String {
     text
 }
 
+/// The output width of the trained network's head (rows of its weight matrices).
+fn head_outputs(ws: &std::path::Path) -> Vec<usize> {
+    let weights = std::fs::read(ws.join("outputs/tiny/train/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    st.names().into_iter().filter(|n| n.starts_with("head") && n.ends_with("weight")).map(|n| st.tensor(n).unwrap().shape()[0]).collect()
+}
+
 /// The columns of eval's predictions.csv, by name, one map per row.
 fn rows(csv: &str) -> Vec<BTreeMap<String, String>> {
     let mut lines = csv.lines();
@@ -50,15 +57,7 @@ fn a_binary_model_decides_at_its_validation_threshold_in_eval_and_predict() {
     assert_eq!(history[best - 1]["threshold"].as_f64(), Some(threshold), "the card's threshold is the kept epoch's: {history}");
     assert!(history[best - 1]["val_f1"].as_f64().is_some() && history[best - 1]["val_auc"].as_f64().is_some(), "{history}");
     // One logit: the head has one output row.
-    let weights = std::fs::read(ws.join("outputs/tiny/train/model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
-    let head: Vec<usize> = st
-        .names()
-        .into_iter()
-        .filter(|n| n.starts_with("head") && n.ends_with("weight"))
-        .map(|n| st.tensor(n).unwrap().shape()[0])
-        .collect();
-    assert_eq!(head, vec![1], "a binary network has a single logit");
+    assert_eq!(head_outputs(ws), vec![1], "a binary network has a single logit");
 
     // eval: the positive class's figures at the card's threshold, and every prediction taken there.
     let metrics = read_json(ws.join("outputs/tiny/eval/metrics.json"));
@@ -236,15 +235,7 @@ fn a_multi_label_model_calls_each_tag_at_its_threshold_in_eval_and_predict() {
     let thresholds: Vec<f64> = card["multi_label"]["thresholds"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
     assert_eq!(thresholds.len(), 4);
     assert!(thresholds.iter().all(|t| (0.0..=1.0).contains(t)), "{thresholds:?}");
-    let weights = std::fs::read(ws.join("outputs/tiny/train/model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
-    let head: Vec<usize> = st
-        .names()
-        .into_iter()
-        .filter(|n| n.starts_with("head") && n.ends_with("weight"))
-        .map(|n| st.tensor(n).unwrap().shape()[0])
-        .collect();
-    assert_eq!(head, vec![4], "one logit per tag");
+    assert_eq!(head_outputs(ws), vec![4], "one logit per tag");
 
     // eval: the called tags are those at or above their thresholds; the truth is the mapping's.
     let metrics = read_json(ws.join("outputs/tiny/eval/metrics.json"));

@@ -16,7 +16,7 @@ use crate::nn::optim::Optimizer;
 use crate::rng::Rng;
 use crate::stages::training::{At, Data, Inputs, Monitor, Trainer, candle, gather};
 use crate::stages::{StageContext, StageError};
-use crate::task::{Outputs, best_f1_threshold};
+use crate::task::Outputs;
 
 /// The run's wall clocks: since training started (this process), and since the last
 /// checkpoint was written.
@@ -185,45 +185,37 @@ fn evaluate(trainer: &Trainer, data: &Data, batch: usize) -> candle_core::Result
         let multi = gather(&data.multi[1], k, rows.iter().copied());
         loss += f64::from(objective.loss(&logits, &labels, &multi, false)?.to_scalar::<f32>()?) * rows.len() as f64;
         correct += objective.correct(&logits, &labels, &multi)?;
+        if objective.outputs == Outputs::Softmax {
+            continue;
+        }
+        let p: Vec<Vec<f32>> = objective.outputs.probabilities(&logits)?.to_device(&Device::Cpu)?.to_vec2()?;
         match objective.outputs {
             Outputs::Sigmoid { positive } => {
-                let p: Vec<Vec<f32>> = objective.outputs.probabilities(&logits)?.to_device(&Device::Cpu)?.to_vec2()?;
-                scores[0].extend(p.iter().zip(&labels).map(|(p, &l)| (f64::from(p[positive]), l as usize == positive)));
+                scores[0].extend(p.iter().zip(&labels).map(|(p, &l)| (f64::from(p[positive]), l as usize == positive)))
             }
-            Outputs::Independent => {
-                let p: Vec<Vec<f32>> = objective.outputs.probabilities(&logits)?.to_device(&Device::Cpu)?.to_vec2()?;
+            _ => {
                 for (row, p) in p.iter().enumerate() {
                     for c in 0..k {
                         scores[c].push((f64::from(p[c]), multi[row * k + c] > 0.5));
                     }
                 }
             }
-            Outputs::Softmax => {}
         }
     }
     let mut val = Eval { loss: loss / n as f64, accuracy: correct as f64 / n as f64, auc: None, best_f1: None, thresholds: Vec::new() };
     match objective.outputs {
         Outputs::Sigmoid { .. } => {
             val.auc = metrics::roc_auc(&scores[0]);
-            val.best_f1 = best_f1_threshold(&scores[0]);
+            val.best_f1 = metrics::best_f1_threshold(&scores[0]);
         }
         Outputs::Independent => {
             // Macro ROC-AUC over the classes validation has both sides of; micro F1 with each
             // class at its own best threshold (0.5 for a class validation never shows).
             let aucs: Vec<f64> = scores.iter().filter_map(|s| metrics::roc_auc(s)).collect();
             val.auc = (!aucs.is_empty()).then(|| aucs.iter().sum::<f64>() / aucs.len() as f64);
-            val.thresholds = scores.iter().map(|s| best_f1_threshold(s).map_or(0.5, |b| b.0)).collect();
-            let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
-            for (s, t) in scores.iter().zip(&val.thresholds) {
-                for &(p, y) in s {
-                    match (p >= *t, y) {
-                        (true, true) => tp += 1,
-                        (true, false) => fp += 1,
-                        (false, true) => fn_ += 1,
-                        _ => {}
-                    }
-                }
-            }
+            val.thresholds = scores.iter().map(|s| metrics::best_f1_threshold(s).map_or(0.5, |b| b.0)).collect();
+            let (tp, fp, fn_) =
+                metrics::tally(scores.iter().zip(&val.thresholds).flat_map(|(s, t)| s.iter().map(move |&(p, y)| (p >= *t, y))));
             val.best_f1 = (tp + fn_ > 0).then(|| (0.5, 2.0 * tp as f64 / (2 * tp + fp + fn_) as f64));
         }
         Outputs::Softmax => {}
